@@ -1,0 +1,1 @@
+"""The HTTP edge of clerk-audit: webhook intake and the read API."""

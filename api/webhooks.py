@@ -1,0 +1,123 @@
+"""POST /webhooks/clerk: verify the raw bytes with svix, parse, append (SPEC 2)."""
+
+from __future__ import annotations
+
+import binascii
+import re
+import time
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from svix.webhooks import Webhook, WebhookVerificationError
+
+from api.errors import ApiError
+from audit.aggregates.delivery import InvalidPayload, parse_delivery
+from audit.application import Conflict
+from audit.intake import Intake
+
+HEADER_SETS = (
+    ("svix-id", "svix-timestamp", "svix-signature"),
+    ("webhook-id", "webhook-timestamp", "webhook-signature"),
+)
+_SIGNATURE_ENTRY = re.compile(r"^v[0-9]+,[A-Za-z0-9+/]+={0,2}$")
+MAX_ID_LENGTH = 256
+
+
+class WebhookReceiver:
+    def __init__(self, secrets: tuple[str, ...], intake: Intake, max_body_bytes: int) -> None:
+        self.verifiers = [Webhook(secret) for secret in secrets]
+        self.intake = intake
+        self.max_body_bytes = max_body_bytes
+
+    async def handle(self, request: Request) -> JSONResponse:
+        svix_id, timestamp, signatures = self._headers(request)
+        body = await self._body(request)
+        self._verify(body, svix_id, timestamp, signatures)
+        try:
+            delivery = parse_delivery(
+                body,
+                svix_id=svix_id,
+                svix_timestamp=int(timestamp),
+                received_at=time.time_ns() // 1_000_000,
+            )
+        except InvalidPayload as exc:
+            raise ApiError(400, "invalid_payload", f"{str(exc).capitalize()}.")
+        outcome = await self.intake.submit(delivery)
+        if isinstance(outcome, Conflict):
+            raise ApiError(
+                409,
+                "svix_id_conflict",
+                "This svix-id is already recorded with a different body.",
+            )
+        return JSONResponse(
+            {"status": outcome.status, "event_id": outcome.event_id, "position": outcome.position}
+        )
+
+    def _headers(self, request: Request) -> tuple[str, str, str]:
+        for id_name, timestamp_name, signature_name in HEADER_SETS:
+            svix_id = request.headers.get(id_name)
+            if svix_id is None:
+                continue
+            timestamp = request.headers.get(timestamp_name, "")
+            signature = request.headers.get(signature_name, "")
+            if not svix_id or len(svix_id) > MAX_ID_LENGTH or not svix_id.isprintable():
+                raise ApiError(400, "invalid_headers", f"The {id_name} header is malformed.")
+            if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
+                raise ApiError(
+                    400, "invalid_headers", f"The {timestamp_name} header is not whole seconds."
+                )
+            entries = [e for e in signature.split(" ") if _SIGNATURE_ENTRY.match(e)]
+            if not entries:
+                raise ApiError(400, "invalid_headers", f"The {signature_name} header is malformed.")
+            return svix_id, timestamp, " ".join(entries)
+        raise ApiError(
+            400,
+            "missing_headers",
+            "The svix-id, svix-timestamp and svix-signature headers are required.",
+        )
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise ApiError(400, "invalid_headers", "The Content-Length header is malformed.")
+            if int(declared) > self.max_body_bytes:
+                raise self._too_large()
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise self._too_large()
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ApiError(400, "client_disconnected", "The client went away mid-body.")
+        return b"".join(chunks)
+
+    def _too_large(self) -> ApiError:
+        return ApiError(
+            413,
+            "payload_too_large",
+            f"The body is larger than {self.max_body_bytes} bytes.",
+        )
+
+    def _verify(self, body: bytes, svix_id: str, timestamp: str, signatures: str) -> None:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid_payload", "The body is not valid UTF-8.")
+        headers = {"svix-id": svix_id, "svix-timestamp": timestamp, "svix-signature": signatures}
+        for verifier in self.verifiers:
+            try:
+                verifier.verify(body, headers)
+                return
+            except WebhookVerificationError:
+                continue
+            except (ValueError, binascii.Error):
+                raise ApiError(400, "invalid_headers", "The signature header is malformed.")
+        raise ApiError(
+            401,
+            "invalid_signature",
+            "No signature matches, or the timestamp is more than 300 s from now.",
+        )

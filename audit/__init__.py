@@ -1,0 +1,1 @@
+"""clerk-audit: an event-sourced audit log for Clerk webhooks."""

@@ -1,0 +1,259 @@
+"""The audit log application: records verified deliveries, and rebuilds aggregates from the store.
+
+Recording never folds an aggregate: a delivery is appended at the next version of its stream, with
+a delivery marker in the same transaction, so the webhook path costs the same for a user with ten
+events as for one with ten thousand. Batches of concurrent deliveries are written in one
+transaction (see `audit.intake`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import IntegrityError
+
+from audit.aggregates.delivery import Delivery
+from audit.aggregates.routing import (
+    StreamRef,
+    delivery_marker_id,
+    needs_owner_lookup,
+    organization_id_of,
+    owning_stream,
+    stream_id,
+)
+from audit.aggregates.state import OrganizationState, UserState, fold_organization, fold_user
+from audit.aggregates.streams import (
+    DeliveryMarker,
+    RecordedDelivery,
+    marker_event,
+    recorded_event,
+)
+from audit.config import Database
+from audit.storage import (
+    APPLICATION_NAME,
+    UNAVAILABLE_ERRORS,
+    Db,
+    StoreUnavailable,
+    dialect_of,
+    eventsourcing_env,
+    events_table_name,
+    prepare_database,
+)
+
+# How often one delivery is retried after losing an optimistic-concurrency race on its stream.
+MAX_STREAM_CONFLICT_RETRIES = 20
+VERSION_CACHE_SIZE = 50_000
+# Sub-objects whose deletion stub does not name their organization.
+SUB_OBJECTS_WITH_STUBS = ("organizationDomain.",)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    event_id: str
+    position: int
+    status: str = "recorded"
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    event_id: str
+    position: int
+    status: str = "duplicate"
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """The svix-id is recorded already, with a different body."""
+
+    event_id: str
+    status: str = "conflict"
+
+
+Outcome = Recorded | Duplicate | Conflict
+
+
+class AuditLog(Application[UUID]):
+    """Appends Clerk deliveries to the event store and folds User and Organization aggregates."""
+
+    name = APPLICATION_NAME
+
+    def __init__(self, database: Database) -> None:
+        prepare_database(database)
+        super().__init__(env=eventsourcing_env(database))
+        dialect = dialect_of(database)
+        self.database = database
+        self.db = Db(
+            self.recorder.datastore,  # type: ignore[attr-defined]
+            dialect,
+            events_table_name(dialect),
+            getattr(database, "schema", ""),
+        )
+        self.db.protect_events_table()
+        self.db.create_owner_index()
+        self._versions: OrderedDict[UUID, int] = OrderedDict()
+        self._versions_lock = threading.Lock()
+
+    # -- recording -------------------------------------------------------------------------
+
+    def record(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
+        """Record each delivery once; answer for each, in order.
+
+        Raises StoreUnavailable when the database cannot take the write: then nothing of the
+        batch is written, and a retry (Svix's) will succeed later.
+        """
+        try:
+            return self._record_batch(deliveries)
+        except UNAVAILABLE_ERRORS as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    def _record_batch(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
+        first_of: dict[str, Delivery] = {}
+        for delivery in deliveries:
+            first_of.setdefault(delivery.svix_id, delivery)
+        markers = {svix_id: delivery_marker_id(svix_id) for svix_id in first_of}
+        already = self.db.existing_streams(list(markers.values()))
+        outcomes: dict[str, Outcome] = {}
+        fresh: list[Delivery] = []
+        for svix_id, delivery in first_of.items():
+            if markers[svix_id] in already:
+                outcomes[svix_id] = self._outcome_of_existing(delivery)
+            else:
+                fresh.append(delivery)
+        if fresh:
+            try:
+                outcomes.update(self._append(fresh))
+            except IntegrityError:
+                # A race with another connection or process: settle each one on its own.
+                self._forget_versions(fresh)
+                for delivery in fresh:
+                    outcomes[delivery.svix_id] = self._record_one(delivery)
+        self._remember_owners(fresh)
+        return [
+            self._answer(delivery, first_of[delivery.svix_id], outcomes[delivery.svix_id])
+            for delivery in deliveries
+        ]
+
+    @staticmethod
+    def _answer(delivery: Delivery, first: Delivery, outcome: Outcome) -> Outcome:
+        """The answer to one copy, given what happened to the first copy of its svix-id."""
+        if delivery is first:
+            return outcome
+        if delivery.sha256 != first.sha256:
+            return Conflict(delivery.svix_id)
+        if isinstance(outcome, Recorded):
+            return Duplicate(outcome.event_id, outcome.position)
+        return outcome
+
+    def _record_one(self, delivery: Delivery) -> Outcome:
+        for _ in range(MAX_STREAM_CONFLICT_RETRIES):
+            if self.db.existing_streams([delivery_marker_id(delivery.svix_id)]):
+                return self._outcome_of_existing(delivery)
+            try:
+                return self._append([delivery])[delivery.svix_id]
+            except IntegrityError:
+                self._forget_versions([delivery])
+        raise StoreUnavailable("the stream kept changing under this delivery; retry later")
+
+    def _append(self, deliveries: Sequence[Delivery]) -> dict[str, Outcome]:
+        """Append fresh deliveries and their markers in one transaction."""
+        next_version: dict[UUID, int] = {}
+        events: list[Any] = []
+        placed: list[tuple[Delivery, UUID, int]] = []
+        for delivery in deliveries:
+            ref = self._stream_of(delivery)
+            stream = ref.stream_id
+            version = next_version.get(stream) or self._last_version(stream) + 1
+            next_version[stream] = version + 1
+            events.append(recorded_event(ref.kind, stream, version, delivery))
+            events.append(
+                marker_event(delivery_marker_id(delivery.svix_id), delivery, stream, version)
+            )
+            placed.append((delivery, stream, version))
+        recordings = self.save(*events)
+        position_of = {
+            (r.domain_event.originator_id, r.domain_event.originator_version): r.notification.id
+            for r in recordings
+        }
+        with self._versions_lock:
+            for stream, version in next_version.items():
+                self._versions[stream] = version - 1
+                self._versions.move_to_end(stream)
+            while len(self._versions) > VERSION_CACHE_SIZE:
+                self._versions.popitem(last=False)
+        return {
+            delivery.svix_id: Recorded(delivery.svix_id, position_of[(stream, version)])
+            for delivery, stream, version in placed
+        }
+
+    def _stream_of(self, delivery: Delivery) -> StreamRef:
+        known_owner = None
+        if needs_owner_lookup(delivery.type, delivery.data):
+            known_owner = self._owner_of(delivery)
+        return owning_stream(delivery.type, delivery.data, delivery.svix_id, known_owner)
+
+    def _owner_of(self, delivery: Delivery) -> str | None:
+        """The organization a stub names no owner for, from an earlier delivery of that object."""
+        return self.db.owner_of(delivery.subject_id) if delivery.subject_id else None
+
+    def _remember_owners(self, deliveries: Iterable[Delivery]) -> None:
+        """Note which organization owns each sub-object, for its deletion stub to find later.
+
+        An index beside the store, written after the append: if it is lost in a crash, the next
+        delivery about that object writes it again; a stub that finds nothing keeps a stream of
+        its own subject, and nothing is dropped.
+        """
+        owners = {
+            delivery.subject_id: organization
+            for delivery in deliveries
+            if delivery.type.startswith(SUB_OBJECTS_WITH_STUBS)
+            and delivery.subject_id
+            and (organization := organization_id_of(delivery.type, delivery.data))
+        }
+        if owners:
+            self.db.remember_owners(owners)
+
+    def _last_version(self, stream: UUID) -> int:
+        with self._versions_lock:
+            cached = self._versions.get(stream)
+        if cached is not None:
+            return cached
+        events = self.recorder.select_events(stream, desc=True, limit=1)
+        return events[0].originator_version if events else 0
+
+    def _forget_versions(self, deliveries: Iterable[Delivery]) -> None:
+        with self._versions_lock:
+            for delivery in deliveries:
+                self._versions.pop(self._stream_of(delivery).stream_id, None)
+
+    def _outcome_of_existing(self, delivery: Delivery) -> Outcome:
+        marker: DeliveryMarker = self.repository.get(delivery_marker_id(delivery.svix_id))
+        if marker.sha256 != delivery.sha256:
+            return Conflict(delivery.svix_id)
+        key = (marker.stream_id, marker.stream_version)
+        position = self.db.positions_of([key])[key]
+        return Duplicate(delivery.svix_id, position)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def stream_events(self, stream: UUID) -> list[RecordedDelivery]:
+        return list(self.events.get(stream))  # type: ignore[arg-type]
+
+    def user_state(self, user_id: str, *, as_of: int | None = None) -> UserState:
+        events = self.stream_events(stream_id("user", user_id))
+        if not events:
+            raise AggregateNotFoundError(user_id)
+        return fold_user(((e.delivery(), e.originator_version) for e in events), as_of=as_of)
+
+    def organization_state(self, org_id: str, *, as_of: int | None = None) -> OrganizationState:
+        events = self.stream_events(stream_id("organization", org_id))
+        if not events:
+            raise AggregateNotFoundError(org_id)
+        return fold_organization(
+            ((e.delivery(), e.originator_version) for e in events), as_of=as_of
+        )

@@ -1,0 +1,128 @@
+"""The `audit` command line (SPEC 6)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from eventsourcing.application import AggregateNotFoundError
+
+from audit.config import (
+    DATABASE_VARIABLE,
+    SECRET_VARIABLE,
+    ConfigError,
+    database_from_env,
+    load_settings,
+    parse_secrets,
+)
+from audit.timeparse import TimeParseError, parse_time
+
+EXIT_CONFIG = 2
+EXIT_NOT_FOUND = 1
+
+
+def open_log(database):  # type: ignore[no-untyped-def]
+    """Open the store, or stop with one line naming the variable when it cannot be reached."""
+    from audit.application import AuditLog
+    from audit.storage import UNAVAILABLE_ERRORS
+
+    try:
+        return AuditLog(database)
+    except (*UNAVAILABLE_ERRORS, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            DATABASE_VARIABLE, f"cannot reach the database at {database.url}: {first_line}"
+        ) from exc
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+
+    settings = load_settings()
+    log = open_log(settings.database)
+    if args.workers > 1:
+        log.close()
+        uvicorn.run(
+            "api.app:app_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level="info",
+        )
+        return 0
+    uvicorn.run(create_app(settings, log, own_log=True), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_send_samples(args: argparse.Namespace) -> int:
+    from audit.samples import describe, send_samples
+
+    secrets = parse_secrets(os.environ.get(SECRET_VARIABLE, ""))
+    counts = send_samples(args.url, secrets[0])
+    print(describe(counts))
+    return 1 if counts["failed"] else 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    as_of = None
+    if args.as_of:
+        try:
+            as_of = parse_time(args.as_of)
+        except TimeParseError as exc:
+            print(f"--as-of: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    log = open_log(database_from_env())
+    try:
+        if args.id.startswith("org_"):
+            state = log.organization_state(args.id, as_of=as_of)
+        else:
+            state = log.user_state(args.id, as_of=as_of)
+    except AggregateNotFoundError:
+        print(f"{args.id}: nothing recorded about it", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    finally:
+        log.close()
+    print(json.dumps(state.view(), indent=2, sort_keys=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="audit", description="clerk-audit: an audit log for Clerk")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP service with projections")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.set_defaults(func=cmd_serve)
+
+    samples = commands.add_parser("send-samples", help="sign and POST the bundled sample payloads")
+    samples.add_argument("--url", default="http://127.0.0.1:8000/webhooks/clerk")
+    samples.set_defaults(func=cmd_send_samples)
+
+    show = commands.add_parser("show", help="print an aggregate rebuilt from the stream")
+    show.add_argument("id", help="user_... or org_...")
+    show.add_argument("--as-of", help="ISO 8601 time or epoch milliseconds")
+    show.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""`make run`: a local service on SQLite with a development secret and token kept under var/."""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from audit import cli
+
+VAR = Path("var")
+
+
+def _kept(name: str, make: callable) -> str:  # type: ignore[valid-type]
+    path = VAR / name
+    if path.exists():
+        return path.read_text().strip()
+    VAR.mkdir(exist_ok=True)
+    value = make()
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return value
+
+
+def main() -> int:
+    secret = _kept("dev-signing-secret", lambda: "whsec_" + base64.b64encode(
+        secrets.token_bytes(24)).decode())
+    token = _kept("dev-api-token", lambda: "dev_" + secrets.token_urlsafe(24))
+    os.environ.setdefault("CLERK_WEBHOOK_SIGNING_SECRET", secret)
+    os.environ.setdefault("AUDIT_API_TOKENS", token)
+    os.environ.setdefault("AUDIT_DATABASE_URL", "sqlite:///var/audit.db")
+    print("clerk-audit development server")
+    print(f"  signing secret: {os.environ['CLERK_WEBHOOK_SIGNING_SECRET']}")
+    print(f"  API token:      {os.environ['AUDIT_API_TOKENS']}")
+    print(f"  database:       {os.environ['AUDIT_DATABASE_URL']}")
+    print("Try it, from another shell:")
+    print(
+        f"  CLERK_WEBHOOK_SIGNING_SECRET={secret} .venv/bin/audit send-samples"
+    )
+    print(f"  curl -H 'Authorization: Bearer {token}' http://127.0.0.1:8000/v1/events")
+    sys.stdout.flush()
+    return cli.main(["serve", "--host", "127.0.0.1", "--port", "8000"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""The database edge: how each backend is configured for eventsourcing, protected, and queried.
+
+Everything dialect-specific lives here. The rest of the code writes SQL with `%s` placeholders and
+named columns, and runs it through `Db`, which adapts it to SQLite or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal, Protocol
+from uuid import UUID
+
+import psycopg
+from eventsourcing.persistence import InterfaceError as StoreInterfaceError
+from eventsourcing.persistence import OperationalError as StoreOperationalError
+from eventsourcing.persistence import PersistenceError
+from eventsourcing.postgres import PostgresApplicationRecorder
+from psycopg import sql as pgsql
+
+from audit.config import Database, PostgresDatabase, SqliteDatabase
+
+Dialect = Literal["sqlite", "postgresql"]
+APPLICATION_NAME = "audit"
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached or cannot take the write now; a retry may succeed."""
+
+
+# What a lost connection, a refused connect, a pool timeout or a busy SQLite file raise.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    sqlite3.OperationalError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    StoreOperationalError,
+    StoreInterfaceError,
+)
+
+
+class AuditPostgresRecorder(PostgresApplicationRecorder):
+    """eventsourcing's recorder without its own retry loop on inserts.
+
+    The stock recorder retries a failed insert ten times with a connect timeout each: over a
+    minute while the database is down, far past Svix's 15 s. We answer 503 at once instead and
+    let Svix retry.
+    """
+
+    insert_events = PostgresApplicationRecorder.insert_events.__wrapped__  # type: ignore[attr-defined]
+
+
+def eventsourcing_env(database: Database) -> dict[str, str]:
+    """The environment eventsourcing reads to build its recorders for `database`."""
+    if isinstance(database, SqliteDatabase):
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "SQLITE_DBNAME": str(database.path),
+            "SQLITE_LOCK_TIMEOUT": "30",
+        }
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": database.dbname,
+        "POSTGRES_HOST": database.host,
+        "POSTGRES_PORT": str(database.port),
+        "POSTGRES_USER": database.user,
+        "POSTGRES_PASSWORD": database.password,
+        "POSTGRES_SCHEMA": database.schema,
+        "POSTGRES_POOL_SIZE": "4",
+        "POSTGRES_MAX_OVERFLOW": "8",
+        "POSTGRES_CONNECT_TIMEOUT": "3",
+        "POSTGRES_LOCK_TIMEOUT": "10",
+        "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "30",
+        "POSTGRES_PRE_PING": "y",
+        "APPLICATION_RECORDER_TOPIC": f"{__name__}:AuditPostgresRecorder",
+    }
+
+
+def prepare_database(database: Database) -> None:
+    """Make sure the place the store will live in exists: a directory, or a PostgreSQL schema."""
+    if isinstance(database, SqliteDatabase):
+        database.path.parent.mkdir(parents=True, exist_ok=True)
+        return
+    with psycopg.connect(**postgres_connect_args(database), autocommit=True) as conn:
+        conn.execute(
+            pgsql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(pgsql.Identifier(database.schema))
+        )
+
+
+def postgres_connect_args(database: PostgresDatabase) -> dict[str, Any]:
+    return {
+        "host": database.host,
+        "port": database.port,
+        "user": database.user,
+        "password": database.password,
+        "dbname": database.dbname,
+        "connect_timeout": 3,
+    }
+
+
+class Cursor(Protocol):
+    def execute(self, statement: Any, params: Any = ...) -> Any: ...
+    def fetchall(self) -> Any: ...
+    def fetchone(self) -> Any: ...
+
+
+_PLACEHOLDER = re.compile(r"%s")
+
+
+class Db:
+    """SQL access to the store's database through eventsourcing's own connection pool."""
+
+    def __init__(self, datastore: Any, dialect: Dialect, events_table: str, schema: str) -> None:
+        self.datastore = datastore
+        self.dialect = dialect
+        self.events_table = events_table
+        self.schema = schema
+
+    def sql(self, statement: str) -> str:
+        """Adapt a `%s`-placeholder statement to the dialect."""
+        if self.dialect == "sqlite":
+            return _PLACEHOLDER.sub("?", statement)
+        return statement
+
+    def table(self, name: str) -> str:
+        """A table name, qualified with the schema on PostgreSQL."""
+        if self.dialect == "postgresql":
+            return f'"{self.schema}"."{name}"'
+        return f'"{name}"'
+
+    def stream_key(self, stream: UUID) -> Any:
+        """How an originator id is stored: hex text in SQLite, uuid in PostgreSQL."""
+        return stream.hex if self.dialect == "sqlite" else stream
+
+    @contextmanager
+    def transaction(self) -> Iterator[Cursor]:
+        """A write transaction, committed on success. SQLite takes the write lock up front."""
+        try:
+            if self.dialect == "sqlite":
+                with self.datastore.get_connection(commit=True) as conn:
+                    cursor = conn.cursor()
+                    cursor.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield cursor
+                    except BaseException:
+                        conn.rollback()
+                        raise
+                    conn.commit()
+            else:
+                with self.datastore.transaction(commit=True) as cursor:
+                    yield cursor
+        except UNAVAILABLE_ERRORS as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    @contextmanager
+    def reader(self) -> Iterator[Cursor]:
+        """A cursor for reads (one consistent snapshot per statement)."""
+        try:
+            if self.dialect == "sqlite":
+                with self.datastore.get_connection(commit=False) as conn:
+                    yield conn.cursor()
+            else:
+                with self.datastore.get_connection() as conn, conn.cursor() as cursor:
+                    yield cursor
+        except UNAVAILABLE_ERRORS as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    def fetchall(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self.reader() as cursor:
+            cursor.execute(self.sql(statement), list(params))
+            return list(cursor.fetchall())
+
+    def fetchone(self, statement: str, params: Sequence[Any] = ()) -> Any:
+        with self.reader() as cursor:
+            cursor.execute(self.sql(statement), list(params))
+            return cursor.fetchone()
+
+    def ping(self) -> None:
+        try:
+            self.fetchone("SELECT 1 AS one")
+        except PersistenceError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    # -- the events table ------------------------------------------------------------------
+
+    @property
+    def position_column(self) -> str:
+        return "rowid" if self.dialect == "sqlite" else "notification_id"
+
+    def positions_of(self, keys: Sequence[tuple[UUID, int]]) -> dict[tuple[UUID, int], int]:
+        """The store positions (notification ids) of stored events, by (stream, version)."""
+        found: dict[tuple[UUID, int], int] = {}
+        for stream, version in keys:
+            row = self.fetchone(
+                f"SELECT {self.position_column} AS position FROM {self.table(self.events_table)} "
+                "WHERE originator_id = %s AND originator_version = %s",
+                (self.stream_key(stream), version),
+            )
+            if row is not None:
+                found[(stream, version)] = row["position"]
+        return found
+
+    def existing_streams(self, streams: Sequence[UUID]) -> set[UUID]:
+        """Which of these streams have at least one event (used for delivery markers)."""
+        if not streams:
+            return set()
+        marks = ",".join(["%s"] * len(streams))
+        rows = self.fetchall(
+            f"SELECT DISTINCT originator_id AS stream FROM {self.table(self.events_table)} "
+            f"WHERE originator_version = 1 AND originator_id IN ({marks})",
+            [self.stream_key(stream) for stream in streams],
+        )
+        return {UUID(str(row["stream"])) for row in rows}
+
+    def create_owner_index(self) -> None:
+        with self.transaction() as cursor:
+            cursor.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.table('owner_index')} "
+                "(object_id TEXT PRIMARY KEY, organization_id TEXT NOT NULL)"
+            )
+
+    def remember_owners(self, owners: dict[str, str]) -> None:
+        with self.transaction() as cursor:
+            for object_id, organization_id in owners.items():
+                cursor.execute(
+                    self.sql(
+                        f"INSERT INTO {self.table('owner_index')} (object_id, organization_id) "
+                        "VALUES (%s, %s) ON CONFLICT (object_id) DO NOTHING"
+                    ),
+                    [object_id, organization_id],
+                )
+
+    def owner_of(self, object_id: str) -> str | None:
+        row = self.fetchone(
+            f"SELECT organization_id FROM {self.table('owner_index')} WHERE object_id = %s",
+            (object_id,),
+        )
+        return row["organization_id"] if row else None
+
+    def protect_events_table(self) -> None:
+        """Make the events table refuse UPDATE and DELETE in the database itself."""
+        table = self.table(self.events_table)
+        with self.transaction() as cursor:
+            if self.dialect == "sqlite":
+                for operation in ("UPDATE", "DELETE"):
+                    cursor.execute(
+                        f"CREATE TRIGGER IF NOT EXISTS events_refuse_{operation.lower()} "
+                        f"BEFORE {operation} ON {table} "
+                        "BEGIN SELECT RAISE(ABORT, 'clerk-audit events are immutable'); END"
+                    )
+                return
+            function = f'"{self.schema}"."refuse_event_change"'
+            cursor.execute(
+                f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                "BEGIN RAISE EXCEPTION 'clerk-audit events are immutable: % refused', TG_OP; END $$"
+            )
+            cursor.execute(
+                f"CREATE OR REPLACE TRIGGER events_refuse_change BEFORE UPDATE OR DELETE ON {table} "
+                f"FOR EACH ROW EXECUTE FUNCTION {function}()"
+            )
+            cursor.execute(
+                f"CREATE OR REPLACE TRIGGER events_refuse_truncate BEFORE TRUNCATE ON {table} "
+                f"FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
+            )
+
+
+def events_table_name(dialect: Dialect) -> str:
+    return "stored_events" if dialect == "sqlite" else f"{APPLICATION_NAME}_events"
+
+
+def dialect_of(database: Database) -> Dialect:
+    return "sqlite" if isinstance(database, SqliteDatabase) else "postgresql"

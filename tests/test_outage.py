@@ -1,0 +1,55 @@
+"""Issue 2 item 6: while PostgreSQL is unreachable the webhook answers 503 with Retry-After, the
+process stays up, and the same delivery records once the database is back."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+import pytest
+from starlette.testclient import TestClient
+
+from api.app import create_app
+from audit.application import AuditLog
+from audit.config import Settings
+from tests.conftest import API_TOKEN, drop_postgres_schema, new_postgres_database, new_secret
+from tests.tcp_proxy import TcpProxy
+from tests.webhook_helpers import payload, post
+
+
+@pytest.mark.postgres
+def test_store_outage_answers_503_then_recovers() -> None:
+    database = new_postgres_database()
+    proxy = TcpProxy(database.host, database.port)
+    proxy.start()
+    behind_proxy = replace(database, host="127.0.0.1", port=proxy.port)
+    secret = new_secret()
+    settings = Settings((secret,), behind_proxy, (API_TOKEN,), 1_048_576)
+    log = AuditLog(behind_proxy)
+    try:
+        with TestClient(create_app(settings, log), raise_server_exceptions=False) as client:
+            assert post(client, secret, payload("user.created")).status_code == 200
+
+            proxy.stop()
+            raw = json.dumps(payload("user.updated")).encode()
+            started = time.monotonic()
+            down = post(client, secret, raw, svix_id="msg_during_outage")
+            assert down.status_code == 503, down.text
+            assert down.headers["Retry-After"].isdigit()
+            assert down.json()["error"]["code"] == "store_unavailable"
+            assert time.monotonic() - started < 14, "Svix gives up on a delivery after 15 s"
+            assert client.get("/readyz").status_code == 503
+            assert client.get("/healthz").status_code == 200
+
+            proxy.start()
+            back = post(client, secret, raw, svix_id="msg_during_outage")
+            assert back.status_code == 200, back.text
+            assert back.json()["status"] == "recorded"
+            assert client.get("/readyz").status_code == 200
+            again = post(client, secret, raw, svix_id="msg_during_outage")
+            assert again.json()["status"] == "duplicate"
+    finally:
+        log.close()
+        proxy.stop()
+        drop_postgres_schema(database)

@@ -1,0 +1,110 @@
+"""The event store itself: immutability, concurrency, outages; on both backends."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from starlette.testclient import TestClient
+
+from audit.aggregates.routing import stream_id
+from audit.application import AuditLog
+from tests.webhook_helpers import new_svix_id, payload, post
+
+
+def test_events_table_refuses_update_and_delete(client: TestClient, log: AuditLog, secret) -> None:
+    assert post(client, secret, payload("user.created")).status_code == 200
+    table = log.db.table(log.db.events_table)
+    for statement in (f"UPDATE {table} SET topic = 'x'", f"DELETE FROM {table}"):
+        with pytest.raises(Exception, match="immutable"), log.db.transaction() as cursor:
+            cursor.execute(statement)
+    assert log.recorder.max_notification_id() == 2  # the event and its delivery marker
+
+
+def test_same_delivery_from_8_threads_records_once(client: TestClient, log: AuditLog, secret) -> None:
+    raw = json.dumps(payload("user.updated")).encode()
+    barrier = threading.Barrier(8)
+
+    def send(_: int):
+        barrier.wait()
+        return post(client, secret, raw, svix_id="msg_race")
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(send, range(8)))
+    assert [r.status_code for r in responses] == [200] * 8
+    statuses = sorted(r.json()["status"] for r in responses)
+    assert statuses == ["duplicate"] * 7 + ["recorded"]
+    assert len({r.json()["position"] for r in responses}) == 1
+    user = payload("user.updated")["data"]["id"]
+    assert [e.svix_id for e in log.stream_events(stream_id("user", user))] == ["msg_race"]
+
+
+def test_racing_copies_across_separate_stores_record_once(database, log: AuditLog) -> None:
+    """Two processes' worth of connections (two AuditLog instances) racing one svix-id."""
+    other = AuditLog(database)
+    try:
+        from audit.aggregates.delivery import parse_delivery
+
+        raw = json.dumps(payload("user.created")).encode()
+        delivery = parse_delivery(raw, svix_id="msg_two", svix_timestamp=1, received_at=1)
+        barrier = threading.Barrier(2)
+
+        def record(target: AuditLog):
+            barrier.wait()
+            return target.record([delivery])[0]
+
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = list(pool.map(record, [log, other]))
+        assert sorted(o.status for o in outcomes) == ["duplicate", "recorded"]
+        user = payload("user.created")["data"]["id"]
+        assert len(log.stream_events(stream_id("user", user))) == 1
+    finally:
+        other.close()
+
+
+def test_8_different_deliveries_to_one_user_all_record(database, log: AuditLog) -> None:
+    """Separate AuditLog instances (no shared version cache) force real version conflicts."""
+    from audit.aggregates.delivery import parse_delivery
+
+    logs = [log] + [AuditLog(database) for _ in range(3)]
+    try:
+        body = payload("session.created")
+        barrier = threading.Barrier(8)
+
+        def record(index: int):
+            envelope = json.loads(json.dumps(body))
+            envelope["data"]["id"] = f"sess_{index}"
+            raw = json.dumps(envelope).encode()
+            delivery = parse_delivery(raw, svix_id=f"msg_{index}", svix_timestamp=1, received_at=1)
+            barrier.wait()
+            return logs[index % len(logs)].record([delivery])[0]
+
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(record, range(8)))
+        assert [o.status for o in outcomes] == ["recorded"] * 8
+        user = body["data"]["user_id"]
+        stored = log.stream_events(stream_id("user", user))
+        assert sorted(e.svix_id for e in stored) == sorted(f"msg_{i}" for i in range(8))
+        assert [e.originator_version for e in stored] == list(range(1, 9))
+    finally:
+        for other in logs[1:]:
+            other.close()
+
+
+def test_8_concurrent_http_deliveries_to_one_user(client: TestClient, log: AuditLog, secret) -> None:
+    body = payload("session.created")
+    barrier = threading.Barrier(8)
+
+    def send(index: int):
+        envelope = json.loads(json.dumps(body))
+        envelope["data"]["id"] = f"sess_http_{index}"
+        barrier.wait()
+        return post(client, secret, envelope, svix_id=new_svix_id())
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(send, range(8)))
+    assert [r.json()["status"] for r in responses] == ["recorded"] * 8
+    stored = log.stream_events(stream_id("user", body["data"]["user_id"]))
+    assert len(stored) == 8

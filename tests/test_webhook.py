@@ -1,0 +1,230 @@
+"""SPEC 2: POST /webhooks/clerk, every row of the status table, on both backends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from starlette.testclient import TestClient
+
+from audit.aggregates.routing import StreamRef, owning_stream
+from audit.aggregates.streams import RecordedDelivery
+from audit.application import AuditLog
+from tests.conftest import new_secret
+from tests.webhook_helpers import new_svix_id, payload, payload_files, post, seconds_ago
+
+
+def error_code(response) -> str:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]["code"]
+
+
+def expected_stream(envelope: dict, svix_id: str) -> StreamRef:
+    """Where issue 2 says each sample belongs, written out independently of the router."""
+    event_type, data = envelope["type"], envelope["data"]
+    family = event_type.split(".")[0]
+    if family == "user":
+        return StreamRef("user", data["id"])
+    if family in ("session", "email", "sms"):
+        return StreamRef("user", data["user_id"])
+    if family == "organization":
+        return StreamRef("organization", data["id"])
+    if family == "organizationMembership":
+        return StreamRef("organization", data["organization"]["id"])
+    if family in ("organizationInvitation", "organizationDomain"):
+        # The domain deletion stub names no organization: it follows its earlier created event.
+        org = data.get("organization_id") or payload("organizationDomain.created")["data"][
+            "organization_id"
+        ]
+        return StreamRef("organization", org)
+    return StreamRef("subject", data["id"])
+
+
+def test_every_sample_records_in_its_stream_byte_identical(
+    client: TestClient, log: AuditLog, secret: str
+) -> None:
+    positions = set()
+    for path in payload_files():
+        raw = path.read_bytes()
+        svix_id = new_svix_id()
+        response = post(client, secret, raw, svix_id=svix_id)
+        assert response.status_code == 200, (path.name, response.text)
+        body = response.json()
+        assert body["status"] == "recorded" and body["event_id"] == svix_id
+        positions.add(body["position"])
+
+        envelope = json.loads(raw)
+        ref = expected_stream(envelope, svix_id)
+        stored = [e for e in log.stream_events(ref.stream_id) if e.svix_id == svix_id]
+        assert len(stored) == 1
+        event: RecordedDelivery = stored[0]
+        assert event.body.encode("utf-8") == raw
+        assert event.type == envelope["type"]
+        assert event.occurred_at == envelope["timestamp"]
+        assert event.instance_id == envelope["instance_id"]
+        assert event.event_attributes == envelope["event_attributes"]
+        assert len(event.sha256) == 64
+    assert len(positions) == len(payload_files())
+
+
+def test_domain_deletion_stub_joins_its_organization_stream(
+    client: TestClient, log: AuditLog, secret: str
+) -> None:
+    assert post(client, secret, payload("organizationDomain.created")).status_code == 200
+    stub = payload("organizationDomain.deleted")
+    svix_id = new_svix_id()
+    assert post(client, secret, stub, svix_id=svix_id).status_code == 200
+    org_id = payload("organizationDomain.created")["data"]["organization_id"]
+    stream = owning_stream("organization.updated", {"id": org_id}, "x").stream_id
+    assert svix_id in [e.svix_id for e in log.stream_events(stream)]
+
+
+def test_duplicate_answers_first_position_and_appends_nothing(
+    client: TestClient, log: AuditLog, secret: str
+) -> None:
+    raw = json.dumps(payload("user.created")).encode()
+    first = post(client, secret, raw, svix_id="msg_dup").json()
+    before = log.recorder.max_notification_id()
+    again = post(client, secret, raw, svix_id="msg_dup")
+    assert again.status_code == 200
+    assert again.json() == {"status": "duplicate", "event_id": "msg_dup", "position": first["position"]}
+    assert log.recorder.max_notification_id() == before
+
+
+def test_same_svix_id_different_body_is_409(client: TestClient, log: AuditLog, secret: str) -> None:
+    assert post(client, secret, payload("user.created"), svix_id="msg_x").status_code == 200
+    before = log.recorder.max_notification_id()
+    response = post(client, secret, payload("user.updated"), svix_id="msg_x")
+    assert response.status_code == 409
+    assert error_code(response) == "svix_id_conflict"
+    assert log.recorder.max_notification_id() == before
+
+
+def test_webhook_header_set_is_accepted(client: TestClient, secret: str) -> None:
+    response = post(client, secret, payload("role.created"), header_set="webhook")
+    assert response.status_code == 200 and response.json()["status"] == "recorded"
+
+
+def test_secret_rotation(settings, log: AuditLog) -> None:
+    from dataclasses import replace
+
+    from api.app import create_app
+
+    old, new = new_secret(), new_secret()
+    rotated = replace(settings, signing_secrets=(old, new))
+    with TestClient(create_app(rotated, log)) as client:
+        assert post(client, old, payload("user.created")).status_code == 200
+        assert post(client, new, payload("user.updated")).status_code == 200
+        # One delivery carrying two signatures, the first from an unknown secret.
+        raw = json.dumps(payload("session.created")).encode()
+        from audit.samples import signed_headers
+
+        headers = signed_headers(new, "msg_two_sigs", raw)
+        stranger = signed_headers(new_secret(), "msg_two_sigs", raw)["svix-signature"]
+        headers["svix-signature"] = f"{stranger} {headers['svix-signature']}"
+        assert client.post("/webhooks/clerk", content=raw, headers=headers).status_code == 200
+        assert post(client, new_secret(), payload("sms.created")).status_code == 401
+
+
+@pytest.mark.parametrize("offset", [301, -301])
+def test_timestamp_outside_tolerance_is_401(client: TestClient, secret: str, offset: int) -> None:
+    response = post(client, secret, payload("user.created"), when=seconds_ago(offset))
+    assert response.status_code == 401
+    assert error_code(response) == "invalid_signature"
+
+
+def test_timestamp_inside_tolerance_is_accepted(client: TestClient, secret: str) -> None:
+    assert post(client, secret, payload("user.created"), when=seconds_ago(290)).status_code == 200
+    assert post(client, secret, payload("user.updated"), when=seconds_ago(-290)).status_code == 200
+
+
+def test_body_one_byte_over_the_limit_is_413(settings, log: AuditLog, secret: str) -> None:
+    from dataclasses import replace
+
+    from api.app import create_app
+
+    raw = json.dumps(payload("user.created")).encode()
+    tight = replace(settings, max_body_bytes=len(raw) - 1)
+    with TestClient(create_app(tight, log)) as client:
+        response = post(client, secret, raw)
+        assert response.status_code == 413
+        assert error_code(response) == "payload_too_large"
+
+        # Without Content-Length: a chunked body is measured as it streams.
+        from audit.samples import signed_headers
+
+        headers = signed_headers(secret, new_svix_id(), raw)
+        chunked = client.post("/webhooks/clerk", content=iter([raw[:100], raw[100:]]), headers=headers)
+        assert chunked.status_code == 413
+
+        exact = replace(settings, max_body_bytes=len(raw))
+        with TestClient(create_app(exact, log)) as exact_client:
+            assert post(exact_client, secret, raw).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\xff\xfe not utf-8",
+        b"[1, 2, 3]",
+        b'"a string"',
+        b"not json",
+        b'{"type": "user.created"}',
+        b'{"data": {}}',
+        b'{"type": 5, "data": {}}',
+        b'{"type": "user.created", "data": []}',
+        b'{"type": "user.created", "data": {}, "x": NaN}',
+        b"",
+    ],
+)
+def test_bad_bodies_are_400(client: TestClient, secret: str, raw: bytes) -> None:
+    from audit.samples import signed_headers
+
+    try:
+        headers = signed_headers(secret, new_svix_id(), raw)
+    except UnicodeDecodeError:  # svix cannot sign non-UTF-8: any signature will do
+        headers = signed_headers(secret, new_svix_id(), b"x")
+    response = client.post("/webhooks/clerk", content=raw, headers=headers)
+    assert response.status_code == 400, response.text
+    assert error_code(response) in ("invalid_payload",)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda h: h.pop("svix-id"),
+        lambda h: h.pop("svix-timestamp"),
+        lambda h: h.pop("svix-signature"),
+        lambda h: h.update({"svix-signature": "garbage"}),
+        lambda h: h.update({"svix-signature": "v1,abc"}),
+        lambda h: h.update({"svix-signature": "v1,@@@"}),
+        lambda h: h.update({"svix-timestamp": "soon"}),
+        lambda h: h.update({"svix-timestamp": "1e9"}),
+        lambda h: h.update({"svix-id": ""}),
+    ],
+)
+def test_missing_or_malformed_headers_are_400_or_401(client, secret: str, mutate) -> None:
+    from audit.samples import signed_headers
+
+    raw = json.dumps(payload("user.created")).encode()
+    headers = signed_headers(secret, new_svix_id(), raw)
+    mutate(headers)
+    response = client.post("/webhooks/clerk", content=raw, headers=headers)
+    assert response.status_code in (400, 401), response.text
+    error_code(response)
+
+
+def test_unknown_types_are_stored(client: TestClient, log: AuditLog, secret: str) -> None:
+    body = {"type": "futureThing.happened", "data": {"id": "fut_1", "object": "future"}}
+    response = post(client, secret, body, svix_id="msg_future")
+    assert response.status_code == 200
+    ref = owning_stream("futureThing.happened", body["data"], "msg_future")
+    assert [e.type for e in log.stream_events(ref.stream_id)] == ["futureThing.happened"]
+
+
+def test_only_post_is_allowed(client: TestClient) -> None:
+    response = client.get("/webhooks/clerk")
+    assert response.status_code == 405
+    assert error_code(response) == "method_not_allowed"
