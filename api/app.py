@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -16,11 +17,33 @@ from api.webhooks import WebhookReceiver
 from audit.application import AuditLog
 from audit.config import Settings, load_settings
 from audit.intake import Intake
+from audit.projections.runner import Projector
 
 
-def create_app(settings: Settings, log: AuditLog, *, own_log: bool = False) -> Starlette:
-    """Build the service around an open AuditLog (closed on shutdown when `own_log`)."""
+def create_app(
+    settings: Settings,
+    log: AuditLog,
+    *,
+    projector: Projector | None = None,
+    follow: bool = False,
+    own_log: bool = False,
+) -> Starlette:
+    """Build the service around an open AuditLog (closed on shutdown when `own_log`).
+
+    With `follow`, the projector keeps the read models up to date in a background thread.
+    """
     intake = Intake(log)
+    stop_following = threading.Event()
+    follower = (
+        threading.Thread(
+            target=projector.run_forever,
+            args=(stop_following,),
+            name="audit-projections",
+            daemon=True,
+        )
+        if follow and projector is not None
+        else None
+    )
     receiver = WebhookReceiver(settings.signing_secrets, intake, settings.max_body_bytes)
 
     async def healthz(request: Request) -> JSONResponse:
@@ -32,9 +55,14 @@ def create_app(settings: Settings, log: AuditLog, *, own_log: bool = False) -> S
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if follower is not None:
+            follower.start()
         try:
             yield
         finally:
+            stop_following.set()
+            if follower is not None:
+                follower.join(timeout=10)
             intake.close()
             if own_log:
                 log.close()
@@ -46,6 +74,7 @@ def create_app(settings: Settings, log: AuditLog, *, own_log: bool = False) -> S
     ]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.log = log
+    app.state.projector = projector
     app.state.settings = settings
     return app
 
@@ -53,4 +82,5 @@ def create_app(settings: Settings, log: AuditLog, *, own_log: bool = False) -> S
 def app_from_env() -> Starlette:
     """The factory `audit serve` hands to uvicorn (each worker process builds its own)."""
     settings = load_settings()
-    return create_app(settings, AuditLog(settings.database), own_log=True)
+    log = AuditLog(settings.database)
+    return create_app(settings, log, projector=Projector(log), follow=True, own_log=True)

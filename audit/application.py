@@ -41,8 +41,8 @@ from audit.storage import (
     Db,
     StoreUnavailable,
     dialect_of,
-    eventsourcing_env,
     events_table_name,
+    eventsourcing_env,
     prepare_database,
 )
 

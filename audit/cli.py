@@ -57,8 +57,73 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_level="info",
         )
         return 0
-    uvicorn.run(create_app(settings, log, own_log=True), host=args.host, port=args.port)
+    from audit.projections.runner import Projector
+
+    app = create_app(settings, log, projector=Projector(log), follow=True, own_log=True)
+    uvicorn.run(app, host=args.host, port=args.port)
     return 0
+
+
+def cmd_project(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from audit.projections.runner import Projector
+
+    log = open_log(database_from_env())
+    try:
+        projector = Projector(log)
+        if args.once:
+            print(f"applied {projector.run_once()} events")
+            return 0
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        projector.run_forever(stop)
+        return 0
+    finally:
+        log.close()
+
+
+def cmd_projections(args: argparse.Namespace) -> int:
+    from audit.projections.runner import Projector
+
+    log = open_log(database_from_env())
+    try:
+        rows = Projector(log).status()
+    finally:
+        log.close()
+    columns = ("name", "version", "position", "lag", "state", "errors")
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
+    return 0
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from audit.projections.runner import Projector, UnknownProjection
+
+    log = open_log(database_from_env())
+    try:
+        projector = Projector(log)
+        names = list(projector.projections) if args.all else [args.name]
+        for name in names:
+            try:
+                generation = projector.rebuild(name)
+            except UnknownProjection:
+                known = ", ".join(projector.projections)
+                print(f"{name}: no such projection (known: {known})", file=sys.stderr)
+                return EXIT_NOT_FOUND
+            total = next(r["lag"] for r in projector.status() if r["name"] == name)
+            with tqdm(total=total, desc=f"{name} g{generation}", unit="ev") as bar:
+                projector.catch_up(projector.projections[name], progress=lambda _, n: bar.update(n))
+            print(f"{name}: reads switched to generation {generation}")
+        return 0
+    finally:
+        log.close()
 
 
 def cmd_send_samples(args: argparse.Namespace) -> int:
@@ -94,7 +159,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="audit", description="clerk-audit: an audit log for Clerk")
+    parser = argparse.ArgumentParser(
+        prog="audit", description="clerk-audit: an audit log for Clerk"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the HTTP service with projections")
@@ -102,6 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1)
     serve.set_defaults(func=cmd_serve)
+
+    project = commands.add_parser("project", help="run the projections alone")
+    project.add_argument("--once", action="store_true", help="catch up once, then exit")
+    project.set_defaults(func=cmd_project)
+
+    projections = commands.add_parser("projections", help="status of every projection")
+    projections.set_defaults(func=cmd_projections)
+
+    rebuild = commands.add_parser("rebuild", help="rebuild a projection beside the live one")
+    target = rebuild.add_mutually_exclusive_group(required=True)
+    target.add_argument("name", nargs="?", help="the projection to rebuild")
+    target.add_argument("--all", action="store_true", help="rebuild every projection")
+    rebuild.set_defaults(func=cmd_rebuild)
 
     samples = commands.add_parser("send-samples", help="sign and POST the bundled sample payloads")
     samples.add_argument("--url", default="http://127.0.0.1:8000/webhooks/clerk")

@@ -55,7 +55,9 @@ class PostgresDatabase:
     @property
     def url(self) -> str:
         """The URL without its password, fit for logs and error messages."""
-        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.dbname}?schema={self.schema}"
+        return (
+            f"postgresql://{self.user}@{self.host}:{self.port}/{self.dbname}?schema={self.schema}"
+        )
 
 
 Database = SqliteDatabase | PostgresDatabase
@@ -149,10 +151,8 @@ def load_settings(
     """Read every setting; raise ConfigError on the first bad one."""
     env = os.environ if environ is None else environ
     secret_value = env.get(SECRET_VARIABLE, "")
-    if secret_value.strip() or require_secret:
-        secrets = parse_secrets(secret_value)
-    else:
-        secrets = ()
+    needed = bool(secret_value.strip()) or require_secret
+    secrets = parse_secrets(secret_value) if needed else ()
     return Settings(
         signing_secrets=secrets,
         database=database_from_env(env),

@@ -25,8 +25,9 @@ def _kept(name: str, make: callable) -> str:  # type: ignore[valid-type]
 
 
 def main() -> int:
-    secret = _kept("dev-signing-secret", lambda: "whsec_" + base64.b64encode(
-        secrets.token_bytes(24)).decode())
+    secret = _kept(
+        "dev-signing-secret", lambda: "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    )
     token = _kept("dev-api-token", lambda: "dev_" + secrets.token_urlsafe(24))
     os.environ.setdefault("CLERK_WEBHOOK_SIGNING_SECRET", secret)
     os.environ.setdefault("AUDIT_API_TOKENS", token)
@@ -36,9 +37,7 @@ def main() -> int:
     print(f"  API token:      {os.environ['AUDIT_API_TOKENS']}")
     print(f"  database:       {os.environ['AUDIT_DATABASE_URL']}")
     print("Try it, from another shell:")
-    print(
-        f"  CLERK_WEBHOOK_SIGNING_SECRET={secret} .venv/bin/audit send-samples"
-    )
+    print(f"  CLERK_WEBHOOK_SIGNING_SECRET={secret} .venv/bin/audit send-samples")
     print(f"  curl -H 'Authorization: Bearer {token}' http://127.0.0.1:8000/v1/events")
     sys.stdout.flush()
     return cli.main(["serve", "--host", "127.0.0.1", "--port", "8000"])

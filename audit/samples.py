@@ -42,9 +42,7 @@ def send_samples(url: str, secret: str) -> dict[str, Any]:
         for event_type, body in sample_bodies():
             svix_id = sample_svix_id(event_type)
             response = client.post(url, content=body, headers=signed_headers(secret, svix_id, body))
-            status = (
-                response.json().get("status") if response.status_code == 200 else None
-            )
+            status = response.json().get("status") if response.status_code == 200 else None
             if status in ("recorded", "duplicate"):
                 counts[status] += 1
             else:

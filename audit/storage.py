@@ -6,8 +6,10 @@ named columns, and runs it through `Db`, which adapts it to SQLite or PostgreSQL
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, Protocol
@@ -256,13 +258,45 @@ class Db:
                 "BEGIN RAISE EXCEPTION 'clerk-audit events are immutable: % refused', TG_OP; END $$"
             )
             cursor.execute(
-                f"CREATE OR REPLACE TRIGGER events_refuse_change BEFORE UPDATE OR DELETE ON {table} "
+                "CREATE OR REPLACE TRIGGER events_refuse_change"
+                f" BEFORE UPDATE OR DELETE ON {table} "
                 f"FOR EACH ROW EXECUTE FUNCTION {function}()"
             )
             cursor.execute(
                 f"CREATE OR REPLACE TRIGGER events_refuse_truncate BEFORE TRUNCATE ON {table} "
                 f"FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
             )
+
+
+class EventWaiter:
+    """Waits for new events: a NOTIFY on PostgreSQL (polling as the backstop), a poll on SQLite."""
+
+    def __init__(self, database: Database, channel: str) -> None:
+        self.database = database
+        self.channel = channel
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def __call__(self, stop: threading.Event, timeout: float) -> None:
+        if not isinstance(self.database, PostgresDatabase):
+            stop.wait(timeout)
+            return
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(
+                    **postgres_connect_args(self.database), autocommit=True
+                )
+                self._conn.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(self.channel)))
+            for _ in self._conn.notifies(timeout=timeout, stop_after=1):
+                pass
+        except psycopg.Error:
+            self.close()
+            stop.wait(timeout)  # a lost NOTIFY connection must not stall: poll instead
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
 
 
 def events_table_name(dialect: Dialect) -> str:

@@ -19,9 +19,7 @@ def parse_time(value: str) -> int:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise TimeParseError(
-            f"{value[:40]!r} is neither ISO 8601 nor epoch milliseconds"
-        ) from None
+        raise TimeParseError(f"{value[:40]!r} is neither ISO 8601 nor epoch milliseconds") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     try:

@@ -1,8 +1,8 @@
 """Realistic Clerk deliveries for domain tests, built from the reference payloads.
 
-Every delivery starts as a deep copy of a real payload file, so tests exercise the shapes Clerk sends
-(nested user objects in sessions, deletion stubs, identified e-mail lists) and only the ids, fields
-and times a test cares about are changed.
+Every delivery starts as a deep copy of a real payload file, so tests exercise the shapes Clerk
+sends (nested user objects in sessions, deletion stubs, identified e-mail lists) and only the ids,
+fields and times a test cares about are changed.
 """
 
 from __future__ import annotations
@@ -16,12 +16,9 @@ from typing import Any
 
 from audit.aggregates.delivery import Delivery, parse_delivery
 
-_CANDIDATES = (
-    os.environ.get("CLERK_PAYLOADS_DIR", ""),
-    str(Path(__file__).parent / "payloads"),
-    "/work/shared/clerk/payloads",
-)
-PAYLOADS_DIR = next((Path(p) for p in _CANDIDATES if p and Path(p).is_dir()), Path(_CANDIDATES[2]))
+# The package bundles the reference payloads (audit/samples), so the tests need nothing outside.
+_BUNDLED = Path(__file__).parent.parent / "audit" / "samples"
+PAYLOADS_DIR = Path(os.environ.get("CLERK_PAYLOADS_DIR") or _BUNDLED)
 
 USER_ID = "user_3XIOWrI57CYv83K9cu9aN3gSz5Q"
 ORG_ID = "org_3UByhZomz62ag88bTkeSUIU5gEC"
@@ -46,9 +43,7 @@ def envelope(event_type: str, *, timestamp: int | None = None, **data: Any) -> d
     return result
 
 
-def delivery(
-    body: dict[str, Any], *, svix_id: str, received_at: int | None = None
-) -> Delivery:
+def delivery(body: dict[str, Any], *, svix_id: str, received_at: int | None = None) -> Delivery:
     """A Delivery read from the bytes of `body`, as the intake would read it."""
     timestamp = body.get("timestamp")
     received = received_at if received_at is not None else (timestamp or 0) + 250

@@ -120,8 +120,10 @@ def test_a_value_replacing_a_dict_is_one_change() -> None:
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from(["a", "b"]))
 json_value = st.recursive(
     json_leaf,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.sampled_from(["a", "b", "updated_at", "id"]), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["a", "b", "updated_at", "id"]), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 json_object = st.dictionaries(st.sampled_from(["x", "y", "z", "object"]), json_value, max_size=4)

@@ -23,7 +23,9 @@ def test_events_table_refuses_update_and_delete(client: TestClient, log: AuditLo
     assert log.recorder.max_notification_id() == 2  # the event and its delivery marker
 
 
-def test_same_delivery_from_8_threads_records_once(client: TestClient, log: AuditLog, secret) -> None:
+def test_same_delivery_from_8_threads_records_once(
+    client: TestClient, log: AuditLog, secret
+) -> None:
     raw = json.dumps(payload("user.updated")).encode()
     barrier = threading.Barrier(8)
 
@@ -93,7 +95,9 @@ def test_8_different_deliveries_to_one_user_all_record(database, log: AuditLog) 
             other.close()
 
 
-def test_8_concurrent_http_deliveries_to_one_user(client: TestClient, log: AuditLog, secret) -> None:
+def test_8_concurrent_http_deliveries_to_one_user(
+    client: TestClient, log: AuditLog, secret
+) -> None:
     body = payload("session.created")
     barrier = threading.Barrier(8)
 

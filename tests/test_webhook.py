@@ -35,9 +35,10 @@ def expected_stream(envelope: dict, svix_id: str) -> StreamRef:
         return StreamRef("organization", data["organization"]["id"])
     if family in ("organizationInvitation", "organizationDomain"):
         # The domain deletion stub names no organization: it follows its earlier created event.
-        org = data.get("organization_id") or payload("organizationDomain.created")["data"][
-            "organization_id"
-        ]
+        org = (
+            data.get("organization_id")
+            or payload("organizationDomain.created")["data"]["organization_id"]
+        )
         return StreamRef("organization", org)
     return StreamRef("subject", data["id"])
 
@@ -89,7 +90,11 @@ def test_duplicate_answers_first_position_and_appends_nothing(
     before = log.recorder.max_notification_id()
     again = post(client, secret, raw, svix_id="msg_dup")
     assert again.status_code == 200
-    assert again.json() == {"status": "duplicate", "event_id": "msg_dup", "position": first["position"]}
+    assert again.json() == {
+        "status": "duplicate",
+        "event_id": "msg_dup",
+        "position": first["position"],
+    }
     assert log.recorder.max_notification_id() == before
 
 
@@ -156,7 +161,9 @@ def test_body_one_byte_over_the_limit_is_413(settings, log: AuditLog, secret: st
         from audit.samples import signed_headers
 
         headers = signed_headers(secret, new_svix_id(), raw)
-        chunked = client.post("/webhooks/clerk", content=iter([raw[:100], raw[100:]]), headers=headers)
+        chunked = client.post(
+            "/webhooks/clerk", content=iter([raw[:100], raw[100:]]), headers=headers
+        )
         assert chunked.status_code == 413
 
         exact = replace(settings, max_body_bytes=len(raw))

@@ -9,15 +9,15 @@ from typing import Any
 
 
 class InvalidPayload(ValueError):
-    """The body is not a Clerk event envelope (a JSON object with a string `type` and object `data`)."""
+    """The body is not a Clerk envelope (a JSON object with a string `type` and object `data`)."""
 
 
 @dataclass(frozen=True)
 class Delivery:
     """One verified webhook delivery, exactly as it will be stored.
 
-    `body` is the raw request body decoded from UTF-8: encoding it again gives the signed bytes back,
-    so it is a lossless copy. Everything else is read from it or from the delivery's headers.
+    `body` is the raw request body decoded from UTF-8: encoding it again gives the signed bytes
+    back, so it is a lossless copy. Everything else is read from it or from the delivery's headers.
     """
 
     svix_id: str
@@ -46,9 +46,7 @@ def _reject_constant(name: str) -> Any:
     raise InvalidPayload(f"the body contains {name}, which is not JSON")
 
 
-def parse_delivery(
-    body: bytes, *, svix_id: str, svix_timestamp: int, received_at: int
-) -> Delivery:
+def parse_delivery(body: bytes, *, svix_id: str, svix_timestamp: int, received_at: int) -> Delivery:
     """Read a verified body into a Delivery, or raise InvalidPayload."""
     try:
         text = body.decode("utf-8")

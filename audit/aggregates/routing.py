@@ -73,7 +73,7 @@ def owning_stream(
     `user.*`, `session.*`, `email.*`, `sms.*` go to the User stream of the user they are about;
     `organization*.*` to the Organization stream of their organization. A sub-object whose payload
     does not name its owner (an `organizationDomain.deleted` stub) goes where `known_owner` says,
-    when the caller knows it. Everything else has a stream of its own subject, so nothing is dropped.
+    when the caller knows it. Everything else has a stream of its own subject: nothing is dropped.
     """
     if event_type.startswith(USER_PREFIXES):
         user_id = user_id_of(event_type, data)

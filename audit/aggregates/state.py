@@ -33,7 +33,14 @@ OBJECT_TYPES = {
 
 # Session statuses in which a session is still alive; any other status means it ended.
 LIVE_SESSION_STATUSES = frozenset({"active", "pending"})
-ACTIVITY_FIELDS = ("device_type", "browser_name", "browser_version", "ip_address", "city", "country")
+ACTIVITY_FIELDS = (
+    "device_type",
+    "browser_name",
+    "browser_version",
+    "ip_address",
+    "city",
+    "country",
+)
 INVITATION_STATUS_BY_ACTION = {"created": "pending", "accepted": "accepted", "revoked": "revoked"}
 
 
@@ -164,7 +171,7 @@ class _Stream:
             changes=placement.changes,
         )
         successor = self.history.get(placement.successor_id or "")
-        if False:
+        if successor is not None and placement.successor_changes is not None:
             self.history[successor.event_id] = replace(
                 successor, changes=placement.successor_changes
             )
@@ -455,9 +462,7 @@ def _fold(state: State, deliveries: Iterable[tuple[Delivery, int]], as_of: int |
     return state
 
 
-def fold_user(
-    deliveries: Iterable[tuple[Delivery, int]], *, as_of: int | None = None
-) -> UserState:
+def fold_user(deliveries: Iterable[tuple[Delivery, int]], *, as_of: int | None = None) -> UserState:
     """A user's state from its stream, or as of an occurred_at when `as_of` is given."""
     return _fold(UserState(), deliveries, as_of)
 

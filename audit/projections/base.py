@@ -1,0 +1,58 @@
+"""What a projection is: a name, a schema version, its tables, and a handler for one delivery."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from audit.aggregates.delivery import Delivery
+from audit.storage import Cursor, Db
+
+
+@dataclass(frozen=True)
+class StoredDelivery:
+    """A delivery read back from the store, with its position in the store."""
+
+    position: int
+    delivery: Delivery
+
+
+class Tables:
+    """Physical names of one generation of a projection's tables."""
+
+    def __init__(self, db: Db, projection: str, generation: int) -> None:
+        self.db = db
+        self.prefix = f"p_{projection}_g{generation}_"
+
+    def __getitem__(self, logical: str) -> str:
+        return self.db.table(self.prefix + logical)
+
+    def index(self, logical: str) -> str:
+        """An index name: unqualified (PostgreSQL puts it in its table's schema)."""
+        return f'"{self.prefix}{logical}"'
+
+
+class Projection(ABC):
+    """A read model. Raise `version` whenever `schema()` or `handle()` changes what is stored."""
+
+    name: ClassVar[str]
+    version: ClassVar[int]
+    table_names: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def schema(self, t: Tables, db: Db) -> list[str]:
+        """DDL creating this generation's tables and indexes."""
+
+    @abstractmethod
+    def handle(self, cursor: Cursor, t: Tables, db: Db, event: StoredDelivery) -> None:
+        """Apply one delivery. Runs inside the transaction that also advances the position."""
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def from_json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)

@@ -1,0 +1,417 @@
+"""Running projections: exactly once per event, versioned generations, rebuilds, poison events.
+
+Every step runs in one transaction that locks the projection's tracking row, reads the next batch
+of stored events after the recorded position, applies them, and records the new position. A crash
+anywhere rolls the whole step back; a restart carries on from the recorded position. Two runners
+(in two processes) on one projection serialise on that row lock, so neither applies an event twice.
+
+Each projection's tables belong to a generation (`p_<name>_g<N>_<table>`); the registry says which
+generation reads use. A schema version bump (or `audit rebuild`) builds a new generation from
+position 0 beside the live one; once it has caught up, one transaction points reads at it and drops
+the old tables.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from eventsourcing.persistence import StoredEvent, Tracking
+
+from audit.aggregates.streams import DeliveryMarker, RecordedDelivery
+from audit.application import AuditLog
+from audit.projections.base import Projection, StoredDelivery, Tables
+from audit.projections.events import EventIndex
+from audit.projections.objects import ObjectsProjection
+from audit.projections.timelines import SessionTimelines
+from audit.storage import Cursor, Db, EventWaiter
+
+log = logging.getLogger("audit.projections")
+
+BATCH_SIZE = 500
+MARKER_TOPIC = DeliveryMarker.Created.TOPIC
+
+
+def all_projections() -> list[Projection]:
+    return [EventIndex(), ObjectsProjection(), SessionTimelines()]
+
+
+class UnknownProjection(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: int
+    generation: int
+    building_version: int | None
+    building_generation: int | None
+
+
+class Projector:
+    """Keeps a set of projections up to date with the store."""
+
+    def __init__(
+        self,
+        audit_log: AuditLog,
+        projections: Sequence[Projection] | None = None,
+        *,
+        batch_size: int = BATCH_SIZE,
+    ) -> None:
+        self.log = audit_log
+        self.db: Db = audit_log.db
+        self.projections = {p.name: p for p in (projections or all_projections())}
+        self.batch_size = batch_size
+        self.tracking = audit_log.factory.tracking_recorder()
+        self.tracking_table = (
+            "tracking" if self.db.dialect == "sqlite" else f"{audit_log.name.lower()}_tracking"
+        )
+        self.setup()
+
+    # -- registry ----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Create the registry; register new projections; start builds for raised versions."""
+        with self.db.transaction() as cursor:
+            cursor.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.db.table('projection_registry')} ("
+                " name TEXT PRIMARY KEY, version INTEGER NOT NULL, generation INTEGER NOT NULL,"
+                " building_version INTEGER, building_generation INTEGER)"
+            )
+            cursor.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.db.table('projection_errors')} ("
+                " name TEXT NOT NULL, generation INTEGER NOT NULL, position BIGINT NOT NULL,"
+                " event_id TEXT, error TEXT NOT NULL, PRIMARY KEY (name, generation, position))"
+            )
+        for projection in self.projections.values():
+            with self.db.transaction() as cursor:
+                registration = self._registration(cursor, projection.name, lock=True)
+                if registration is None:
+                    self._create_generation(cursor, projection, 1)
+                    cursor.execute(
+                        self.db.sql(
+                            f"INSERT INTO {self.db.table('projection_registry')}"
+                            " (name, version, generation) VALUES (%s, %s, 1)"
+                        ),
+                        [projection.name, projection.version],
+                    )
+                elif (
+                    registration.version < projection.version
+                    and registration.building_version != projection.version
+                ):
+                    self._start_build(cursor, projection, registration)
+
+    def _registration(
+        self, cursor: Cursor, name: str, *, lock: bool = False
+    ) -> Registration | None:
+        suffix = " FOR UPDATE" if lock and self.db.dialect == "postgresql" else ""
+        cursor.execute(
+            self.db.sql(
+                "SELECT name, version, generation, building_version, building_generation"
+                f" FROM {self.db.table('projection_registry')} WHERE name = %s{suffix}"
+            ),
+            [name],
+        )
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        return Registration(
+            row["name"],
+            row["version"],
+            row["generation"],
+            row["building_version"],
+            row["building_generation"],
+        )
+
+    def registration(self, name: str) -> Registration:
+        with self.db.reader() as cursor:
+            found = self._registration(cursor, name)
+        if found is None:
+            raise UnknownProjection(name)
+        return found
+
+    def _create_generation(self, cursor: Cursor, projection: Projection, generation: int) -> None:
+        tables = Tables(self.db, projection.name, generation)
+        for logical in projection.table_names:
+            cursor.execute(f"DROP TABLE IF EXISTS {tables[logical]}")
+        for statement in projection.schema(tables, self.db):
+            cursor.execute(statement)
+        cursor.execute(
+            self.db.sql(f"DELETE FROM {self._tracking()} WHERE application_name = %s"),
+            [tracking_key(projection.name, generation)],
+        )
+        self.tracking._insert_tracking(
+            cursor, Tracking(tracking_key(projection.name, generation), 0)
+        )
+
+    def _start_build(
+        self, cursor: Cursor, projection: Projection, registration: Registration
+    ) -> int:
+        generation = max(registration.generation, registration.building_generation or 0) + 1
+        if registration.building_generation is not None:
+            self._drop_generation(cursor, projection, registration.building_generation)
+        self._create_generation(cursor, projection, generation)
+        cursor.execute(
+            self.db.sql(
+                f"UPDATE {self.db.table('projection_registry')}"
+                " SET building_version = %s, building_generation = %s WHERE name = %s"
+            ),
+            [projection.version, generation, projection.name],
+        )
+        log.info(
+            "projection %s: building generation %d (v%d)",
+            projection.name,
+            generation,
+            projection.version,
+        )
+        return generation
+
+    def _drop_generation(self, cursor: Cursor, projection: Projection, generation: int) -> None:
+        tables = Tables(self.db, projection.name, generation)
+        for logical in projection.table_names:
+            cursor.execute(f"DROP TABLE IF EXISTS {tables[logical]}")
+        cursor.execute(
+            self.db.sql(f"DELETE FROM {self._tracking()} WHERE application_name = %s"),
+            [tracking_key(projection.name, generation)],
+        )
+
+    def _tracking(self) -> str:
+        return self.db.table(self.tracking_table)
+
+    # -- applying events -------------------------------------------------------------------
+
+    def step(self, projection: Projection, generation: int, limit: int | None = None) -> int:
+        """Apply the next batch to one generation, exactly once. Returns events read."""
+        tables = Tables(self.db, projection.name, generation)
+        key = tracking_key(projection.name, generation)
+        with self.db.transaction() as cursor:
+            suffix = " FOR UPDATE" if self.db.dialect == "postgresql" else ""
+            cursor.execute(
+                self.db.sql(
+                    f"SELECT notification_id FROM {self._tracking()}"
+                    f" WHERE application_name = %s{suffix}"
+                ),
+                [key],
+            )
+            found = cursor.fetchone()
+            if found is None:
+                return 0  # this generation was switched away or dropped meanwhile
+            position = found["notification_id"]
+            rows = self._read_after(cursor, position, limit or self.batch_size)
+            for row in rows:
+                if row["topic"] == MARKER_TOPIC:
+                    continue
+                self._apply(cursor, projection, tables, generation, row)
+            if rows:
+                self.tracking._insert_tracking(cursor, Tracking(key, rows[-1]["position"]))
+            return len(rows)
+
+    def _read_after(self, cursor: Cursor, position: int, limit: int) -> list[Any]:
+        column = self.db.position_column
+        cursor.execute(
+            self.db.sql(
+                f"SELECT {column} AS position, originator_id, originator_version, topic, state"
+                f" FROM {self.db.table(self.db.events_table)} WHERE {column} > %s"
+                f" ORDER BY {column} LIMIT %s"
+            ),
+            [position, limit],
+        )
+        return list(cursor.fetchall())
+
+    def decode(self, row: Any) -> StoredDelivery:
+        stored = StoredEvent(
+            originator_id=row["originator_id"],
+            originator_version=row["originator_version"],
+            topic=row["topic"],
+            state=bytes(row["state"]),
+        )
+        event = self.log.mapper.to_domain_event(stored)
+        assert isinstance(event, RecordedDelivery)
+        return StoredDelivery(position=row["position"], delivery=event.delivery())
+
+    def _apply(
+        self, cursor: Cursor, projection: Projection, tables: Tables, generation: int, row: Any
+    ) -> None:
+        cursor.execute("SAVEPOINT projection_event")
+        try:
+            event = self.decode(row)
+            projection.handle(cursor, tables, self.db, event)
+        except Exception as exc:  # a poison event: report it, keep going
+            cursor.execute("ROLLBACK TO SAVEPOINT projection_event")
+            log.error(
+                "projection %s: event at %s failed: %s", projection.name, row["position"], exc
+            )
+            cursor.execute(
+                self.db.sql(
+                    f"INSERT INTO {self.db.table('projection_errors')}"
+                    " (name, generation, position, event_id, error) VALUES (%s, %s, %s, %s, %s)"
+                ),
+                [
+                    projection.name,
+                    generation,
+                    row["position"],
+                    None,
+                    "".join(traceback.format_exception_only(exc)).strip()[:2000],
+                ],
+            )
+        cursor.execute("RELEASE SAVEPOINT projection_event")
+
+    # -- following and building ------------------------------------------------------------
+
+    def run_once(self, *, progress: Callable[[str, int], None] | None = None) -> int:
+        """Bring every projection (and every build under way) up to the end of the store."""
+        total = 0
+        for projection in self.projections.values():
+            total += self.catch_up(projection, progress=progress)
+        return total
+
+    def catch_up(
+        self, projection: Projection, *, progress: Callable[[str, int], None] | None = None
+    ) -> int:
+        total = 0
+        registration = self.registration(projection.name)
+        if registration.building_generation is not None and (
+            registration.building_version == projection.version
+        ):
+            while count := self.step(projection, registration.building_generation):
+                total += count
+                if progress:
+                    progress(projection.name, count)
+            self._switch(projection, registration.building_generation)
+            registration = self.registration(projection.name)
+        if registration.version == projection.version:
+            while count := self.step(projection, registration.generation):
+                total += count
+                if progress:
+                    progress(projection.name, count)
+        return total
+
+    def _switch(self, projection: Projection, generation: int) -> None:
+        """Point reads at a caught-up build, in one transaction, and drop the old tables."""
+        with self.db.transaction() as cursor:
+            registration = self._registration(cursor, projection.name, lock=True)
+            if registration is None or registration.building_generation != generation:
+                return
+            # Whatever arrived since the build's last step goes in before the switch.
+            tables = Tables(self.db, projection.name, generation)
+            position = self._position(cursor, tracking_key(projection.name, generation))
+            rows = self._read_after(cursor, position, 1_000_000_000)
+            for row in rows:
+                if row["topic"] != MARKER_TOPIC:
+                    self._apply(cursor, projection, tables, generation, row)
+            if rows:
+                self.tracking._insert_tracking(
+                    cursor,
+                    Tracking(tracking_key(projection.name, generation), rows[-1]["position"]),
+                )
+            self._drop_generation(cursor, projection, registration.generation)
+            cursor.execute(
+                self.db.sql(
+                    f"UPDATE {self.db.table('projection_registry')} SET version = %s,"
+                    " generation = %s, building_version = NULL, building_generation = NULL"
+                    " WHERE name = %s"
+                ),
+                [registration.building_version, generation, projection.name],
+            )
+        log.info("projection %s: reads switched to generation %d", projection.name, generation)
+
+    def _position(self, cursor: Cursor, key: str) -> int:
+        cursor.execute(
+            self.db.sql(
+                f"SELECT notification_id FROM {self._tracking()} WHERE application_name = %s"
+            ),
+            [key],
+        )
+        row = cursor.fetchone()
+        return row["notification_id"] if row else 0
+
+    def rebuild(self, name: str) -> int:
+        """Start a fresh build of `name` beside the live one (caught up by `run_once`)."""
+        projection = self.projections.get(name)
+        if projection is None:
+            raise UnknownProjection(name)
+        with self.db.transaction() as cursor:
+            registration = self._registration(cursor, name, lock=True)
+            assert registration is not None
+            return self._start_build(cursor, projection, registration)
+
+    def run_forever(self, stop: threading.Event, *, poll_seconds: float = 0.5) -> None:
+        """Follow the store until `stop` is set: LISTEN/NOTIFY on PostgreSQL, polling always."""
+        waiter = EventWaiter(self.log.database, self.db.events_table.replace(".", "_"))
+        try:
+            while not stop.is_set():
+                try:
+                    if self.run_once():
+                        continue
+                except Exception:  # the database went away, or a build raced: retry shortly
+                    log.exception("projection runner: step failed; retrying")
+                    stop.wait(poll_seconds)
+                    continue
+                waiter(stop, poll_seconds)
+        finally:
+            waiter.close()
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        rows = []
+        with self.db.reader() as cursor:
+            for projection in self.projections.values():
+                registration = self._registration(cursor, projection.name)
+                if registration is None:
+                    continue
+                building = registration.building_generation is not None
+                generation = (
+                    registration.building_generation if building else registration.generation
+                )
+                assert generation is not None
+                position = self._position(cursor, tracking_key(projection.name, generation))
+                cursor.execute(
+                    self.db.sql(
+                        f"SELECT COUNT(*) AS lag FROM {self.db.table(self.db.events_table)}"
+                        f" WHERE {self.db.position_column} > %s AND topic <> %s"
+                    ),
+                    [position, MARKER_TOPIC],
+                )
+                lag = cursor.fetchone()["lag"]
+                cursor.execute(
+                    self.db.sql(
+                        f"SELECT COUNT(*) AS errors FROM {self.db.table('projection_errors')}"
+                        " WHERE name = %s AND generation = %s"
+                    ),
+                    [projection.name, generation],
+                )
+                errors = cursor.fetchone()["errors"]
+                rows.append(
+                    {
+                        "name": projection.name,
+                        "version": registration.building_version
+                        if building
+                        else registration.version,
+                        "position": position,
+                        "lag": lag,
+                        "state": "rebuilding" if building else "live",
+                        "errors": errors,
+                        "serving_version": registration.version,
+                    }
+                )
+        return rows
+
+
+def tracking_key(name: str, generation: int) -> str:
+    return f"projection:{name}:g{generation}"
+
+
+def active_tables(db: Db, name: str) -> Tables:
+    """The tables reads should use for projection `name` right now."""
+    row = db.fetchone(
+        f"SELECT generation FROM {db.table('projection_registry')} WHERE name = %s", (name,)
+    )
+    if row is None:
+        raise UnknownProjection(name)
+    return Tables(db, name, row["generation"])

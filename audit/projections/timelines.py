@@ -1,0 +1,53 @@
+"""Per-session timelines: every session event, ordered by when it occurred."""
+
+from __future__ import annotations
+
+from audit.aggregates.actor import actor_of
+from audit.aggregates.state import ACTIVITY_FIELDS
+from audit.projections.base import Projection, StoredDelivery, Tables, to_json
+from audit.storage import Cursor, Db
+
+
+class SessionTimelines(Projection):
+    name = "timelines"
+    version = 1
+    table_names = ("session_events",)
+
+    def schema(self, t: Tables, db: Db) -> list[str]:
+        return [
+            f"CREATE TABLE {t['session_events']} ("
+            " session_id TEXT NOT NULL, occurred_at BIGINT NOT NULL, position BIGINT NOT NULL,"
+            " user_id TEXT, event_id TEXT NOT NULL, type TEXT NOT NULL, status TEXT,"
+            " actor TEXT NOT NULL, activity TEXT,"
+            " PRIMARY KEY (session_id, occurred_at, position))",
+        ]
+
+    def handle(self, cursor: Cursor, t: Tables, db: Db, event: StoredDelivery) -> None:
+        delivery = event.delivery
+        if not delivery.type.startswith("session.") or delivery.subject_id is None:
+            return
+        data = delivery.data
+        activity = data.get("latest_activity")
+        actor = dict(actor_of(delivery))
+        impersonation = data.get("actor")
+        actor["session_actor"] = impersonation if isinstance(impersonation, dict) else None
+        cursor.execute(
+            db.sql(
+                f"INSERT INTO {t['session_events']} (session_id, occurred_at, position, user_id,"
+                " event_id, type, status, actor, activity)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            ),
+            [
+                delivery.subject_id,
+                delivery.occurred_at if delivery.occurred_at is not None else delivery.received_at,
+                event.position,
+                data.get("user_id") if isinstance(data.get("user_id"), str) else None,
+                delivery.svix_id,
+                delivery.type,
+                data.get("status") if isinstance(data.get("status"), str) else None,
+                to_json(actor),
+                to_json({k: activity.get(k) for k in ACTIVITY_FIELDS})
+                if isinstance(activity, dict)
+                else None,
+            ],
+        )
