@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,5 +50,6 @@ def post(
     return client.post("/webhooks/clerk", content=raw, headers=headers)
 
 
-def seconds_ago(seconds: float) -> datetime:
-    return datetime.now(tz=UTC) - timedelta(seconds=seconds)
+def seconds_ago(seconds: int) -> datetime:
+    """Whole seconds from now: the header carries whole seconds, so start from a whole second."""
+    return datetime.fromtimestamp(math.floor(time.time()) - seconds, tz=UTC)
