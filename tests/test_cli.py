@@ -1,0 +1,101 @@
+"""The command line, run as users run it: real processes, real HTTP on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from audit.samples import sample_bodies
+from tests.conftest import new_secret
+
+AUDIT = [sys.executable, "-m", "audit.cli"]
+
+
+def run_audit(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*AUDIT, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def base_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUDIT_", "CLERK_"))}
+    env["AUDIT_DATABASE_URL"] = f"sqlite:///{tmp_path / 'audit.db'}"
+    return env
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "needle"),
+    [
+        ("CLERK_WEBHOOK_SIGNING_SECRET", "", "CLERK_WEBHOOK_SIGNING_SECRET"),
+        ("CLERK_WEBHOOK_SIGNING_SECRET", "nope", "CLERK_WEBHOOK_SIGNING_SECRET"),
+        ("CLERK_WEBHOOK_SIGNING_SECRET", "whsec_***", "CLERK_WEBHOOK_SIGNING_SECRET"),
+        ("AUDIT_DATABASE_URL", "mysql://x/y", "AUDIT_DATABASE_URL"),
+        ("AUDIT_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/none", "AUDIT_DATABASE_URL"),
+        ("AUDIT_MAX_BODY_BYTES", "lots", "AUDIT_MAX_BODY_BYTES"),
+    ],
+)
+def test_bad_configuration_stops_with_one_line(tmp_path, variable, value, needle) -> None:
+    env = base_env(tmp_path)
+    env["CLERK_WEBHOOK_SIGNING_SECRET"] = new_secret()
+    env[variable] = value
+    result = run_audit("serve", "--port", "1", env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(needle), result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_then_send_samples_twice_records_then_duplicates(tmp_path) -> None:
+    env = base_env(tmp_path)
+    env["CLERK_WEBHOOK_SIGNING_SECRET"] = new_secret()
+    env["AUDIT_API_TOKENS"] = "t0ken"
+    port = free_port()
+    server = subprocess.Popen(
+        [*AUDIT, "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "server did not start"
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}/webhooks/clerk"
+        count = len(list(sample_bodies()))
+        first = run_audit("send-samples", "--url", url, env=env)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert f"recorded {count}, duplicate 0" in first.stdout
+        second = run_audit("send-samples", "--url", url, env=env)
+        assert f"recorded 0, duplicate {count}" in second.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+
+    status = run_audit("projections", env=env)
+    assert status.returncode == 0
+    assert "objects" in status.stdout and "live" in status.stdout
+    shown = run_audit("show", "user_3XIOWrI57CYv83K9cu9aN3gSz5Q", env=env)
+    assert shown.returncode == 0 and '"deleted": true' in shown.stdout
+    earlier = run_audit(
+        "show", "user_3XIOWrI57CYv83K9cu9aN3gSz5Q", "--as-of", "2024-05-28T08:06:00Z", env=env
+    )
+    assert earlier.returncode == 0 and '"deleted": false' in earlier.stdout
+    rebuilt = run_audit("rebuild", "--all", env=env)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "reads switched" in rebuilt.stdout
