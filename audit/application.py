@@ -44,6 +44,7 @@ from audit.storage import (
     events_table_name,
     eventsourcing_env,
     prepare_database,
+    setup_lock,
 )
 
 # How often one delivery is retried after losing an optimistic-concurrency race on its stream.
@@ -85,17 +86,18 @@ class AuditLog(Application[UUID]):
 
     def __init__(self, database: Database) -> None:
         prepare_database(database)
-        super().__init__(env=eventsourcing_env(database))
-        dialect = dialect_of(database)
-        self.database = database
-        self.db = Db(
-            self.recorder.datastore,  # type: ignore[attr-defined]
-            dialect,
-            events_table_name(dialect),
-            getattr(database, "schema", ""),
-        )
-        self.db.protect_events_table()
-        self.db.create_owner_index()
+        with setup_lock(database):
+            super().__init__(env=eventsourcing_env(database))
+            dialect = dialect_of(database)
+            self.database = database
+            self.db = Db(
+                self.recorder.datastore,  # type: ignore[attr-defined]
+                dialect,
+                events_table_name(dialect),
+                getattr(database, "schema", ""),
+            )
+            self.db.protect_events_table()
+            self.db.create_owner_index()
         self._versions: OrderedDict[UUID, int] = OrderedDict()
         self._versions_lock = threading.Lock()
 

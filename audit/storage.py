@@ -90,6 +90,24 @@ def prepare_database(database: Database) -> None:
         )
 
 
+@contextlib.contextmanager
+def setup_lock(database: Database) -> Iterator[None]:
+    """Processes starting together (uvicorn workers) create tables in turn, not at once.
+
+    Concurrent `CREATE ... IF NOT EXISTS` and `CREATE OR REPLACE` still clash in PostgreSQL's
+    catalog; SQLite serialises its writers already.
+    """
+    if not isinstance(database, PostgresDatabase):
+        yield
+        return
+    with psycopg.connect(**postgres_connect_args(database), autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(7303001)")
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(7303001)")
+
+
 def postgres_connect_args(database: PostgresDatabase) -> dict[str, Any]:
     return {
         "host": database.host,

@@ -28,7 +28,7 @@ from audit.projections.base import Projection, StoredDelivery, Tables
 from audit.projections.events import EventIndex
 from audit.projections.objects import ObjectsProjection
 from audit.projections.timelines import SessionTimelines
-from audit.storage import Cursor, Db, EventWaiter
+from audit.storage import Cursor, Db, EventWaiter, setup_lock
 
 log = logging.getLogger("audit.projections")
 
@@ -67,11 +67,12 @@ class Projector:
         self.db: Db = audit_log.db
         self.projections = {p.name: p for p in (projections or all_projections())}
         self.batch_size = batch_size
-        self.tracking = audit_log.factory.tracking_recorder()
         self.tracking_table = (
             "tracking" if self.db.dialect == "sqlite" else f"{audit_log.name.lower()}_tracking"
         )
-        self.setup()
+        with setup_lock(audit_log.database):
+            self.tracking = audit_log.factory.tracking_recorder()
+            self.setup()
 
     # -- registry ----------------------------------------------------------------------------
 
