@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from api.errors import EXCEPTION_HANDLERS
+from api.read import read_routes
 from api.webhooks import WebhookReceiver
 from audit.application import AuditLog
 from audit.config import Settings, load_settings
@@ -71,6 +72,7 @@ def create_app(
         Route("/webhooks/clerk", receiver.handle, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET", "HEAD"]),
         Route("/readyz", readyz, methods=["GET", "HEAD"]),
+        *read_routes(),
     ]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.state.log = log

@@ -1,0 +1,921 @@
+"""The read API (SPEC 4): GET-only routes under `/v1`, behind a bearer token.
+
+`ENDPOINTS` is the one route table: it builds the Starlette routes, decides which query parameters
+each route accepts (anything else is a 400, so a misspelt filter never silently returns everything),
+and is what `api.openapi` documents. Handlers are plain functions (Starlette runs them in its
+thread pool); SQL lives in `audit.queries`; everything that leaves is rendered here, with ISO
+times and through `audit.redaction.redact`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from eventsourcing.application import AggregateNotFoundError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Mount, Route, Router
+
+from api.auth import BearerAuth
+from api.errors import RETRY_AFTER_SECONDS, ApiError
+from audit import queries
+from audit.cursors import CursorError, decode_cursor, encode_cursor
+from audit.queries import ChangeFilters, EventFilters, Page, ProjectionNotReady, TypeFilter
+from audit.redaction import redact, redact_change
+from audit.storage import Db
+from audit.timeparse import TimeParseError, format_time, parse_time
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+EXPORT_PAGE_ROWS = 1000
+MAX_VALUE_LENGTH = 512
+EXPORT_TYPES = {"csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
+
+
+# -- parameters ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    description: str
+    schema: dict[str, Any]
+    location: str = "query"
+    repeatable: bool = False
+    example: Any = None
+
+
+TIME_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "description": "ISO 8601 (`2024-05-28T08:06:40.018Z`; UTC when no offset) or epoch "
+    "milliseconds.",
+}
+
+LIMIT = Param(
+    "limit",
+    f"Items per page, 1 to {MAX_LIMIT} (default {DEFAULT_LIMIT}). Ignored by exports.",
+    {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+)
+CURSOR = Param(
+    "cursor",
+    "Opaque `next_cursor` of the previous page. Walking cursors visits every item exactly once, "
+    "even while new events arrive.",
+    {"type": "string"},
+)
+SINCE = Param("since", "Only items that occurred at or after this time (inclusive).", TIME_SCHEMA)
+UNTIL = Param("until", "Only items that occurred before this time (exclusive).", TIME_SCHEMA)
+TYPE = Param(
+    "type",
+    "Event type; repeat for several (any of them). `user.*` matches every type starting `user.`.",
+    {"type": "array", "items": {"type": "string"}},
+    repeatable=True,
+    example=["user.updated"],
+)
+EVENT_SUBJECT = Param(
+    "subject",
+    "A Clerk id: only events that concern it (their subject, or a related user, organization, "
+    "session, inviter...).",
+    {"type": "string"},
+    example="user_3XIOWrI57CYv83K9cu9aN3gSz5Q",
+)
+CHANGE_SUBJECT = Param(
+    "subject",
+    "A Clerk id: changes to that object, or to any object it owns (a user's sessions, an "
+    "organization's memberships, invitations and domains).",
+    {"type": "string"},
+)
+FIELD = Param(
+    "field",
+    "Dotted field path (`first_name`, `email_addresses.idn_x.email_address`); repeatable.",
+    {"type": "array", "items": {"type": "string"}},
+    repeatable=True,
+    example=["first_name"],
+)
+ACTOR_IP = Param("actor_ip", "Only changes made from this client IP.", {"type": "string"})
+FORMAT = Param(
+    "format",
+    "`csv` or `ndjson` streams the whole filtered result as an export (from `cursor` when given; "
+    "up to the last item that existed when the export began). `Accept: text/csv` does the same. "
+    "Default `json`: one page.",
+    {"type": "string", "enum": ["json", "csv", "ndjson"]},
+)
+AS_OF = Param(
+    "as_of",
+    "Rebuild the state from the event stream as of this occurred_at (inclusive).",
+    TIME_SCHEMA,
+)
+
+
+def path_param(name: str, description: str) -> Param:
+    return Param(name, description, {"type": "string"}, location="path")
+
+
+USER_ID = path_param("user_id", "A Clerk user id (`user_...`).")
+ORG_ID = path_param("org_id", "A Clerk organization id (`org_...`).")
+SESSION_ID = path_param("session_id", "A Clerk session id (`sess_...`).")
+SVIX_ID = path_param("svix_id", "The event's `svix-id` (`msg_...`).")
+
+
+def bad_request(code: str, message: str) -> ApiError:
+    return ApiError(400, code, message)
+
+
+def not_found(message: str) -> ApiError:
+    return ApiError(404, "not_found", message)
+
+
+class Args:
+    """The validated parameters of one request."""
+
+    def __init__(self, request: Request, endpoint: Endpoint) -> None:
+        self.request = request
+        self.query = request.query_params
+        accepted = {p.name: p for p in endpoint.params if p.location == "query"}
+        for name in self.query:
+            param = accepted.get(name)
+            if param is None:
+                known = ", ".join(sorted(accepted)) or "none"
+                raise bad_request(
+                    "unknown_parameter",
+                    f"Unknown query parameter {name[:40]!r} (accepted: {known}).",
+                )
+            values = self.query.getlist(name)
+            if not param.repeatable and len(values) > 1:
+                raise bad_request("invalid_parameter", f"{name!r} may be given only once.")
+            for value in values:
+                limit = 1024 if name == "cursor" else MAX_VALUE_LENGTH
+                if "\x00" in value or len(value) > limit:
+                    raise bad_request("invalid_parameter", f"{name!r} is malformed or too long.")
+        for param in endpoint.params:
+            if param.location == "path":
+                value = request.path_params[param.name]
+                if "\x00" in value or len(value) > MAX_VALUE_LENGTH:
+                    raise not_found(f"No {param.name.removesuffix('_id')} {value[:40]!r}.")
+
+    def path(self, name: str) -> str:
+        return self.request.path_params[name]
+
+    def one(self, name: str) -> str | None:
+        return self.query.get(name)
+
+    def many(self, name: str) -> list[str]:
+        return [value for value in self.query.getlist(name) if value]
+
+    def limit(self) -> int:
+        raw = self.query.get("limit")
+        if raw is None:
+            return DEFAULT_LIMIT
+        if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+            raise bad_request(
+                "invalid_limit", f"'limit' must be a whole number from 1 to {MAX_LIMIT}."
+            )
+        return int(raw)
+
+    def time(self, name: str) -> int | None:
+        raw = self.query.get(name)
+        if raw is None:
+            return None
+        try:
+            return parse_time(raw)
+        except TimeParseError as exc:
+            raise bad_request(
+                "invalid_time", f"{name!r}: {exc} (use ISO 8601 or epoch milliseconds)."
+            ) from None
+
+    def cursor(self, kind: str, types: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        raw = self.query.get("cursor")
+        if raw is None:
+            return None
+        try:
+            return decode_cursor(kind, raw, types)
+        except CursorError as exc:
+            raise bad_request("invalid_cursor", str(exc)) from None
+
+    def export_format(self) -> str | None:
+        """`csv` or `ndjson` when an export is asked for (by `format` or `Accept`), else None."""
+        chosen = self.query.get("format")
+        if chosen is not None:
+            if chosen not in ("json", "csv", "ndjson"):
+                raise bad_request("invalid_format", "'format' must be json, csv or ndjson.")
+            return None if chosen == "json" else chosen
+        accept = self.request.headers.get("accept", "").lower()
+        if "application/json" in accept:
+            return None
+        if "text/csv" in accept:
+            return "csv"
+        if "application/x-ndjson" in accept:
+            return "ndjson"
+        return None
+
+
+# -- rendering ----------------------------------------------------------------------------------
+
+
+def iso(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return format_time(value)
+    return None
+
+
+def render_event(event: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": event["id"],
+        "position": event["position"],
+        "type": event["type"],
+        "subject": {"id": event["subject_id"], "object": event["subject_object"]},
+        "occurred_at": iso(event["occurred_at"]),
+        "received_at": iso(event["received_at"]),
+        "instance_id": event["instance_id"],
+        "actor": event["actor"],
+        "data": redact(event["data"], event["type"]),
+    }
+
+
+def render_changes(object_type: str, changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "field": change["field"],
+            "from": redact_change(object_type, change["field"], change["from"]),
+            "to": redact_change(object_type, change["field"], change["to"]),
+        }
+        for change in changes or []
+    ]
+
+
+def render_history(entry: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "position": entry["position"],
+        "event_id": entry["event_id"],
+        "type": entry["type"],
+        "occurred_at": iso(entry["occurred_at"]),
+        "actor": entry["actor"],
+        "stale": entry["stale"],
+        "changes": render_changes(entry["object_type"], entry["changes"]),
+        "object": {"id": entry["object_id"], "type": entry["object_type"]},
+    }
+
+
+def render_change(change: dict[str, Any]) -> dict[str, Any]:
+    object_type, field = change["object_type"], change["field"]
+    return {
+        "position": change["position"],
+        "event_id": change["event_id"],
+        "type": change["type"],
+        "occurred_at": iso(change["occurred_at"]),
+        "subject": {"id": change["object_id"], "object": object_type},
+        "owner_id": change["owner_id"],
+        "field": field,
+        "from": redact_change(object_type, field, change["from"]),
+        "to": redact_change(object_type, field, change["to"]),
+        "actor": change["actor"],
+        "stale": change["stale"],
+    }
+
+
+def render_session(row: dict[str, Any]) -> dict[str, Any]:
+    view = row["view"]
+    return redact(
+        {
+            "id": row["id"],
+            "user_id": row["user_id"],
+            "status": view.get("status"),
+            "created_at": iso(view.get("created_at")),
+            "ended_at": iso(view.get("ended_at")),
+            "last_active_at": iso(view.get("last_active_at")),
+            "latest_activity": view.get("latest_activity"),
+            "actor": view.get("actor"),
+            "client_id": view.get("client_id"),
+        }
+    )
+
+
+def render_membership(row: dict[str, Any]) -> dict[str, Any]:
+    view = row["view"]
+    return redact(
+        {
+            "id": row["id"],
+            "organization_id": row["organization_id"],
+            "user_id": view.get("user_id"),
+            "role": view.get("role"),
+            "role_name": view.get("role_name"),
+            "permissions": view.get("permissions"),
+            "created_at": iso(view.get("created_at")),
+            "updated_at": iso(view.get("updated_at")),
+        }
+    )
+
+
+def render_invitation(row: dict[str, Any]) -> dict[str, Any]:
+    view = row["view"]
+    return redact(
+        {
+            "id": row["id"],
+            "organization_id": row["organization_id"],
+            "email_address": view.get("email_address"),
+            "role": view.get("role"),
+            "status": view.get("status"),
+            "created_at": iso(view.get("created_at")),
+            "updated_at": iso(view.get("updated_at")),
+        },
+        "organization_invitation",
+    )
+
+
+def render_domain(row: dict[str, Any]) -> dict[str, Any]:
+    view = row["view"]
+    return redact(
+        {
+            "id": row["id"],
+            "organization_id": row["organization_id"],
+            "name": view.get("name"),
+            "enrollment_mode": view.get("enrollment_mode"),
+            "verification": view.get("verification"),
+            "created_at": iso(view.get("created_at")),
+            "updated_at": iso(view.get("updated_at")),
+        }
+    )
+
+
+def render_timeline_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    return redact(
+        {
+            "position": entry["position"],
+            "event_id": entry["event_id"],
+            "type": entry["type"],
+            "status": entry["status"],
+            "occurred_at": iso(entry["occurred_at"]),
+            "actor": entry["actor"],
+            "activity": entry["activity"],
+        }
+    )
+
+
+def render_state(object_id: str, deleted: bool, data: Any, as_of: int | None) -> dict[str, Any]:
+    updated_at = data.get("updated_at") if isinstance(data, dict) else None
+    return {
+        "id": object_id,
+        "deleted": deleted,
+        "data": redact(data),
+        "updated_at": iso(updated_at),
+        "as_of": iso(as_of),
+    }
+
+
+# -- responses ----------------------------------------------------------------------------------
+
+
+def db_of(request: Request) -> Db:
+    return request.app.state.log.db
+
+
+def list_response(
+    page: Page, kind: str, render: Callable[[dict[str, Any]], dict[str, Any]]
+) -> JSONResponse:
+    return JSONResponse(
+        {
+            "data": [render(item) for item in page.items],
+            "next_cursor": encode_cursor(kind, page.next_key) if page.next_key else None,
+        }
+    )
+
+
+def not_ready(exc: ProjectionNotReady) -> ApiError:
+    return ApiError(
+        503,
+        "projection_not_ready",
+        f"The {exc} read model is not built yet; retry shortly.",
+        {"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet will not run as a formula."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def export(
+    request: Request,
+    fmt: str,
+    name: str,
+    fetch: Callable[[tuple[Any, ...] | None, int], Page],
+    after: tuple[Any, ...] | None,
+    render: Callable[[dict[str, Any]], dict[str, Any]],
+    columns: list[tuple[str, Callable[[dict[str, Any]], Any]]],
+) -> Response:
+    """Stream every item from `after` on, reading one keyset page of rows at a time."""
+    headers = {"Content-Disposition": f'attachment; filename="{name}.{fmt}"'}
+    media_type = EXPORT_TYPES[fmt]
+    if request.method == "HEAD":
+        return Response(media_type=media_type, headers=headers)
+    first = fetch(after, EXPORT_PAGE_ROWS)  # failures before the first byte get a real status
+
+    def chunks() -> Iterator[str]:
+        page = first
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        if fmt == "csv":
+            writer.writerow([column for column, _ in columns])
+        while True:
+            for item in page.items:
+                rendered = render(item)
+                if fmt == "csv":
+                    writer.writerow([csv_cell(cell(rendered)) for _, cell in columns])
+                else:
+                    buffer.write(json.dumps(rendered, ensure_ascii=False, separators=(",", ":")))
+                    buffer.write("\n")
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+            if page.next_key is None:
+                return
+            page = fetch(page.next_key, EXPORT_PAGE_ROWS)
+
+    return StreamingResponse(chunks(), media_type=media_type, headers=headers)
+
+
+def _json_cell(key: str) -> Callable[[dict[str, Any]], str]:
+    return lambda item: json.dumps(item[key], ensure_ascii=False, separators=(",", ":"))
+
+
+def _actor_cells() -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
+    return [
+        (f"actor_{key}", lambda item, key=key: (item["actor"] or {}).get(key))
+        for key in ("ip", "user_agent", "user_id", "impersonator")
+    ]
+
+
+EVENT_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
+    ("id", lambda item: item["id"]),
+    ("position", lambda item: item["position"]),
+    ("type", lambda item: item["type"]),
+    ("subject_id", lambda item: item["subject"]["id"]),
+    ("subject_object", lambda item: item["subject"]["object"]),
+    ("occurred_at", lambda item: item["occurred_at"]),
+    ("received_at", lambda item: item["received_at"]),
+    ("instance_id", lambda item: item["instance_id"]),
+    *_actor_cells(),
+    ("data", _json_cell("data")),
+]
+
+CHANGE_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
+    ("position", lambda item: item["position"]),
+    ("event_id", lambda item: item["event_id"]),
+    ("type", lambda item: item["type"]),
+    ("occurred_at", lambda item: item["occurred_at"]),
+    ("subject_id", lambda item: item["subject"]["id"]),
+    ("subject_object", lambda item: item["subject"]["object"]),
+    ("owner_id", lambda item: item["owner_id"]),
+    ("field", lambda item: item["field"]),
+    ("from", _json_cell("from")),
+    ("to", _json_cell("to")),
+    *_actor_cells(),
+    ("stale", lambda item: "true" if item["stale"] else "false"),
+]
+
+
+# -- handlers -----------------------------------------------------------------------------------
+
+
+def list_events(request: Request, args: Args) -> Response:
+    db = db_of(request)
+    filters = EventFilters(
+        types=TypeFilter.parse(args.many("type")),
+        subject=args.one("subject"),
+        since=args.time("since"),
+        until=args.time("until"),
+    )
+    after = args.cursor("events", (int,))
+    fmt = args.export_format()
+    limit = args.limit()
+    if fmt is None:
+        return list_response(
+            queries.events_page(db, filters, after=after, limit=limit), "events", render_event
+        )
+    upto = queries.last_event_position(db)
+    return export(
+        request,
+        fmt,
+        "events",
+        lambda key, n: queries.events_page(db, filters, after=key, limit=n, upto=upto),
+        after,
+        render_event,
+        EVENT_COLUMNS,
+    )
+
+
+def get_event(request: Request, args: Args) -> Response:
+    svix_id = args.path("svix_id")
+    event = queries.event_by_id(db_of(request), svix_id)
+    if event is None:
+        raise not_found(f"No event {svix_id[:80]!r}.")
+    return JSONResponse(render_event(event))
+
+
+def _state(request: Request, args: Args, kind: str) -> Response:
+    object_id = args.path("user_id" if kind == "user" else "org_id")
+    label = "user" if kind == "user" else "organization"
+    as_of = args.time("as_of")
+    log = request.app.state.log
+    if as_of is not None:
+        try:
+            if kind == "user":
+                view = log.user_state(object_id, as_of=as_of).view()
+            else:
+                view = log.organization_state(object_id, as_of=as_of).view()
+        except AggregateNotFoundError:
+            raise not_found(f"No {label} {object_id[:80]!r}.") from None
+        if view["data"] is None and not view["deleted"]:
+            raise not_found(f"No {label} {object_id[:80]!r} as of {format_time(as_of)}.")
+        return JSONResponse(render_state(object_id, view["deleted"], view["data"], as_of))
+    row = queries.current_object(
+        db_of(request), "users" if kind == "user" else "organizations", object_id
+    )
+    if row is None:
+        raise not_found(f"No {label} {object_id[:80]!r}.")
+    view = row["view"] or {}
+    return JSONResponse(render_state(object_id, row["deleted"], view.get("data"), None))
+
+
+def get_user(request: Request, args: Args) -> Response:
+    return _state(request, args, "user")
+
+
+def get_organization(request: Request, args: Args) -> Response:
+    return _state(request, args, "organization")
+
+
+def _require_known(db: Db, page: Page, args: Args, table: str, object_id: str, label: str) -> None:
+    """An empty first page of a sub-collection of an id nobody ever mentioned is a 404."""
+    if page.items or args.one("cursor") is not None:
+        return
+    if queries.current_object(db, table, object_id) is None and not queries.is_known_id(
+        db, object_id
+    ):
+        raise not_found(f"No {label} {object_id[:80]!r}.")
+
+
+def _history(request: Request, args: Args, kind: str) -> Response:
+    db = db_of(request)
+    object_id = args.path("user_id" if kind == "user" else "org_id")
+    page = queries.history_page(
+        db,
+        by="object_id" if kind == "user" else "owner_id",
+        clerk_id=object_id,
+        after=args.cursor(f"{kind}-history", (int, str)),
+        limit=args.limit(),
+        since=args.time("since"),
+        until=args.time("until"),
+    )
+    table = "users" if kind == "user" else "organizations"
+    _require_known(db, page, args, table, object_id, kind)
+    return list_response(page, f"{kind}-history", render_history)
+
+
+def user_history(request: Request, args: Args) -> Response:
+    return _history(request, args, "user")
+
+
+def organization_history(request: Request, args: Args) -> Response:
+    return _history(request, args, "organization")
+
+
+def _owned(
+    request: Request,
+    args: Args,
+    *,
+    parent: str,
+    table: str,
+    by: str,
+    include_deleted: bool,
+    render: Callable[[dict[str, Any]], dict[str, Any]],
+) -> Response:
+    db = db_of(request)
+    object_id = args.path("user_id" if parent == "user" else "org_id")
+    kind = f"{parent}-{table}"
+    page = queries.owned_objects(
+        db,
+        table,
+        by=by,
+        owner=object_id,
+        after=args.cursor(kind, ((int, type(None)), str)),
+        limit=args.limit(),
+        include_deleted=include_deleted,
+    )
+    parent_table = "users" if parent == "user" else "organizations"
+    _require_known(db, page, args, parent_table, object_id, parent)
+    return list_response(page, kind, render)
+
+
+def user_sessions(request: Request, args: Args) -> Response:
+    return _owned(
+        request,
+        args,
+        parent="user",
+        table="sessions",
+        by="owner_id",
+        include_deleted=True,
+        render=render_session,
+    )
+
+
+def user_organizations(request: Request, args: Args) -> Response:
+    return _owned(
+        request,
+        args,
+        parent="user",
+        table="memberships",
+        by="user_id",
+        include_deleted=False,
+        render=render_membership,
+    )
+
+
+def organization_members(request: Request, args: Args) -> Response:
+    return _owned(
+        request,
+        args,
+        parent="organization",
+        table="memberships",
+        by="owner_id",
+        include_deleted=False,
+        render=render_membership,
+    )
+
+
+def organization_invitations(request: Request, args: Args) -> Response:
+    return _owned(
+        request,
+        args,
+        parent="organization",
+        table="invitations",
+        by="owner_id",
+        include_deleted=True,
+        render=render_invitation,
+    )
+
+
+def organization_domains(request: Request, args: Args) -> Response:
+    return _owned(
+        request,
+        args,
+        parent="organization",
+        table="domains",
+        by="owner_id",
+        include_deleted=False,
+        render=render_domain,
+    )
+
+
+def session_timeline(request: Request, args: Args) -> Response:
+    db = db_of(request)
+    session_id = args.path("session_id")
+    page = queries.session_timeline(
+        db,
+        session_id,
+        after=args.cursor("timeline", (int, int)),
+        limit=args.limit(),
+        since=args.time("since"),
+        until=args.time("until"),
+    )
+    _require_known(db, page, args, "sessions", session_id, "session")
+    return list_response(page, "timeline", render_timeline_entry)
+
+
+def list_changes(request: Request, args: Args) -> Response:
+    db = db_of(request)
+    filters = ChangeFilters(
+        subject=args.one("subject"),
+        fields=tuple(dict.fromkeys(args.many("field"))),
+        types=TypeFilter.parse(args.many("type")),
+        actor_ip=args.one("actor_ip"),
+        since=args.time("since"),
+        until=args.time("until"),
+    )
+    after = args.cursor("changes", (int, str, str))
+    fmt = args.export_format()
+    limit = args.limit()
+    if fmt is None:
+        return list_response(
+            queries.changes_page(db, filters, after=after, limit=limit), "changes", render_change
+        )
+    upto = queries.last_change_position(db)
+    return export(
+        request,
+        fmt,
+        "changes",
+        lambda key, n: queries.changes_page(db, filters, after=key, limit=n, upto=upto),
+        after,
+        render_change,
+        CHANGE_COLUMNS,
+    )
+
+
+def list_projections(request: Request, args: Args) -> Response:
+    projector = getattr(request.app.state, "projector", None)
+    if projector is None:
+        raise ApiError(
+            503,
+            "projections_unavailable",
+            "This process does not run projections, so it cannot report on them.",
+            {"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    return JSONResponse({"data": projector.status()})
+
+
+# -- the route table ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    path: str  # under /v1
+    handler: Callable[[Request, Args], Response]
+    summary: str
+    description: str
+    params: tuple[Param, ...]
+    schema: str  # the component schema of the answer (of one item, for lists)
+    is_list: bool = False
+    exportable: bool = False
+
+    @property
+    def full_path(self) -> str:
+        return "/v1" + self.path
+
+    @property
+    def not_found(self) -> bool:
+        return any(p.location == "path" for p in self.params)
+
+
+PAGING = (LIMIT, CURSOR)
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        "/events",
+        list_events,
+        "Stored events",
+        "Every stored event, oldest first by store position, with filters. Add `format=csv` or "
+        "`format=ndjson` (or `Accept: text/csv`) to stream the whole filtered result.",
+        (TYPE, EVENT_SUBJECT, SINCE, UNTIL, *PAGING, FORMAT),
+        "Event",
+        is_list=True,
+        exportable=True,
+    ),
+    Endpoint(
+        "/events/{svix_id}",
+        get_event,
+        "One event",
+        "One stored event by its svix-id, with its (redacted) data.",
+        (SVIX_ID,),
+        "Event",
+    ),
+    Endpoint(
+        "/users/{user_id}",
+        get_user,
+        "A user's state",
+        "The user's current state; with `as_of`, its state as of that time, rebuilt from the "
+        "event stream. A deleted user answers 200 with `deleted: true`.",
+        (USER_ID, AS_OF),
+        "ObjectState",
+    ),
+    Endpoint(
+        "/users/{user_id}/history",
+        user_history,
+        "A user's changes",
+        "Every recorded version of the user, oldest first (by store position), with the fields it "
+        "changed, who changed them, and whether it arrived stale (older than the state it found).",
+        (USER_ID, SINCE, UNTIL, *PAGING),
+        "HistoryEntry",
+        is_list=True,
+    ),
+    Endpoint(
+        "/users/{user_id}/sessions",
+        user_sessions,
+        "A user's sessions",
+        "The user's sessions (ended ones included), ordered by creation, with status and last "
+        "activity (device, browser, IP, city, country).",
+        (USER_ID, *PAGING),
+        "Session",
+        is_list=True,
+    ),
+    Endpoint(
+        "/users/{user_id}/organizations",
+        user_organizations,
+        "A user's organizations",
+        "The user's current organization memberships, with role, ordered by creation.",
+        (USER_ID, *PAGING),
+        "Membership",
+        is_list=True,
+    ),
+    Endpoint(
+        "/sessions/{session_id}/timeline",
+        session_timeline,
+        "A session's timeline",
+        "The session's events in occurred_at order, with status, actor and activity.",
+        (SESSION_ID, SINCE, UNTIL, *PAGING),
+        "TimelineEntry",
+        is_list=True,
+    ),
+    Endpoint(
+        "/organizations/{org_id}",
+        get_organization,
+        "An organization's state",
+        "The organization's current state; with `as_of`, its state as of that time, rebuilt from "
+        "the event stream. A deleted organization answers 200 with `deleted: true`.",
+        (ORG_ID, AS_OF),
+        "ObjectState",
+    ),
+    Endpoint(
+        "/organizations/{org_id}/members",
+        organization_members,
+        "An organization's members",
+        "Current memberships (deleted ones left out), with role, ordered by creation.",
+        (ORG_ID, *PAGING),
+        "Membership",
+        is_list=True,
+    ),
+    Endpoint(
+        "/organizations/{org_id}/invitations",
+        organization_invitations,
+        "An organization's invitations",
+        "Invitations with their status (pending, accepted, revoked), ordered by creation. "
+        "Invitation URLs are never shown.",
+        (ORG_ID, *PAGING),
+        "Invitation",
+        is_list=True,
+    ),
+    Endpoint(
+        "/organizations/{org_id}/domains",
+        organization_domains,
+        "An organization's domains",
+        "Current domains (deleted ones left out), with enrollment mode and verification status.",
+        (ORG_ID, *PAGING),
+        "Domain",
+        is_list=True,
+    ),
+    Endpoint(
+        "/organizations/{org_id}/history",
+        organization_history,
+        "An organization's changes",
+        "Changes to the organization and to its memberships, invitations and domains, oldest "
+        "first (by store position).",
+        (ORG_ID, SINCE, UNTIL, *PAGING),
+        "HistoryEntry",
+        is_list=True,
+    ),
+    Endpoint(
+        "/changes",
+        list_changes,
+        "Field-level changes",
+        "Every changed field of every object, one item per field, by store position. Add "
+        "`format=csv` or `format=ndjson` (or `Accept: text/csv`) to stream the whole filtered "
+        "result.",
+        (CHANGE_SUBJECT, FIELD, TYPE, SINCE, UNTIL, ACTOR_IP, *PAGING, FORMAT),
+        "Change",
+        is_list=True,
+        exportable=True,
+    ),
+    Endpoint(
+        "/projections",
+        list_projections,
+        "Projection status",
+        "Each projection: name, schema version, position, lag (events behind the store), state "
+        "(`live` or `rebuilding`) and the count of events it failed on.",
+        (),
+        "Projection",
+        is_list=True,
+    ),
+)
+
+
+def endpoint_view(endpoint: Endpoint) -> Callable[[Request], Response]:
+    def view(request: Request) -> Response:
+        args = Args(request, endpoint)
+        try:
+            return endpoint.handler(request, args)
+        except ProjectionNotReady as exc:
+            raise not_ready(exc) from None
+
+    view.__name__ = endpoint.handler.__name__
+    view.__doc__ = endpoint.description
+    return view
+
+
+def read_router() -> Router:
+    return Router(
+        routes=[
+            Route(endpoint.path, endpoint_view(endpoint), methods=["GET"]) for endpoint in ENDPOINTS
+        ]
+    )
+
+
+def read_routes() -> list[BaseRoute]:
+    """Everything this module serves: `/v1` behind the bearer token, and the API's documentation."""
+    from api.openapi import openapi_routes
+
+    return [Mount("/v1", app=BearerAuth(read_router())), *openapi_routes()]

@@ -1,0 +1,50 @@
+"""Opaque pagination cursors, in one place: the keyset of the last item a page returned.
+
+A cursor is the urlsafe base64 (unpadded) of a small JSON object `{"k": <kind>, "v": [...]}`.
+`kind` names the list it was issued by, so a cursor of one list is refused by another instead of
+silently skipping or repeating items. Clients must treat cursors as opaque.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+MAX_CURSOR_LENGTH = 1024
+
+
+class CursorError(ValueError):
+    """A cursor that this service did not issue for this list."""
+
+
+def encode_cursor(kind: str, keyset: tuple[Any, ...] | list[Any]) -> str:
+    raw = json.dumps({"k": kind, "v": list(keyset)}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(kind: str, cursor: str, types: tuple[type | tuple[type, ...], ...]) -> tuple:
+    """The keyset inside `cursor`, checked against the value types the list expects.
+
+    Each entry of `types` is a type (or a tuple of types) for the keyset value at that place;
+    `bool` never passes for `int`. Raises CursorError on anything malformed.
+    """
+    if not cursor or len(cursor) > MAX_CURSOR_LENGTH:
+        raise CursorError("The cursor is empty or too long.")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        decoded = json.loads(raw)
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise CursorError("The cursor is malformed.") from None
+    if not isinstance(decoded, dict) or decoded.get("k") != kind:
+        raise CursorError("The cursor does not belong to this list.")
+    values = decoded.get("v")
+    if not isinstance(values, list) or len(values) != len(types):
+        raise CursorError("The cursor is malformed.")
+    for value, expected in zip(values, types, strict=True):
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise CursorError("The cursor is malformed.")
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise CursorError("The cursor is malformed.")
+    return tuple(values)

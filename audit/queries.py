@@ -1,0 +1,613 @@
+"""The read side: every query the read API answers, over the projections' tables. No HTTP here.
+
+Lists are keyset-paginated: each page asks for the rows after the last key it returned, in key
+order, so a walk visits every row once even while rows are appended (new rows sort after the walk's
+position: positions only grow). Each query is driven by one index:
+
+- events: by position (primary key); `subject` through `event_subjects (clerk_id, position)`;
+  `type` through `events (type, position)`, one index range per type merged by position;
+- changes: by `(position, object_id, field)` (primary key); `subject` through the object and owner
+  indexes, `field`, `actor_ip` and `type` through their `(column, position)` indexes;
+- histories through `history (object_id, position)` and `(owner_id, position)`;
+- current-state lists through `(owner_id | user_id, created_at, id)`;
+- timelines through the primary key `(session_id, occurred_at, position)`.
+
+A keyset condition is written `k1 >= %s AND (k1, k2) > (%s, %s)`: the first half is an index
+bound on every backend and planner; the row comparison settles ties.
+
+Functions return plain dicts with epoch-millisecond times and parsed JSON; the API renders them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psycopg
+
+from audit.projections.base import Tables
+from audit.projections.runner import UnknownProjection, active_tables
+from audit.storage import Db, StoreUnavailable
+
+T = TypeVar("T")
+
+# More driving branches than this (a wide `user.*` over many types) become one filtered scan.
+MAX_BRANCHES = 24
+
+
+class ProjectionNotReady(Exception):
+    """The read model a query needs is not built yet (or was switched away mid-query twice)."""
+
+
+@dataclass
+class Page:
+    items: list[dict[str, Any]]
+    next_key: tuple[Any, ...] | None
+
+
+@dataclass(frozen=True)
+class TypeFilter:
+    """`type` values: exact names, and prefixes from the `user.*` form."""
+
+    exact: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, values: Sequence[str]) -> TypeFilter:
+        exact: list[str] = []
+        prefixes: list[str] = []
+        for value in values:
+            if value.endswith(".*") and len(value) > 2:
+                prefixes.append(value[:-1])  # keep the dot: `user.*` matches `user.created`
+            else:
+                exact.append(value)
+        return cls(tuple(dict.fromkeys(exact)), tuple(dict.fromkeys(prefixes)))
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.prefixes)
+
+
+@dataclass(frozen=True)
+class EventFilters:
+    types: TypeFilter = field(default_factory=TypeFilter)
+    subject: str | None = None
+    since: int | None = None
+    until: int | None = None
+
+
+@dataclass(frozen=True)
+class ChangeFilters:
+    subject: str | None = None
+    fields: tuple[str, ...] = ()
+    types: TypeFilter = field(default_factory=TypeFilter)
+    actor_ip: str | None = None
+    since: int | None = None
+    until: int | None = None
+
+
+# -- plumbing -------------------------------------------------------------------------------------
+
+
+def _missing_table(exc: BaseException) -> bool:
+    """Whether a failure is a table that does not exist (not built yet, or just switched away)."""
+    while exc is not None:
+        if isinstance(exc, psycopg.errors.UndefinedTable):
+            return True
+        if isinstance(exc, StoreUnavailable | sqlite3.OperationalError) and "no such table" in str(
+            exc
+        ):
+            return True
+        exc = exc.__cause__  # eventsourcing wraps psycopg's errors in its own
+    return False
+
+
+def _with_tables(db: Db, projection: str, query: Callable[[Tables], T]) -> T:
+    """Run `query` against the live generation; retry once if a rebuild switched it meanwhile."""
+    for attempt in (1, 2):
+        try:
+            tables = active_tables(db, projection)
+        except UnknownProjection:
+            raise ProjectionNotReady(projection) from None
+        except Exception as exc:
+            if _missing_table(exc):
+                raise ProjectionNotReady(projection) from None
+            raise
+        try:
+            return query(tables)
+        except Exception as exc:
+            if not _missing_table(exc):
+                raise
+            if attempt == 2:
+                raise ProjectionNotReady(projection) from None
+    raise ProjectionNotReady(projection)  # pragma: no cover
+
+
+def _keyset(columns: Sequence[str], after: Sequence[Any] | None) -> tuple[list[str], list[Any]]:
+    """Conditions selecting the rows whose key (in `columns` order) sorts after `after`."""
+    if after is None:
+        return [], []
+    if len(columns) == 1:
+        return [f"{columns[0]} > %s"], [after[0]]
+    marks = ", ".join(["%s"] * len(columns))
+    return (
+        [f"{columns[0]} >= %s", f"({', '.join(columns)}) > ({marks})"],
+        [after[0], *after],
+    )
+
+
+def _alias(column: str) -> str:
+    return column.rsplit(".", 1)[-1]
+
+
+def _select(
+    db: Db,
+    *,
+    source: str,
+    columns: str,
+    key: Sequence[str],
+    branches: Sequence[tuple[str, list[Any]]],
+    where: Sequence[str],
+    params: Sequence[Any],
+    after: Sequence[Any] | None,
+    limit: int,
+    overlapping: bool = False,
+) -> list[Any]:
+    """Rows after `after` in key order: one index-driven SELECT per branch, merged by key.
+
+    `branches` are alternative driving conditions (OR-ed); `where` applies to all. Each branch is
+    limited on its own, so each reads at most `limit` rows of its index. Branches that may match
+    the same row are `overlapping`, and their union drops the copies.
+    """
+    key_where, key_params = _keyset(key, after)
+    order = ", ".join(key)
+    selects: list[str] = []
+    all_params: list[Any] = []
+    for branch_sql, branch_params in branches or [("", [])]:
+        conditions = [c for c in (branch_sql, *where, *key_where) if c]
+        clause = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        selects.append(f"SELECT {columns} FROM {source}{clause} ORDER BY {order} LIMIT %s")
+        all_params += [*branch_params, *params, *key_params, limit]
+    if len(selects) == 1:
+        return db.fetchall(selects[0], all_params)
+    merged = (" UNION " if overlapping else " UNION ALL ").join(
+        f"SELECT * FROM ({s}) b{i}" for i, s in enumerate(selects)
+    )
+    outer = ", ".join(_alias(column) for column in key)
+    return db.fetchall(f"{merged} ORDER BY {outer} LIMIT %s", [*all_params, limit])
+
+
+def _page(rows: list[Any], limit: int, key: Callable[[Any], tuple[Any, ...]], render) -> Page:
+    items = [render(row) for row in rows[:limit]]
+    next_key = key(rows[limit - 1]) if len(rows) > limit else None
+    return Page(items, next_key)
+
+
+def _in(column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+    if len(values) == 1:
+        return f"{column} = %s", [values[0]]
+    return f"{column} IN ({', '.join(['%s'] * len(values))})", list(values)
+
+
+def _time_where(column: str, since: int | None, until: int | None) -> tuple[list[str], list[Any]]:
+    """`since` inclusive, `until` exclusive: [since, until)."""
+    where: list[str] = []
+    params: list[Any] = []
+    if since is not None:
+        where.append(f"{column} >= %s")
+        params.append(since)
+    if until is not None:
+        where.append(f"{column} < %s")
+        params.append(until)
+    return where, params
+
+
+def distinct_types(db: Db, table: str) -> list[str]:
+    """Every distinct `type` in `table`, by a skip scan of its `(type, position)` index."""
+    rows = db.fetchall(
+        "WITH RECURSIVE t(type) AS ("
+        f" SELECT MIN(type) FROM {table}"
+        f" UNION ALL SELECT (SELECT MIN(type) FROM {table} WHERE type > t.type)"
+        " FROM t WHERE t.type IS NOT NULL)"
+        " SELECT type FROM t WHERE type IS NOT NULL"
+    )
+    return [row["type"] for row in rows]
+
+
+def _resolve_types(db: Db, table: str, types: TypeFilter) -> list[str]:
+    """The exact type names a filter stands for (prefixes expanded against what is stored)."""
+    names = list(types.exact)
+    if types.prefixes:
+        for name in distinct_types(db, table):
+            if name.startswith(types.prefixes) and name not in names:
+                names.append(name)
+    return names
+
+
+def _json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+_EVENT_COLUMNS = (
+    "e.position AS position, e.svix_id AS svix_id, e.type AS type, e.subject_id AS subject_id,"
+    " e.subject_object AS subject_object, e.occurred_at AS occurred_at,"
+    " e.received_at AS received_at, e.instance_id AS instance_id, e.actor AS actor, e.body AS body"
+)
+
+
+def _event(row: Any) -> dict[str, Any]:
+    body = json.loads(row["body"])
+    return {
+        "id": row["svix_id"],
+        "position": row["position"],
+        "type": row["type"],
+        "subject_id": row["subject_id"],
+        "subject_object": row["subject_object"],
+        "occurred_at": row["occurred_at"],
+        "received_at": row["received_at"],
+        "instance_id": row["instance_id"],
+        "actor": _json(row["actor"]),
+        "data": body.get("data") if isinstance(body, dict) else None,
+    }
+
+
+def events_page(
+    db: Db,
+    filters: EventFilters,
+    *,
+    after: tuple[int] | None,
+    limit: int,
+    upto: int | None = None,
+) -> Page:
+    """Stored events by position, filtered; `upto` bounds an export to what existed at its start."""
+
+    def query(t: Tables) -> Page:
+        where, params = _time_where("e.occurred_at", filters.since, filters.until)
+        if upto is not None:
+            where.append("e.position <= %s")
+            params.append(upto)
+        types = _resolve_types(db, t["events"], filters.types) if filters.types else []
+        if filters.types and not types:
+            return Page([], None)
+        branches: list[tuple[str, list[Any]]] = []
+        source = f"{t['events']} e"
+        key = ["e.position"]
+        if filters.subject is not None:
+            source = f"{t['event_subjects']} s JOIN {t['events']} e ON e.position = s.position"
+            key = ["s.position"]
+            branches = [("s.clerk_id = %s", [filters.subject])]
+            if types:
+                sql, values = _in("e.type", types)
+                where.append(sql)
+                params += values
+        elif types and len(types) <= MAX_BRANCHES:
+            branches = [("e.type = %s", [name]) for name in types]
+        elif types:
+            sql, values = _in("e.type", types)
+            where.append(sql)
+            params += values
+        rows = _select(
+            db,
+            source=source,
+            columns=_EVENT_COLUMNS,
+            key=key,
+            branches=branches,
+            where=where,
+            params=params,
+            after=after,
+            limit=limit + 1,
+        )
+        return _page(rows, limit, lambda row: (row["position"],), _event)
+
+    return _with_tables(db, "events", query)
+
+
+def event_by_id(db: Db, svix_id: str) -> dict[str, Any] | None:
+    def query(t: Tables) -> dict[str, Any] | None:
+        row = db.fetchone(
+            f"SELECT {_EVENT_COLUMNS} FROM {t['events']} e WHERE e.svix_id = %s", [svix_id]
+        )
+        return _event(row) if row else None
+
+    return _with_tables(db, "events", query)
+
+
+def last_event_position(db: Db) -> int:
+    def query(t: Tables) -> int:
+        row = db.fetchone(f"SELECT MAX(position) AS last FROM {t['events']}")
+        return row["last"] or 0
+
+    return _with_tables(db, "events", query)
+
+
+def is_known_id(db: Db, clerk_id: str) -> bool:
+    """Whether any stored event concerns this Clerk id."""
+
+    def query(t: Tables) -> bool:
+        row = db.fetchone(
+            f"SELECT 1 AS found FROM {t['event_subjects']} WHERE clerk_id = %s LIMIT 1",
+            [clerk_id],
+        )
+        return row is not None
+
+    return _with_tables(db, "events", query)
+
+
+# -- current state ------------------------------------------------------------------------------
+
+
+def _current(row: Any) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "owner_id": row["owner_id"],
+        "user_id": row["user_id"],
+        "organization_id": row["organization_id"],
+        "status": row["status"],
+        "deleted": bool(row["deleted"]),
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "position": row["position"],
+        "view": _json(row["view"]),
+    }
+
+
+_CURRENT_COLUMNS = (
+    "id, owner_id, user_id, organization_id, status, deleted, created_at, updated_at, position,"
+    " view"
+)
+
+
+def current_object(db: Db, table: str, object_id: str) -> dict[str, Any] | None:
+    """One row of a current-state table (`users`, `organizations`, ...) by id."""
+
+    def query(t: Tables) -> dict[str, Any] | None:
+        row = db.fetchone(f"SELECT {_CURRENT_COLUMNS} FROM {t[table]} WHERE id = %s", [object_id])
+        return _current(row) if row else None
+
+    return _with_tables(db, "objects", query)
+
+
+def owned_objects(
+    db: Db,
+    table: str,
+    *,
+    by: str,
+    owner: str,
+    after: tuple[int | None, str] | None,
+    limit: int,
+    include_deleted: bool = True,
+) -> Page:
+    """Rows of a current-state table whose `by` column (`owner_id`, `user_id`) is `owner`.
+
+    Ordered by (created_at, id) through the `(by, created_at, id)` index; rows without a
+    created_at (deletion stubs seen first) come first, ordered by id.
+    """
+    assert by in ("owner_id", "user_id")
+
+    def query(t: Tables) -> Page:
+        base = [f"{by} = %s"] + ([] if include_deleted else ["deleted = 0"])
+        rows: list[Any] = []
+        if after is None or after[0] is None:
+            rows = _select(
+                db,
+                source=t[table],
+                columns=_CURRENT_COLUMNS,
+                key=["id"],
+                branches=[],
+                where=[*base, "created_at IS NULL"],
+                params=[owner],
+                after=None if after is None else (after[1],),
+                limit=limit + 1,
+            )
+        if len(rows) <= limit:
+            rows += _select(
+                db,
+                source=t[table],
+                columns=_CURRENT_COLUMNS,
+                key=["created_at", "id"],
+                branches=[],
+                where=[*base, "created_at IS NOT NULL"],
+                params=[owner],
+                after=after if after is not None and after[0] is not None else None,
+                limit=limit + 1 - len(rows),
+            )
+        return _page(rows, limit, lambda row: (row["created_at"], row["id"]), _current)
+
+    return _with_tables(db, "objects", query)
+
+
+# -- history and changes ------------------------------------------------------------------------
+
+_HISTORY_COLUMNS = (
+    "position, object_id, object_type, owner_id, event_id, type, occurred_at, received_at,"
+    " actor, stale, changes"
+)
+
+
+def _history(row: Any) -> dict[str, Any]:
+    return {
+        "position": row["position"],
+        "object_id": row["object_id"],
+        "object_type": row["object_type"],
+        "owner_id": row["owner_id"],
+        "event_id": row["event_id"],
+        "type": row["type"],
+        "occurred_at": row["occurred_at"],
+        "received_at": row["received_at"],
+        "actor": _json(row["actor"]),
+        "stale": bool(row["stale"]),
+        "changes": _json(row["changes"]),
+    }
+
+
+def history_page(
+    db: Db,
+    *,
+    by: str,
+    clerk_id: str,
+    after: tuple[int, str] | None,
+    limit: int,
+    since: int | None = None,
+    until: int | None = None,
+) -> Page:
+    """Versions of one object (`by="object_id"`) or of everything an owner owns (`"owner_id"`),
+    oldest first by store position."""
+    assert by in ("object_id", "owner_id")
+
+    def query(t: Tables) -> Page:
+        where, params = _time_where("occurred_at", since, until)
+        rows = _select(
+            db,
+            source=t["history"],
+            columns=_HISTORY_COLUMNS,
+            key=["position", "object_id"],
+            branches=[(f"{by} = %s", [clerk_id])],
+            where=where,
+            params=params,
+            after=after,
+            limit=limit + 1,
+        )
+        return _page(rows, limit, lambda row: (row["position"], row["object_id"]), _history)
+
+    return _with_tables(db, "objects", query)
+
+
+_CHANGE_COLUMNS = (
+    "position, object_id, field, from_value, to_value, object_type, owner_id, event_id, type,"
+    " occurred_at, received_at, actor, actor_ip, stale"
+)
+
+
+def _change(row: Any) -> dict[str, Any]:
+    return {
+        "position": row["position"],
+        "object_id": row["object_id"],
+        "object_type": row["object_type"],
+        "owner_id": row["owner_id"],
+        "field": row["field"],
+        "from": _json(row["from_value"]),
+        "to": _json(row["to_value"]),
+        "event_id": row["event_id"],
+        "type": row["type"],
+        "occurred_at": row["occurred_at"],
+        "received_at": row["received_at"],
+        "actor": _json(row["actor"]),
+        "stale": bool(row["stale"]),
+    }
+
+
+def changes_page(
+    db: Db,
+    filters: ChangeFilters,
+    *,
+    after: tuple[int, str, str] | None,
+    limit: int,
+    upto: int | None = None,
+) -> Page:
+    """Field-level changes by (position, object_id, field), filtered."""
+
+    def query(t: Tables) -> Page:
+        where, params = _time_where("occurred_at", filters.since, filters.until)
+        if upto is not None:
+            where.append("position <= %s")
+            params.append(upto)
+        types = _resolve_types(db, t["changes"], filters.types) if filters.types else []
+        if filters.types and not types:
+            return Page([], None)
+        candidates: list[list[tuple[str, list[Any]]]] = []
+        if filters.subject is not None:
+            candidates.append(
+                [("object_id = %s", [filters.subject]), ("owner_id = %s", [filters.subject])]
+            )
+        if filters.fields:
+            candidates.append([("field = %s", [name]) for name in filters.fields])
+        if filters.actor_ip is not None:
+            candidates.append([("actor_ip = %s", [filters.actor_ip])])
+        if types:
+            candidates.append([("type = %s", [name]) for name in types])
+        # The first filter that can drive drives; the others filter what it finds.
+        driving = next((c for c in candidates if len(c) <= MAX_BRANCHES), [])
+        for candidate in candidates:
+            if candidate is driving:
+                continue
+            alternatives = [sql for sql, _ in candidate]
+            where.append(f"({' OR '.join(alternatives)})")
+            params += [value for _, values in candidate for value in values]
+        rows = _select(
+            db,
+            source=t["changes"],
+            columns=_CHANGE_COLUMNS,
+            key=["position", "object_id", "field"],
+            branches=driving,
+            where=where,
+            params=params,
+            after=after,
+            limit=limit + 1,
+            overlapping=filters.subject is not None and driving is candidates[0],
+        )
+        return _page(
+            rows, limit, lambda row: (row["position"], row["object_id"], row["field"]), _change
+        )
+
+    return _with_tables(db, "objects", query)
+
+
+def last_change_position(db: Db) -> int:
+    def query(t: Tables) -> int:
+        row = db.fetchone(f"SELECT MAX(position) AS last FROM {t['changes']}")
+        return row["last"] or 0
+
+    return _with_tables(db, "objects", query)
+
+
+# -- timelines ----------------------------------------------------------------------------------
+
+
+def _timeline_entry(row: Any) -> dict[str, Any]:
+    return {
+        "session_id": row["session_id"],
+        "occurred_at": row["occurred_at"],
+        "position": row["position"],
+        "user_id": row["user_id"],
+        "event_id": row["event_id"],
+        "type": row["type"],
+        "status": row["status"],
+        "actor": _json(row["actor"]),
+        "activity": _json(row["activity"]),
+    }
+
+
+def session_timeline(
+    db: Db,
+    session_id: str,
+    *,
+    after: tuple[int, int] | None,
+    limit: int,
+    since: int | None = None,
+    until: int | None = None,
+) -> Page:
+    """A session's events in occurred_at order (then store position)."""
+
+    def query(t: Tables) -> Page:
+        where, params = _time_where("occurred_at", since, until)
+        rows = _select(
+            db,
+            source=t["session_events"],
+            columns="session_id, occurred_at, position, user_id, event_id, type, status, actor,"
+            " activity",
+            key=["occurred_at", "position"],
+            branches=[("session_id = %s", [session_id])],
+            where=where,
+            params=params,
+            after=after,
+            limit=limit + 1,
+        )
+        return _page(
+            rows, limit, lambda row: (row["occurred_at"], row["position"]), _timeline_entry
+        )
+
+    return _with_tables(db, "timelines", query)

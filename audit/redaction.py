@@ -1,0 +1,112 @@
+"""Secrets out (SPEC 3), in one place: what no API response or export may contain.
+
+- `otp_code`, wherever it appears (Clerk puts it in `email.data.data.otp_code`), and every other
+  occurrence of that code inside the same item (the sample e-mail's `subject` repeats it);
+- an e-mail's `body` and `body_plain`;
+- an SMS's `message`;
+- an organization invitation's `url` (it carries the invitation token).
+
+Secrets are recognised by key and by the kind of object holding them (`data.object`, or the event
+type when a payload omits it), so an unrelated `url` or `message` elsewhere is left alone. The event
+store keeps what was signed; only what leaves through the API is redacted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+REDACTED = "[redacted]"
+
+# Keys that are secret in any object, at any depth.
+SECRET_ANYWHERE = frozenset({"otp_code"})
+
+# Keys that are secret at the top level of one kind of object (by its `object` value).
+SECRET_BY_OBJECT: dict[str, frozenset[str]] = {
+    "email": frozenset({"body", "body_plain"}),
+    "sms_message": frozenset({"message"}),
+    "organization_invitation": frozenset({"url"}),
+}
+
+# How event types and history object types name those kinds.
+_KIND_ALIASES = {
+    "email": "email",
+    "sms": "sms_message",
+    "sms_message": "sms_message",
+    "organizationInvitation": "organization_invitation",
+    "organization_invitation": "organization_invitation",
+}
+
+# A code shorter than this is not scrubbed out of other strings (it would mangle unrelated text).
+MIN_SCRUBBED_CODE = 4
+
+
+def kind_of(type_or_object: str | None) -> str | None:
+    """The object kind an event type (`email.created`) or object type (`sms`) names."""
+    if not type_or_object:
+        return None
+    return _KIND_ALIASES.get(type_or_object.split(".", 1)[0])
+
+
+def redact(value: Any, kind: str | None = None) -> Any:
+    """A deep copy of `value` with every secret replaced by "[redacted]".
+
+    `kind` (an event type or object type) says what the top-level object is when it does not
+    carry an `object` member itself.
+    """
+    codes: set[str] = set()
+    copied = _redact(value, kind_of(kind), codes)
+    codes = {code for code in codes if len(code) >= MIN_SCRUBBED_CODE}
+    return _scrub(copied, codes) if codes else copied
+
+
+def redact_change(object_type: str | None, field: str, value: Any) -> Any:
+    """A `from`/`to` value of a change to `field` (a dotted path) of an object of `object_type`."""
+    path = field.split(".")
+    if not all(path):
+        return redact(value)
+    nested: dict[str, Any] = {}
+    node = nested
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    redacted = redact(nested, object_type)
+    for key in path:
+        redacted = redacted[key]
+    return redacted
+
+
+def _redact(value: Any, kind: str | None, codes: set[str]) -> Any:
+    if isinstance(value, dict):
+        own = value.get("object")
+        secret = SECRET_BY_OBJECT.get(_KIND_ALIASES.get(own, own) if isinstance(own, str) else "")
+        if secret is None:
+            secret = SECRET_BY_OBJECT.get(kind or "", frozenset())
+        result: dict[Any, Any] = {}
+        for key, item in value.items():
+            if key in SECRET_ANYWHERE:
+                _collect_codes(item, codes)
+            if item is not None and (key in SECRET_ANYWHERE or key in secret):
+                result[key] = REDACTED
+            else:
+                result[key] = _redact(item, None, codes)
+        return result
+    if isinstance(value, list):
+        return [_redact(item, None, codes) for item in value]
+    return value
+
+
+def _collect_codes(value: Any, codes: set[str]) -> None:
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        codes.add(str(value))
+
+
+def _scrub(value: Any, codes: set[str]) -> Any:
+    if isinstance(value, str):
+        for code in codes:
+            value = value.replace(code, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {key: _scrub(item, codes) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_scrub(item, codes) for item in value]
+    return value

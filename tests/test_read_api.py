@@ -1,0 +1,938 @@
+"""SPEC 4 / issue 5: the read API, on SQLite and PostgreSQL, over state built by the webhook.
+
+Every sample payload (and a few deliveries of our own) goes in through `POST /webhooks/clerk`; the
+projections run; then each route, filter, cursor, export, token rule and redaction rule is checked.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from httpx import Response
+from starlette.testclient import TestClient
+
+from api import read
+from api.app import create_app
+from audit import queries
+from audit.application import AuditLog
+from audit.config import Settings
+from audit.cursors import CursorError, decode_cursor, encode_cursor
+from audit.projections.runner import Projector, active_tables
+from audit.redaction import REDACTED, redact, redact_change
+from audit.timeparse import format_time, parse_time
+from tests.conftest import API_TOKEN
+from tests.webhook_helpers import new_svix_id, payload, payload_files, post
+
+SAMPLE_USER = "user_3XIOWrI57CYv83K9cu9aN3gSz5Q"
+SAMPLE_ORG = "org_3UByhZomz62ag88bTkeSUIU5gEC"
+SAMPLE_SESSION = "sess_3nuW59H6KiTSqRrNmFSG0rZD6BO"
+FRESH_USER = "user_2freshAuditReadApiTest01"
+FRESH_SESSION = "sess_2freshAuditReadApiTest01"
+FRESH_MEMBERSHIP = "orgmem_2freshAuditReadApiTest01"
+FRESH_DOMAIN = "orgdmn_2freshAuditReadApiTest01"
+T_CREATED = 1_716_900_000_000
+T_UPDATED = 1_716_900_600_000
+UPDATE_IP = "203.0.113.7"
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+def _envelope(event_type: str, data: dict[str, Any], timestamp: int, ip: str) -> dict[str, Any]:
+    body = copy.deepcopy(payload(event_type))
+    body["data"] = data
+    body["timestamp"] = timestamp
+    body["event_attributes"] = {"http_request": {"client_ip": ip, "user_agent": "pytest"}}
+    return body
+
+
+def fresh_deliveries() -> list[dict[str, Any]]:
+    """A user created then renamed, with a session, a membership and a domain of its own."""
+    user = copy.deepcopy(payload("user.created")["data"])
+    user.update(id=FRESH_USER, first_name="Ada", created_at=T_CREATED, updated_at=T_CREATED)
+    renamed = dict(user, first_name="Grace", updated_at=T_UPDATED)
+    session = copy.deepcopy(payload("session.created")["data"])
+    session.update(id=FRESH_SESSION, user_id=FRESH_USER, created_at=T_CREATED, updated_at=T_CREATED)
+    membership = copy.deepcopy(payload("organizationMembership.created")["data"])
+    membership.update(
+        id=FRESH_MEMBERSHIP, role="org:admin", created_at=T_CREATED, updated_at=T_CREATED
+    )
+    membership["public_user_data"]["user_id"] = FRESH_USER
+    domain = copy.deepcopy(payload("organizationDomain.created")["data"])
+    domain.update(id=FRESH_DOMAIN, name="fresh.example", created_at=T_CREATED, updated_at=T_CREATED)
+    return [
+        _envelope("user.created", user, T_CREATED, "198.51.100.1"),
+        _envelope("user.updated", renamed, T_UPDATED, UPDATE_IP),
+        _envelope("session.created", session, T_CREATED, "198.51.100.1"),
+        _envelope("organizationMembership.created", membership, T_CREATED, "198.51.100.1"),
+        _envelope("organizationDomain.created", domain, T_CREATED, "198.51.100.1"),
+    ]
+
+
+@dataclass
+class World:
+    client: TestClient
+    projector: Projector
+    log: AuditLog
+    secret: str
+
+    def get(
+        self,
+        path: str,
+        params: dict[str, Any] | list[tuple[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+        *,
+        auth: bool = True,
+    ) -> Response:
+        return self.client.get(
+            path, params=params, headers={**(AUTH if auth else {}), **(headers or {})}
+        )
+
+    def ok(self, path: str, params: Any = None, **kwargs: Any) -> Any:
+        response = self.get(path, params, **kwargs)
+        assert response.status_code == 200, (path, params, response.text)
+        return response.json()
+
+    def deliver(self, body: dict[str, Any] | bytes) -> None:
+        response = post(self.client, self.secret, body, svix_id=new_svix_id())
+        assert response.status_code == 200, response.text
+
+    def walk(self, path: str, params: Any = None, limit: int = 7) -> list[Any]:
+        """Every item of a list, page by page (`params` a dict or a list of pairs)."""
+        items: list[Any] = []
+        cursor = None
+        pairs = list(params.items()) if isinstance(params, dict) else list(params or [])
+        for _ in range(10_000):
+            query = [*pairs, ("limit", limit), *([("cursor", cursor)] if cursor else [])]
+            page = self.ok(path, query)
+            assert set(page) == {"data", "next_cursor"}
+            assert len(page["data"]) <= limit
+            items += page["data"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return items
+        raise AssertionError("the walk did not end")
+
+
+@pytest.fixture
+def world(settings: Settings, log: AuditLog, secret: str) -> Iterator[World]:
+    projector = Projector(log)
+    app = create_app(settings, log, projector=projector)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        w = World(client, projector, log, secret)
+        for path in payload_files():
+            w.deliver(path.read_bytes())
+        for body in fresh_deliveries():
+            w.deliver(body)
+        projector.run_once()
+        yield w
+
+
+def _ids(items: list[dict[str, Any]]) -> list[str]:
+    return [item["id"] for item in items]
+
+
+# -- routes ---------------------------------------------------------------------------------------
+
+
+def test_events_list_and_one_event(world: World) -> None:
+    events = world.walk("/v1/events", limit=5)
+    assert len(events) == len(payload_files()) + len(fresh_deliveries())
+    positions = [e["position"] for e in events]
+    assert positions == sorted(positions) and len(set(positions)) == len(positions)
+    assert {e["type"] for e in events} >= {p.stem for p in payload_files()}
+    sample = next(
+        e for e in events if e["type"] == "user.created" and e["subject"]["id"] == SAMPLE_USER
+    )
+    assert sample["subject"] == {"id": SAMPLE_USER, "object": "user"}
+    assert sample["occurred_at"] == "2024-05-28T08:00:00.018Z"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", sample["received_at"])
+    assert sample["instance_id"] == "ins_3U1LqE69xkjuE3ycBqwbfwdjTZ1"
+    assert sample["actor"]["ip"] == "192.168.1.100"
+    assert sample["data"]["first_name"] == "John"
+    one = world.ok(f"/v1/events/{sample['id']}")
+    assert one == sample
+    assert set(one) == {
+        "id",
+        "position",
+        "type",
+        "subject",
+        "occurred_at",
+        "received_at",
+        "instance_id",
+        "actor",
+        "data",
+    }
+
+
+def test_event_filters(world: World) -> None:
+    everything = world.walk("/v1/events", limit=500)
+    by_type = world.walk("/v1/events", {"type": "user.updated"})
+    assert {e["type"] for e in by_type} == {"user.updated"} and len(by_type) == 2
+    several = world.walk("/v1/events", [("type", "user.created"), ("type", "session.ended")])
+    assert sorted({e["type"] for e in several}) == ["session.ended", "user.created"]
+    assert [e["position"] for e in several] == sorted(e["position"] for e in several)
+    prefix = world.walk("/v1/events", {"type": "user.*"}, limit=2)
+    assert {e["type"] for e in prefix} == {"user.created", "user.updated", "user.deleted"}
+    assert len(prefix) == sum(1 for e in everything if e["type"].startswith("user."))
+    mixed = world.walk("/v1/events", [("type", "session.*"), ("type", "email.created")])
+    assert {e["type"] for e in mixed} == {
+        t
+        for t in (e["type"] for e in everything)
+        if t.startswith("session.") or t == "email.created"
+    }
+    assert world.walk("/v1/events", {"type": "nothing.*"}) == []
+    assert world.walk("/v1/events", {"type": "no.such_type"}) == []
+
+    # subject: any Clerk id the event concerns (the membership's user, the session's user...)
+    fresh = world.walk("/v1/events", {"subject": FRESH_USER}, limit=2)
+    assert sorted(e["type"] for e in fresh) == sorted(
+        ["user.created", "user.updated", "session.created", "organizationMembership.created"]
+    )
+    org = world.walk("/v1/events", {"subject": SAMPLE_ORG, "type": "organizationDomain.*"})
+    assert org and all(e["type"].startswith("organizationDomain.") for e in org)
+    session = world.walk("/v1/events", {"subject": SAMPLE_SESSION})
+    assert session and all(e["type"].startswith("session.") for e in session)
+
+    # since inclusive, until exclusive, ISO or epoch ms
+    at_update = world.walk("/v1/events", {"since": str(T_UPDATED), "until": T_UPDATED + 1})
+    assert [e["type"] for e in at_update] == ["user.updated"]
+    iso = world.walk(
+        "/v1/events", {"since": format_time(T_UPDATED), "until": format_time(T_UPDATED + 1)}
+    )
+    assert iso == at_update
+    before = world.walk("/v1/events", {"until": str(T_UPDATED)})
+    after = world.walk("/v1/events", {"since": str(T_UPDATED)})
+    assert len(before) + len(after) == len(everything)
+    combined = world.walk(
+        "/v1/events", {"subject": FRESH_USER, "type": "user.*", "since": T_UPDATED}
+    )
+    assert [e["data"]["first_name"] for e in combined] == ["Grace"]
+
+
+def test_users_state_and_as_of(world: World) -> None:
+    deleted = world.ok(f"/v1/users/{SAMPLE_USER}")
+    assert deleted["id"] == SAMPLE_USER and deleted["deleted"] is True and deleted["as_of"] is None
+    fresh = world.ok(f"/v1/users/{FRESH_USER}")
+    assert fresh["deleted"] is False and fresh["data"]["first_name"] == "Grace"
+    assert fresh["updated_at"] == format_time(T_UPDATED)
+
+    between = world.ok(f"/v1/users/{FRESH_USER}", {"as_of": T_CREATED + 1000})
+    assert between["data"]["first_name"] == "Ada" and between["as_of"] == format_time(
+        T_CREATED + 1000
+    )
+    # the samples: user.created at ...200018, user.updated at ...500018, user.deleted later
+    sample_between = world.ok(f"/v1/users/{SAMPLE_USER}", {"as_of": "2024-05-28T08:01:40Z"})
+    assert sample_between["deleted"] is False
+    assert (
+        sample_between["data"]["last_name"] == "Doe" and sample_between["data"]["username"] is None
+    )
+    sample_later = world.ok(f"/v1/users/{SAMPLE_USER}", {"as_of": 1716883500018})
+    assert sample_later["data"]["last_name"] == "Doe Updated"
+    assert world.get(f"/v1/users/{FRESH_USER}", {"as_of": T_CREATED - 1}).status_code == 404
+
+    org = world.ok(f"/v1/organizations/{SAMPLE_ORG}")
+    assert org["deleted"] is True
+    org_then = world.ok(f"/v1/organizations/{SAMPLE_ORG}", {"as_of": "2024-05-28T08:00:00.018Z"})
+    assert org_then["deleted"] is False and org_then["data"]["name"] == "Acme Corp"
+
+    missing = world.get("/v1/users/user_nobody")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
+    assert "user_nobody" in missing.json()["error"]["message"]
+    assert world.get("/v1/users/user_nobody", {"as_of": 5}).status_code == 404
+    assert world.get("/v1/organizations/org_nobody").status_code == 404
+    assert world.get("/v1/events/msg_nobody").json()["error"]["code"] == "not_found"
+
+
+def test_histories(world: World) -> None:
+    history = world.walk(f"/v1/users/{FRESH_USER}/history", limit=1)
+    assert [h["type"] for h in history] == ["user.created", "user.updated"]
+    created, updated = history
+    assert created["position"] < updated["position"]
+    assert created["object"] == {"id": FRESH_USER, "type": "user"}
+    assert {"field": "first_name", "from": None, "to": "Ada"} in created["changes"]
+    assert updated["changes"] == [{"field": "first_name", "from": "Ada", "to": "Grace"}]
+    assert updated["actor"]["ip"] == UPDATE_IP and updated["stale"] is False
+    assert updated["occurred_at"] == format_time(T_UPDATED)
+    assert set(updated) == {
+        "position",
+        "event_id",
+        "type",
+        "occurred_at",
+        "actor",
+        "stale",
+        "changes",
+        "object",
+    }
+    assert world.walk(f"/v1/users/{FRESH_USER}/history", {"since": T_UPDATED}) == [updated]
+
+    org_history = world.walk(f"/v1/organizations/{SAMPLE_ORG}/history", limit=3)
+    kinds = {h["object"]["type"] for h in org_history}
+    assert kinds >= {
+        "organization",
+        "organization_membership",
+        "organization_invitation",
+        "organization_domain",
+    }
+    positions = [h["position"] for h in org_history]
+    assert positions == sorted(positions)
+    assert world.get("/v1/users/user_nobody/history").status_code == 404
+    assert world.get("/v1/organizations/org_nobody/history").status_code == 404
+
+
+def test_sessions_memberships_invitations_domains_timeline(world: World) -> None:
+    sessions = world.walk(f"/v1/users/{FRESH_USER}/sessions")
+    assert _ids(sessions) == [FRESH_SESSION]
+    assert sessions[0]["status"] == "active" and sessions[0]["ended_at"] is None
+    assert sessions[0]["created_at"] == format_time(T_CREATED)
+    assert set(sessions[0]["latest_activity"]) == {
+        "device_type",
+        "browser_name",
+        "browser_version",
+        "ip_address",
+        "city",
+        "country",
+    }
+    ended = world.walk(f"/v1/users/{SAMPLE_USER}/sessions")
+    assert _ids(ended) == [SAMPLE_SESSION] and ended[0]["ended_at"] is not None
+
+    organizations = world.walk(f"/v1/users/{FRESH_USER}/organizations")
+    assert _ids(organizations) == [FRESH_MEMBERSHIP]
+    assert organizations[0]["role"] == "org:admin"
+    assert organizations[0]["organization_id"] == SAMPLE_ORG
+    members = world.walk(f"/v1/organizations/{SAMPLE_ORG}/members", limit=1)
+    assert _ids(members) == [FRESH_MEMBERSHIP]  # the sample membership was deleted
+
+    invitations = world.walk(f"/v1/organizations/{SAMPLE_ORG}/invitations")
+    assert [(i["id"], i["status"]) for i in invitations] == [
+        ("orginv_3Lsx2feLHKwcUEYjQ8svkDKsMP5", "revoked")
+    ]
+    domains = world.walk(f"/v1/organizations/{SAMPLE_ORG}/domains")
+    assert [(d["id"], d["name"]) for d in domains] == [(FRESH_DOMAIN, "fresh.example")]
+
+    timeline = world.walk(f"/v1/sessions/{SAMPLE_SESSION}/timeline", limit=2)
+    assert len(timeline) == sum(1 for p in payload_files() if p.stem.startswith("session."))
+    keys = [(t["occurred_at"], t["position"]) for t in timeline]
+    assert keys == sorted(keys)
+    assert {t["type"] for t in timeline} == {
+        p.stem for p in payload_files() if p.stem.startswith("session.")
+    }
+    assert all(set(t) >= {"type", "status", "occurred_at", "actor"} for t in timeline)
+
+    for path in (
+        "/v1/users/user_nobody/sessions",
+        "/v1/users/user_nobody/organizations",
+        "/v1/sessions/sess_nobody/timeline",
+        "/v1/organizations/org_nobody/members",
+        "/v1/organizations/org_nobody/invitations",
+        "/v1/organizations/org_nobody/domains",
+    ):
+        response = world.get(path)
+        assert response.status_code == 404, path
+        assert response.json()["error"]["code"] == "not_found"
+
+
+def test_changes_and_filters(world: World) -> None:
+    everything = world.walk("/v1/changes", limit=50)
+    keys = [(c["position"], c["subject"]["id"], c["field"]) for c in everything]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    rename = [
+        c for c in everything if c["type"] == "user.updated" and c["subject"]["id"] == FRESH_USER
+    ]
+    assert rename == [
+        {
+            "position": rename[0]["position"],
+            "event_id": rename[0]["event_id"],
+            "type": "user.updated",
+            "occurred_at": format_time(T_UPDATED),
+            "subject": {"id": FRESH_USER, "object": "user"},
+            "owner_id": FRESH_USER,
+            "field": "first_name",
+            "from": "Ada",
+            "to": "Grace",
+            "actor": {
+                "ip": UPDATE_IP,
+                "user_agent": "pytest",
+                "user_id": None,
+                "impersonator": None,
+            },
+            "stale": False,
+        }
+    ]
+    by_field = world.walk("/v1/changes", {"field": "first_name"}, limit=1)
+    assert {c["field"] for c in by_field} == {"first_name"}
+    assert ("Ada", "Grace") in {(c["from"], c["to"]) for c in by_field}
+    fields = world.walk("/v1/changes", [("field", "first_name"), ("field", "role")])
+    assert {c["field"] for c in fields} == {"first_name", "role"}
+    by_ip = world.walk("/v1/changes", {"actor_ip": UPDATE_IP})
+    assert by_ip == rename
+    by_subject = world.walk("/v1/changes", {"subject": FRESH_USER, "field": "first_name"})
+    assert [(c["from"], c["to"]) for c in by_subject] == [(None, "Ada"), ("Ada", "Grace")]
+    owned = world.walk("/v1/changes", {"subject": SAMPLE_ORG}, limit=9)
+    assert {c["subject"]["object"] for c in owned} >= {"organization", "organization_invitation"}
+    assert all(c["owner_id"] == SAMPLE_ORG or c["subject"]["id"] == SAMPLE_ORG for c in owned)
+    by_type = world.walk("/v1/changes", {"type": "organizationInvitation.*"})
+    assert by_type and {c["type"] for c in by_type} <= {
+        "organizationInvitation.created",
+        "organizationInvitation.accepted",
+        "organizationInvitation.revoked",
+    }
+    timed = world.walk("/v1/changes", {"since": format_time(T_UPDATED), "until": T_UPDATED + 1})
+    assert timed == rename
+    assert world.walk("/v1/changes", {"field": "first_name", "actor_ip": "10.9.9.9"}) == []
+
+
+def test_projections_status(world: World, settings: Settings, log: AuditLog) -> None:
+    status = world.ok("/v1/projections")["data"]
+    assert {p["name"] for p in status} == {"events", "objects", "timelines"}
+    assert all(p["state"] == "live" and p["lag"] == 0 and p["version"] >= 1 for p in status)
+    world.deliver(payload("user.updated"))
+    assert all(p["lag"] == 1 for p in world.ok("/v1/projections")["data"])
+    without = create_app(settings, log)
+    with TestClient(without, raise_server_exceptions=False) as client:
+        response = client.get("/v1/projections", headers=AUTH)
+        assert response.status_code == 503 and "error" in response.json()
+
+
+# -- pagination -----------------------------------------------------------------------------------
+
+
+def test_cursor_walk_visits_every_item_once_while_deliveries_arrive(world: World) -> None:
+    events_before = {e["id"] for e in world.walk("/v1/events", limit=500)}
+    changes_before = {
+        (c["position"], c["subject"]["id"], c["field"])
+        for c in world.walk("/v1/changes", limit=500)
+    }
+    started = threading.Event()
+    errors: list[BaseException] = []
+
+    def deliver_more() -> None:
+        try:
+            for i in range(25):
+                body = copy.deepcopy(payload("user.updated"))
+                body["data"].update(id=f"user_2concurrent{i:04d}", first_name=f"N{i}")
+                world.deliver(body)
+                world.projector.run_once()
+                started.set()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+            started.set()
+
+    writer = threading.Thread(target=deliver_more)
+    writer.start()
+    started.wait(30)
+    seen_events: list[tuple[int, str]] = []
+    seen_changes: list[tuple[int, str, str]] = []
+    cursors: dict[str, str | None] = {"/v1/events": None, "/v1/changes": None}
+    done: set[str] = set()
+    while len(done) < 2:
+        for path in cursors:
+            if path in done:
+                continue
+            params = {"limit": 2, **({"cursor": cursors[path]} if cursors[path] else {})}
+            page = world.ok(path, params)
+            for item in page["data"]:
+                if path == "/v1/events":
+                    seen_events.append((item["position"], item["id"]))
+                else:
+                    seen_changes.append((item["position"], item["subject"]["id"], item["field"]))
+            cursors[path] = page["next_cursor"]
+            if cursors[path] is None:
+                done.add(path)
+    writer.join(60)
+    assert not errors, errors
+
+    event_ids = [event_id for _, event_id in seen_events]
+    assert len(event_ids) == len(set(event_ids)), "an event was visited twice"
+    assert [p for p, _ in seen_events] == sorted(p for p, _ in seen_events)
+    assert events_before <= set(event_ids), "an event recorded before the walk was skipped"
+    assert len(seen_changes) == len(set(seen_changes)), "a change was visited twice"
+    assert seen_changes == sorted(seen_changes)
+    assert changes_before <= set(seen_changes)
+    # whatever arrived during the walk and was seen is real, and the walk saw some of it
+    final = {e["id"] for e in world.walk("/v1/events", limit=500)}
+    assert set(event_ids) <= final and len(final) == len(events_before) + 25
+
+
+def test_bad_parameters_are_400(world: World) -> None:
+    cases: list[tuple[str, Any, str]] = [
+        ("/v1/events", {"limit": 0}, "invalid_limit"),
+        ("/v1/events", {"limit": 10000}, "invalid_limit"),
+        ("/v1/events", {"limit": 501}, "invalid_limit"),
+        ("/v1/events", {"limit": "ten"}, "invalid_limit"),
+        ("/v1/events", {"limit": "-1"}, "invalid_limit"),
+        ("/v1/events", {"limit": "1.5"}, "invalid_limit"),
+        ("/v1/events", {"limit": ""}, "invalid_limit"),
+        ("/v1/events", {"cursor": "not-a-cursor"}, "invalid_cursor"),
+        ("/v1/events", {"cursor": encode_cursor("changes", [1, "a", "b"])}, "invalid_cursor"),
+        ("/v1/events", {"cursor": encode_cursor("events", ["1"])}, "invalid_cursor"),
+        ("/v1/events", {"cursor": encode_cursor("events", [True])}, "invalid_cursor"),
+        ("/v1/changes", {"cursor": "eyJrIjoiY2hhbmdlcyJ9"}, "invalid_cursor"),
+        ("/v1/events", {"since": "yesterday"}, "invalid_time"),
+        ("/v1/events", {"until": "2024-13-45"}, "invalid_time"),
+        ("/v1/changes", {"since": "99999999999999999999"}, "invalid_time"),
+        (f"/v1/users/{FRESH_USER}", {"as_of": "soon"}, "invalid_time"),
+        (f"/v1/users/{FRESH_USER}/history", {"until": "x"}, "invalid_time"),
+        ("/v1/events", {"subjet": FRESH_USER}, "unknown_parameter"),
+        ("/v1/events", [("limit", 1), ("limit", 2)], "invalid_parameter"),
+        ("/v1/events", {"subject": "a\x00b"}, "invalid_parameter"),
+        ("/v1/events", {"format": "xml"}, "invalid_format"),
+        ("/v1/changes", {"field": "x" * 600}, "invalid_parameter"),
+    ]
+    for path, params, code in cases:
+        response = world.get(path, params)
+        assert response.status_code == 400, (path, params, response.text)
+        assert response.json()["error"]["code"] == code, (path, params, response.text)
+        assert response.json()["error"]["message"]
+
+
+def test_methods_and_head(world: World) -> None:
+    for method in ("POST", "PUT", "PATCH", "DELETE"):
+        response = world.client.request(method, "/v1/events", headers=AUTH)
+        assert response.status_code == 405
+        assert response.json()["error"]["code"] == "method_not_allowed"
+        assert (
+            world.client.request(method, f"/v1/users/{FRESH_USER}", headers=AUTH).status_code == 405
+        )
+    head = world.client.head(f"/v1/users/{FRESH_USER}", headers=AUTH)
+    assert head.status_code == 200 and head.content == b""
+    assert world.client.head("/v1/events?format=csv", headers=AUTH).status_code == 200
+    missing = world.get("/v1/nothing-here")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+
+
+def test_tokens(world: World, settings: Settings, log: AuditLog) -> None:
+    paths = [
+        "/v1/events",
+        f"/v1/users/{FRESH_USER}",
+        "/v1/changes?format=csv",
+        "/v1/projections",
+        "/v1/nothing-here",
+    ]
+    for path in paths:
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": API_TOKEN},
+            {"Authorization": f"Basic {API_TOKEN}"},
+            {"Authorization": f"Bearer {API_TOKEN}x"},
+        ):
+            response = world.client.get(path, headers=headers)
+            assert response.status_code == 401, (path, headers)
+            assert response.headers["www-authenticate"].startswith("Bearer")
+            assert response.json()["error"]["code"] == "unauthorized"
+            assert API_TOKEN not in response.text
+    for name in ("access_token", "token"):
+        response = world.client.get("/v1/events", params={name: API_TOKEN})
+        assert response.status_code == 401
+        assert "URL" in response.json()["error"]["message"]
+    assert world.client.get("/v1/events", headers=AUTH).status_code == 200
+    assert (
+        world.client.get(
+            "/v1/events", headers={"authorization": f"bearer  {API_TOKEN} "}
+        ).status_code
+        == 200
+    )
+    # unauthenticated methods other than GET are refused before anything else
+    assert world.client.post("/v1/events").status_code == 401
+    # outside /v1 no token is needed
+    for path in ("/healthz", "/readyz", "/openapi.json", "/docs"):
+        assert world.client.get(path).status_code == 200, path
+
+    # several tokens (rotation): each one works; none configured: nobody gets in
+    rotated = Settings(
+        settings.signing_secrets, settings.database, ("old-token", API_TOKEN), 1 << 20
+    )
+    with TestClient(create_app(rotated, log), raise_server_exceptions=False) as client:
+        for token in ("old-token", API_TOKEN):
+            assert (
+                client.get("/v1/events", headers={"Authorization": f"Bearer {token}"}).status_code
+                == 200
+            )
+    closed = Settings(settings.signing_secrets, settings.database, (), 1 << 20)
+    with TestClient(create_app(closed, log), raise_server_exceptions=False) as client:
+        response = client.get("/v1/events", headers=AUTH)
+        assert response.status_code == 401
+        assert "AUDIT_API_TOKENS" in response.json()["error"]["message"]
+
+
+# -- exports --------------------------------------------------------------------------------------
+
+
+def _csv_rows(response: Response) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(response.text)))
+
+
+def test_exports_stream_the_whole_filtered_result(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(read, "EXPORT_PAGE_ROWS", 4)  # many pages, not one
+    events = world.walk("/v1/events", limit=500)
+    response = world.get("/v1/events", {"format": "csv", "limit": 1})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/csv")
+    assert 'filename="events.csv"' in response.headers["content-disposition"]
+    rows = _csv_rows(response)
+    assert [row["id"] for row in rows] == _ids(events)
+    assert json.loads(rows[0]["data"]) == events[0]["data"]
+    assert rows[0]["actor_ip"] == (events[0]["actor"]["ip"] or "")
+
+    accept = world.get("/v1/events", {"type": "user.*"}, {"Accept": "text/csv"})
+    assert accept.headers["content-type"].startswith("text/csv")
+    assert [row["type"] for row in _csv_rows(accept)] == [
+        e["type"] for e in events if e["type"].startswith("user.")
+    ]
+    ndjson = world.get("/v1/events", {"format": "ndjson", "subject": FRESH_USER})
+    assert ndjson.headers["content-type"].startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in ndjson.text.splitlines()]
+    assert lines == world.walk("/v1/events", {"subject": FRESH_USER})
+
+    changes = world.walk("/v1/changes", limit=500)
+    change_rows = _csv_rows(world.get("/v1/changes", {"format": "csv"}))
+    assert [(int(r["position"]), r["subject_id"], r["field"]) for r in change_rows] == [
+        (c["position"], c["subject"]["id"], c["field"]) for c in changes
+    ]
+    rename = next(r for r in change_rows if r["subject_id"] == FRESH_USER and r["from"] == '"Ada"')
+    assert (rename["to"], rename["actor_ip"], rename["stale"]) == ('"Grace"', UPDATE_IP, "false")
+    filtered = world.get("/v1/changes", {"format": "ndjson", "field": "first_name"})
+    assert [json.loads(line) for line in filtered.text.splitlines()] == world.walk(
+        "/v1/changes", {"field": "first_name"}
+    )
+    # an export resumes from a cursor
+    first = world.ok("/v1/events", {"limit": 3})
+    rest = world.get("/v1/events", {"format": "ndjson", "cursor": first["next_cursor"]})
+    assert [json.loads(line)["id"] for line in rest.text.splitlines()] == _ids(events)[3:]
+    assert world.get("/v1/events", {"format": "json"}).json()["data"] == events[:50]
+
+
+def test_csv_cells_cannot_run_as_formulas() -> None:
+    assert read.csv_cell("=HYPERLINK(1)") == "'=HYPERLINK(1)"
+    assert read.csv_cell("@x") == "'@x"
+    assert read.csv_cell("plain") == "plain"
+    assert read.csv_cell(5) == 5
+
+
+# -- secrets out ----------------------------------------------------------------------------------
+
+
+def sample_secrets() -> list[str]:
+    """The literal secret values of the sample payloads (the OTP code apart: see below)."""
+    email = payload("email.created")["data"]
+    values = [email["body"], email["body_plain"], payload("sms.created")["data"]["message"]]
+    values += [
+        payload(f"organizationInvitation.{action}")["data"]["url"]
+        for action in ("created", "accepted", "revoked")
+    ]
+    return values
+
+
+def _needles(values: list[str]) -> list[str]:
+    needles: set[str] = set()
+    for value in values:
+        for form in (
+            value,
+            json.dumps(value)[1:-1],
+            json.dumps(value, ensure_ascii=False)[1:-1],
+            value.replace('"', '""'),
+        ):
+            needles.add(form)
+        needles.update(line.strip() for line in value.splitlines() if len(line.strip()) >= 12)
+    return sorted(needles)
+
+
+def assert_no_secrets(blob: bytes, where: str) -> None:
+    text = blob.decode()
+    # The code as a number of its own: the sample phone number +12345678901 contains it.
+    otp = payload("email.created")["data"]["data"]["otp_code"]
+    assert not re.search(rf"(?<![0-9]){re.escape(otp)}(?![0-9])", text), where
+    for needle in _needles(sample_secrets()):
+        assert needle not in text, (where, needle[:60])
+
+
+def test_no_response_or_export_contains_secrets(world: World) -> None:
+    bodies: dict[str, bytes] = {}
+
+    def collect(path: str, params: Any = None, headers: dict[str, str] | None = None) -> Any:
+        response = world.get(path, params, headers)
+        assert response.status_code == 200, (path, response.text)
+        bodies[f"{path} {params} {headers}"] = response.content
+        return (
+            response.json()
+            if response.headers["content-type"].startswith("application/json")
+            else None
+        )
+
+    def collect_all(path: str, params: dict[str, Any] | None = None) -> list[Any]:
+        items, cursor = [], None
+        while True:
+            page = collect(
+                path, {**(params or {}), "limit": 5, **({"cursor": cursor} if cursor else {})}
+            )
+            items += page["data"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return items
+
+    events = collect_all("/v1/events")
+    for event in events:
+        collect(f"/v1/events/{event['id']}")
+    for subject in {e["subject"]["id"] for e in events} | {SAMPLE_USER, SAMPLE_ORG}:
+        collect_all("/v1/events", {"subject": subject})
+    collect_all("/v1/changes")
+    collect_all("/v1/changes", {"field": "url"})
+    for user in (SAMPLE_USER, FRESH_USER):
+        collect(f"/v1/users/{user}")
+    for user, moment in ((SAMPLE_USER, "2024-05-28T08:05:00Z"), (FRESH_USER, T_CREATED + 1)):
+        collect(f"/v1/users/{user}", {"as_of": moment})
+        for sub in ("history", "sessions", "organizations"):
+            collect_all(f"/v1/users/{user}/{sub}")
+    collect(f"/v1/organizations/{SAMPLE_ORG}")
+    for moment in ("2024-05-28T08:00:00.018Z", "2024-05-28T08:05:00.018Z", "2030-01-01"):
+        collect(f"/v1/organizations/{SAMPLE_ORG}", {"as_of": moment})
+    for sub in ("members", "invitations", "domains", "history"):
+        collect_all(f"/v1/organizations/{SAMPLE_ORG}/{sub}")
+    collect_all(f"/v1/sessions/{SAMPLE_SESSION}/timeline")
+    for path in ("/v1/events", "/v1/changes"):
+        for fmt in ("csv", "ndjson"):
+            collect(path, {"format": fmt})
+        collect(path, None, {"Accept": "text/csv"})
+    # the secrets did reach the store, and the API shows that something was there
+    assert any(
+        e["data"].get("otp_code") == REDACTED
+        or (e["data"].get("data") or {}).get("otp_code") == REDACTED
+        for e in events
+    )
+    assert any(e["type"] == "sms.created" and e["data"]["message"] == REDACTED for e in events)
+    assert len(bodies) > 100
+    for where, body in bodies.items():
+        assert_no_secrets(body, where)
+
+
+def test_redaction_rules() -> None:
+    email = payload("email.created")["data"]
+    redacted = redact(email, "email.created")
+    assert redacted["body"] == redacted["body_plain"] == REDACTED
+    assert redacted["data"]["otp_code"] == REDACTED
+    assert "123456" not in redacted["subject"] and redacted["subject"].endswith("verification code")
+    assert redacted["data"]["app"]["url"] == email["data"]["app"]["url"]  # not an invitation url
+    assert email["body"] != REDACTED  # a copy: the input is untouched
+    sms = redact(payload("sms.created")["data"])
+    assert sms["message"] == REDACTED and sms["to_phone_number"] == "+19876543210"
+    invitation = redact(payload("organizationInvitation.created")["data"])
+    assert invitation["url"] == REDACTED and invitation["email_address"] == "jane.doe@acme.com"
+    stub = redact({"id": "orginv_1", "url": "https://x/?token=1"}, "organizationInvitation.revoked")
+    assert stub["url"] == REDACTED
+    assert redact({"object": "user", "url": "u", "message": "m", "body": "b"}) == {
+        "object": "user",
+        "url": "u",
+        "message": "m",
+        "body": "b",
+    }
+    assert redact({"a": [{"b": {"otp_code": 12}}]}) == {"a": [{"b": {"otp_code": REDACTED}}]}
+    assert redact_change("organization_invitation", "url", "https://x") == REDACTED
+    assert redact_change("organization_invitation", "status", "pending") == "pending"
+    assert redact_change("user", "url", "https://x") == "https://x"
+    assert redact_change("user", "private_metadata.otp_code", "1") == REDACTED
+    assert redact_change("user", "private_metadata", {"otp_code": "1"}) == {"otp_code": REDACTED}
+
+
+def test_cursor_codec() -> None:
+    token = encode_cursor("events", [42])
+    assert decode_cursor("events", token, (int,)) == (42,)
+    assert "=" not in token
+    for bad in ("", "%%%", "e30", encode_cursor("events", [1, 2]), "x" * 2000):
+        with pytest.raises(CursorError):
+            decode_cursor("events", bad, (int,))
+    with pytest.raises(CursorError):
+        decode_cursor("other", token, (int,))
+    with pytest.raises(CursorError):
+        decode_cursor("events", encode_cursor("events", [2**70]), (int,))
+    assert decode_cursor("x", encode_cursor("x", [None, "a"]), ((int, type(None)), str)) == (
+        None,
+        "a",
+    )
+
+
+def test_time_parameters_use_the_one_parser() -> None:
+    assert parse_time("2024-05-28T12:50:00Z") == T_UPDATED
+    assert format_time(T_UPDATED) == "2024-05-28T12:50:00.000Z"
+    assert parse_time(str(T_UPDATED)) == T_UPDATED
+
+
+# -- indexes --------------------------------------------------------------------------------------
+
+SYNTHETIC = 20_000
+
+
+def _fill(log: AuditLog) -> None:
+    """Many synthetic rows in the events and changes tables, so that planners prefer indexes."""
+    db = log.db
+    events = active_tables(db, "events")
+    objects = active_tables(db, "objects")
+    if db.dialect == "postgresql":
+        series = f"generate_series(1, {SYNTHETIC}) AS c(g)"
+        prefix = ""
+    else:
+        series = "c"
+        prefix = (
+            f"WITH RECURSIVE c(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM c "
+            f"WHERE g < {SYNTHETIC}) "
+        )
+    statements = [
+        f"{prefix}INSERT INTO {events['events']} (position, svix_id, type, subject_id,"
+        " subject_object, occurred_at, received_at, instance_id, actor, actor_ip, body)"
+        " SELECT 1000000 + g, 'msg_syn_' || g, 'syn.t' || (g % 30),"
+        " 'user_syn_' || (g % 3000), 'user', 1800000000000 + g * 1000, 1800000000000 + g * 1000,"
+        " 'ins_x', '{}', '10.0.0.' || (g % 200), '{\"data\": {}}'"
+        f" FROM {series}",
+        f"{prefix}INSERT INTO {events['event_subjects']} (clerk_id, position)"
+        f" SELECT 'user_syn_' || (g % 3000), 1000000 + g FROM {series}",
+        f"{prefix}INSERT INTO {objects['changes']} (position, object_id, field, from_value,"
+        " to_value, object_type, owner_id, event_id, type, occurred_at, received_at, actor,"
+        " actor_ip, stale)"
+        " SELECT 1000000 + g, 'user_syn_' || (g % 3000), 'field_' || (g % 50), '1', '2', 'user',"
+        " 'user_syn_' || (g % 3000), 'msg_syn_' || g, 'syn.t' || (g % 30),"
+        " 1800000000000 + g * 1000, 1800000000000 + g * 1000, '{}', '10.0.0.' || (g % 200), 0"
+        f" FROM {series}",
+        f"{prefix}INSERT INTO {objects['history']} (position, object_id, object_type, owner_id,"
+        " event_id, type, occurred_at, received_at, actor, stale, changes)"
+        " SELECT 1000000 + g, 'user_syn_' || (g % 3000), 'user', 'org_syn_' || (g % 100),"
+        " 'msg_syn_' || g, 'syn.updated', 1800000000000 + g * 1000, 1800000000000 + g * 1000,"
+        " '{}', 0, '[]'"
+        f" FROM {series}",
+    ]
+    with db.transaction() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+        if db.dialect == "postgresql":
+            for table in (
+                events["events"],
+                events["event_subjects"],
+                objects["changes"],
+                objects["history"],
+            ):
+                cursor.execute(f"ANALYZE {table}")
+        else:
+            cursor.execute("ANALYZE")
+
+
+def test_documented_filters_use_indexes(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = world.log.db
+    _fill(world.log)
+    original = db.fetchall
+    seen: list[tuple[str, list[Any]]] = []
+
+    def spy(statement: str, params: Any = ()) -> list[Any]:
+        seen.append((statement, list(params)))
+        return original(statement, params)
+
+    monkeypatch.setattr(db, "fetchall", spy)
+    mid = 1_800_000_000_000 + SYNTHETIC * 500
+    tf = queries.TypeFilter.parse
+    calls = [
+        lambda: queries.events_page(db, queries.EventFilters(), after=None, limit=50),
+        lambda: queries.events_page(db, queries.EventFilters(), after=(1_010_000,), limit=50),
+        lambda: queries.events_page(
+            db, queries.EventFilters(types=tf(["syn.t7"])), after=(1_005_000,), limit=50
+        ),
+        lambda: queries.events_page(
+            db, queries.EventFilters(types=tf(["syn.t7", "syn.t8"])), after=None, limit=50
+        ),
+        lambda: queries.events_page(
+            db, queries.EventFilters(types=tf(["syn.t1", "nothing.*"])), after=None, limit=50
+        ),
+        lambda: queries.events_page(
+            db, queries.EventFilters(types=tf(["syn.*"])), after=None, limit=50
+        ),
+        lambda: queries.events_page(
+            db, queries.EventFilters(subject="user_syn_17"), after=(1_000_100,), limit=50
+        ),
+        lambda: queries.events_page(
+            db,
+            queries.EventFilters(subject="user_syn_17", types=tf(["syn.t17"]), since=mid),
+            after=None,
+            limit=50,
+        ),
+        lambda: queries.events_page(
+            db, queries.EventFilters(since=mid, until=mid + 60_000), after=None, limit=50
+        ),
+        lambda: queries.events_page(db, queries.EventFilters(since=mid), after=None, limit=50),
+        lambda: queries.events_page(
+            db, queries.EventFilters(until=mid), after=None, limit=50, upto=1_015_000
+        ),
+        lambda: queries.changes_page(db, queries.ChangeFilters(), after=None, limit=50),
+        lambda: queries.changes_page(
+            db, queries.ChangeFilters(), after=(1_010_000, "user_syn_1", "field_1"), limit=50
+        ),
+        lambda: queries.changes_page(
+            db, queries.ChangeFilters(subject="user_syn_17"), after=None, limit=50
+        ),
+        lambda: queries.changes_page(
+            db,
+            queries.ChangeFilters(fields=("field_3",)),
+            after=(1_010_000, "user_syn_1", "field_3"),
+            limit=50,
+        ),
+        lambda: queries.changes_page(
+            db, queries.ChangeFilters(fields=("field_3", "field_4")), after=None, limit=50
+        ),
+        lambda: queries.changes_page(
+            db, queries.ChangeFilters(actor_ip="10.0.0.9"), after=None, limit=50
+        ),
+        lambda: queries.changes_page(
+            db, queries.ChangeFilters(types=tf(["syn.*", "syn.t3"])), after=None, limit=50
+        ),
+        lambda: queries.changes_page(
+            db, queries.ChangeFilters(since=mid, until=mid + 60_000), after=None, limit=50
+        ),
+        lambda: queries.changes_page(
+            db,
+            queries.ChangeFilters(subject="user_syn_17", fields=("field_17",), since=mid),
+            after=None,
+            limit=50,
+        ),
+        lambda: queries.history_page(
+            db, by="object_id", clerk_id="user_syn_5", after=None, limit=50
+        ),
+        lambda: queries.history_page(
+            db, by="owner_id", clerk_id="org_syn_5", after=(1_010_000, "user_syn_5"), limit=50
+        ),
+    ]
+    big_tables = ("events", "event_subjects", "changes", "history")
+    for call in calls:
+        seen.clear()
+        call()
+        for statement, params in seen:
+            if not any(f"_{name}" in statement for name in big_tables):
+                continue
+            if db.dialect == "postgresql":
+                plan = "\n".join(
+                    row["QUERY PLAN"] for row in original(f"EXPLAIN {statement}", params)
+                )
+                assert "Seq Scan" not in plan, (statement, plan)
+            else:
+                details = [
+                    row["detail"] for row in original(f"EXPLAIN QUERY PLAN {statement}", params)
+                ]
+                full_scans = [d for d in details if re.fullmatch(r"SCAN (?!c\b|t\b|b\d+\b)\S+", d)]
+                assert not full_scans, (statement, details)
+
+
+def test_before_any_projection_ran_reads_answer_503(client: TestClient) -> None:
+    """A store whose read models were never built (no projector has run against it)."""
+    response = client.get("/v1/events", headers=AUTH)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "projection_not_ready"
+    assert response.headers["retry-after"]
+    assert client.get("/v1/users/user_x", headers=AUTH).status_code == 503
