@@ -237,8 +237,8 @@ class AuditLog(Application[UUID]):
         marker: DeliveryMarker = self.repository.get(delivery_marker_id(delivery.svix_id))
         if marker.sha256 != delivery.sha256:
             return Conflict(delivery.svix_id)
-        key = (marker.stream_id, marker.stream_version)
-        position = self.db.positions_of([key])[key]
+        position = self.db.position_of(marker.stream_id, marker.stream_version)
+        assert position is not None, "a marker is written in the same transaction as its event"
         return Duplicate(delivery.svix_id, position)
 
     # -- reading ---------------------------------------------------------------------------

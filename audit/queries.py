@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from audit.projections.base import Tables
+from audit.projections.base import Tables, from_json
 from audit.projections.runner import UnknownProjection, active_tables
 from audit.storage import Db, StoreUnavailable
 
@@ -226,10 +226,6 @@ def _resolve_types(db: Db, table: str, types: TypeFilter) -> list[str]:
     return names
 
 
-def _json(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
 # -- events ---------------------------------------------------------------------------------------
 
 _EVENT_COLUMNS = (
@@ -250,7 +246,7 @@ def _event(row: Any) -> dict[str, Any]:
         "occurred_at": row["occurred_at"],
         "received_at": row["received_at"],
         "instance_id": row["instance_id"],
-        "actor": _json(row["actor"]),
+        "actor": from_json(row["actor"]),
         "data": body.get("data") if isinstance(body, dict) else None,
     }
 
@@ -351,7 +347,7 @@ def _current(row: Any) -> dict[str, Any]:
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
         "position": row["position"],
-        "view": _json(row["view"]),
+        "view": from_json(row["view"]),
     }
 
 
@@ -428,7 +424,8 @@ _HISTORY_COLUMNS = (
 )
 
 
-def _history(row: Any) -> dict[str, Any]:
+def _versioned_event(row: Any) -> dict[str, Any]:
+    """What history and change rows both say about the event that versioned an object."""
     return {
         "position": row["position"],
         "object_id": row["object_id"],
@@ -438,10 +435,13 @@ def _history(row: Any) -> dict[str, Any]:
         "type": row["type"],
         "occurred_at": row["occurred_at"],
         "received_at": row["received_at"],
-        "actor": _json(row["actor"]),
+        "actor": from_json(row["actor"]),
         "stale": bool(row["stale"]),
-        "changes": _json(row["changes"]),
     }
+
+
+def _history(row: Any) -> dict[str, Any]:
+    return {**_versioned_event(row), "changes": from_json(row["changes"])}
 
 
 def history_page(
@@ -484,19 +484,10 @@ _CHANGE_COLUMNS = (
 
 def _change(row: Any) -> dict[str, Any]:
     return {
-        "position": row["position"],
-        "object_id": row["object_id"],
-        "object_type": row["object_type"],
-        "owner_id": row["owner_id"],
+        **_versioned_event(row),
         "field": row["field"],
-        "from": _json(row["from_value"]),
-        "to": _json(row["to_value"]),
-        "event_id": row["event_id"],
-        "type": row["type"],
-        "occurred_at": row["occurred_at"],
-        "received_at": row["received_at"],
-        "actor": _json(row["actor"]),
-        "stale": bool(row["stale"]),
+        "from": from_json(row["from_value"]),
+        "to": from_json(row["to_value"]),
     }
 
 
@@ -576,8 +567,8 @@ def _timeline_entry(row: Any) -> dict[str, Any]:
         "event_id": row["event_id"],
         "type": row["type"],
         "status": row["status"],
-        "actor": _json(row["actor"]),
-        "activity": _json(row["activity"]),
+        "actor": from_json(row["actor"]),
+        "activity": from_json(row["activity"]),
     }
 
 

@@ -121,6 +121,7 @@ def postgres_connect_args(database: PostgresDatabase) -> dict[str, Any]:
 
 class Cursor(Protocol):
     def execute(self, statement: Any, params: Any = ...) -> Any: ...
+    def executemany(self, statement: Any, params_seq: Any) -> Any: ...
     def fetchall(self) -> Any: ...
     def fetchone(self) -> Any: ...
 
@@ -208,18 +209,14 @@ class Db:
     def position_column(self) -> str:
         return "rowid" if self.dialect == "sqlite" else "notification_id"
 
-    def positions_of(self, keys: Sequence[tuple[UUID, int]]) -> dict[tuple[UUID, int], int]:
-        """The store positions (notification ids) of stored events, by (stream, version)."""
-        found: dict[tuple[UUID, int], int] = {}
-        for stream, version in keys:
-            row = self.fetchone(
-                f"SELECT {self.position_column} AS position FROM {self.table(self.events_table)} "
-                "WHERE originator_id = %s AND originator_version = %s",
-                (self.stream_key(stream), version),
-            )
-            if row is not None:
-                found[(stream, version)] = row["position"]
-        return found
+    def position_of(self, stream: UUID, version: int) -> int | None:
+        """The store position (notification id) of one stored event."""
+        row = self.fetchone(
+            f"SELECT {self.position_column} AS position FROM {self.table(self.events_table)} "
+            "WHERE originator_id = %s AND originator_version = %s",
+            (self.stream_key(stream), version),
+        )
+        return None if row is None else row["position"]
 
     def existing_streams(self, streams: Sequence[UUID]) -> set[UUID]:
         """Which of these streams have at least one event (used for delivery markers)."""

@@ -260,7 +260,7 @@ class UserState:
         return self._stream.entries(object_id)
 
     def view(self) -> dict[str, Any]:
-        sessions = [_session_view(sid, versions) for sid, versions in self.sessions.items()]
+        sessions = [session_view(sid, versions) for sid, versions in self.sessions.items()]
         return {
             "id": self.user_id,
             "deleted": self.user.deleted,
@@ -294,7 +294,7 @@ class UserState:
         return state
 
 
-def _session_view(session_id: str, versions: ObjectVersions) -> dict[str, Any]:
+def session_view(session_id: str, versions: ObjectVersions) -> dict[str, Any]:
     data = versions.as_data() or {}
     status = data.get("status")
     activity = data.get("latest_activity")
@@ -366,12 +366,12 @@ class OrganizationState:
 
     def view(self) -> dict[str, Any]:
         members = [
-            _membership_view(mid, versions)
+            membership_view(mid, versions)
             for mid, versions in self.memberships.items()
             if not versions.deleted
         ]
-        invitations = [_invitation_view(iid, v) for iid, v in self.invitations.items()]
-        domains = [_domain_view(did, v) for did, v in self.domains.items()]
+        invitations = [invitation_view(iid, v) for iid, v in self.invitations.items()]
+        domains = [domain_view(did, v) for did, v in self.domains.items()]
         return {
             "id": self.organization_id,
             "deleted": self.organization.deleted,
@@ -405,7 +405,7 @@ class OrganizationState:
         return state
 
 
-def _membership_view(membership_id: str, versions: ObjectVersions) -> dict[str, Any]:
+def membership_view(membership_id: str, versions: ObjectVersions) -> dict[str, Any]:
     data = versions.as_data() or {}
     public_user_data = data.get("public_user_data")
     return {
@@ -422,7 +422,7 @@ def _membership_view(membership_id: str, versions: ObjectVersions) -> dict[str, 
     }
 
 
-def _invitation_view(invitation_id: str, versions: ObjectVersions) -> dict[str, Any]:
+def invitation_view(invitation_id: str, versions: ObjectVersions) -> dict[str, Any]:
     data = versions.as_data() or {}
     status = _str(data.get("status"))
     current = versions.current
@@ -438,7 +438,7 @@ def _invitation_view(invitation_id: str, versions: ObjectVersions) -> dict[str, 
     }
 
 
-def _domain_view(domain_id: str, versions: ObjectVersions) -> dict[str, Any]:
+def domain_view(domain_id: str, versions: ObjectVersions) -> dict[str, Any]:
     data = versions.as_data() or {}
     return {
         "id": domain_id,

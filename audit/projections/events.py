@@ -58,8 +58,7 @@ class EventIndex(Projection):
                 delivery.body,
             ],
         )
-        for clerk_id in related_ids(delivery.type, delivery.data):
-            cursor.execute(
-                db.sql(f"INSERT INTO {t['event_subjects']} (clerk_id, position) VALUES (%s, %s)"),
-                [clerk_id, event.position],
-            )
+        cursor.executemany(
+            db.sql(f"INSERT INTO {t['event_subjects']} (clerk_id, position) VALUES (%s, %s)"),
+            [[clerk_id, event.position] for clerk_id in related_ids(delivery.type, delivery.data)],
+        )

@@ -15,11 +15,11 @@ from audit.aggregates.actor import actor_of
 from audit.aggregates.changes import Change
 from audit.aggregates.routing import organization_id_of
 from audit.aggregates.state import (
-    _domain_view,
-    _invitation_view,
-    _membership_view,
-    _session_view,
+    domain_view,
+    invitation_view,
+    membership_view,
     object_type_of,
+    session_view,
 )
 from audit.aggregates.versions import ObjectVersions, Version, place
 from audit.projections.base import Projection, StoredDelivery, Tables, from_json, to_json
@@ -49,10 +49,10 @@ def _profile_view(object_id: str, versions: ObjectVersions) -> dict[str, Any]:
 VIEW_OF_TABLE = {
     "users": _profile_view,
     "organizations": _profile_view,
-    "sessions": _session_view,
-    "memberships": _membership_view,
-    "invitations": _invitation_view,
-    "domains": _domain_view,
+    "sessions": session_view,
+    "memberships": membership_view,
+    "invitations": invitation_view,
+    "domains": domain_view,
 }
 
 
@@ -256,14 +256,15 @@ class ObjectsProjection(Projection):
                 to_json(changes),
             ],
         )
-        for change in changes:
-            cursor.execute(
-                db.sql(
-                    f"INSERT INTO {t['changes']} (position, object_id, field, from_value, to_value,"
-                    " object_type, owner_id, event_id, type, occurred_at, received_at, actor,"
-                    " actor_ip, stale) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
-                    " %s, %s)"
-                ),
+        if not changes:
+            return
+        cursor.executemany(
+            db.sql(
+                f"INSERT INTO {t['changes']} (position, object_id, field, from_value, to_value,"
+                " object_type, owner_id, event_id, type, occurred_at, received_at, actor,"
+                " actor_ip, stale) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            ),
+            [
                 [
                     row["position"],
                     row["object_id"],
@@ -279,8 +280,10 @@ class ObjectsProjection(Projection):
                     row["actor"],
                     row["actor_ip"],
                     row["stale"],
-                ],
-            )
+                ]
+                for change in changes
+            ],
+        )
 
     def _rewrite_successor(
         self,

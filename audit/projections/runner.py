@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from audit.storage import Cursor, Db, EventWaiter, setup_lock
 log = logging.getLogger("audit.projections")
 
 BATCH_SIZE = 500
+DECODED_CACHE_SIZE = 4 * BATCH_SIZE
 MARKER_TOPIC = DeliveryMarker.Created.TOPIC
 
 
@@ -67,6 +69,8 @@ class Projector:
         self.db: Db = audit_log.db
         self.projections = {p.name: p for p in (projections or all_projections())}
         self.batch_size = batch_size
+        # Every projection reads the same events: decode each once, not once per projection.
+        self._decoded: OrderedDict[int, StoredDelivery] = OrderedDict()
         self.tracking_table = (
             "tracking" if self.db.dialect == "sqlite" else f"{audit_log.name.lower()}_tracking"
         )
@@ -225,6 +229,10 @@ class Projector:
         return list(cursor.fetchall())
 
     def decode(self, row: Any) -> StoredDelivery:
+        position = row["position"]
+        cached = self._decoded.get(position)
+        if cached is not None:
+            return cached
         stored = StoredEvent(
             originator_id=row["originator_id"],
             originator_version=row["originator_version"],
@@ -233,7 +241,11 @@ class Projector:
         )
         event = self.log.mapper.to_domain_event(stored)
         assert isinstance(event, RecordedDelivery)
-        return StoredDelivery(position=row["position"], delivery=event.delivery())
+        decoded = StoredDelivery(position=position, delivery=event.delivery())
+        self._decoded[position] = decoded
+        while len(self._decoded) > DECODED_CACHE_SIZE:
+            self._decoded.popitem(last=False)
+        return decoded
 
     def _apply(
         self, cursor: Cursor, projection: Projection, tables: Tables, generation: int, row: Any
