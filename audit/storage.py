@@ -187,6 +187,12 @@ class Db:
         except UNAVAILABLE_ERRORS as exc:
             raise StoreUnavailable(str(exc)) from exc
 
+    def pipeline(self, cursor: Cursor) -> contextlib.AbstractContextManager[Any]:
+        """Send statements without waiting for each answer (PostgreSQL); nothing on SQLite."""
+        if self.dialect == "postgresql":
+            return cursor.connection.pipeline()  # type: ignore[attr-defined]
+        return contextlib.nullcontext()
+
     def fetchall(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
         with self.reader() as cursor:
             cursor.execute(self.sql(statement), list(params))

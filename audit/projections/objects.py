@@ -199,19 +199,15 @@ class ObjectsProjection(Projection):
         self, cursor: Cursor, t: Tables, db: Db, object_id: str, new: Version
     ) -> tuple[Version | None, Version | None]:
         key = self._key(new)
-        found: list[Version | None] = []
-        for comparison, order in (("<", "DESC"), (">", "ASC")):
-            cursor.execute(
-                db.sql(
-                    f"SELECT {_VERSION_COLUMNS} FROM {t['versions']} WHERE object_id = %s"
-                    f" AND (k1, k2, k3) {comparison} (%s, %s, %s)"
-                    f" ORDER BY k1 {order}, k2 {order}, k3 {order} LIMIT 1"
-                ),
-                [object_id, *key],
-            )
-            row = cursor.fetchone()
-            found.append(_version_from_row(row) if row else None)
-        return found[0], found[1]
+        sides = [
+            f"SELECT * FROM (SELECT '{side}' AS side, {_VERSION_COLUMNS} FROM {t['versions']}"
+            f" WHERE object_id = %s AND (k1, k2, k3) {comparison} (%s, %s, %s)"
+            f" ORDER BY k1 {order}, k2 {order}, k3 {order} LIMIT 1) AS {side}"
+            for side, comparison, order in (("before", "<", "DESC"), ("after", ">", "ASC"))
+        ]
+        cursor.execute(db.sql(" UNION ALL ".join(sides)), [object_id, *key, object_id, *key])
+        found = {row["side"]: _version_from_row(row) for row in cursor.fetchall()}
+        return found.get("before"), found.get("after")
 
     def _insert_version(
         self, cursor: Cursor, t: Tables, db: Db, object_id: str, version: Version
@@ -347,12 +343,16 @@ class ObjectsProjection(Projection):
             position,
             to_json(view),
         ]
-        cursor.execute(db.sql(f"DELETE FROM {t[table]} WHERE id = %s"), [object_id])
         cursor.execute(
             db.sql(
                 f"INSERT INTO {t[table]} (id, owner_id, user_id, organization_id, status, deleted,"
                 " created_at, updated_at, position, view)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (id) DO UPDATE SET owner_id = excluded.owner_id,"
+                " user_id = excluded.user_id, organization_id = excluded.organization_id,"
+                " status = excluded.status, deleted = excluded.deleted,"
+                " created_at = excluded.created_at, updated_at = excluded.updated_at,"
+                " position = excluded.position, view = excluded.view"
             ),
             values,
         )

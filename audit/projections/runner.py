@@ -46,6 +46,10 @@ class UnknownProjection(LookupError):
     pass
 
 
+class _PoisonInBatch(Exception):
+    """An event of the batch failed: apply the batch again, one guarded event at a time."""
+
+
 @dataclass(frozen=True)
 class Registration:
     name: str
@@ -191,7 +195,21 @@ class Projector:
     # -- applying events -------------------------------------------------------------------
 
     def step(self, projection: Projection, generation: int, limit: int | None = None) -> int:
-        """Apply the next batch to one generation, exactly once. Returns events read."""
+        """Apply the next batch to one generation, exactly once. Returns events read.
+
+        The batch is first applied in one go (pipelined on PostgreSQL). If any event in it
+        fails, that transaction is rolled back whole and the batch is applied again event by
+        event under savepoints, so the poison event is recorded and skipped and the rest apply:
+        the common case pays no per-event savepoint round trips.
+        """
+        try:
+            return self._step(projection, generation, limit, careful=False)
+        except _PoisonInBatch:
+            return self._step(projection, generation, limit, careful=True)
+
+    def _step(
+        self, projection: Projection, generation: int, limit: int | None, *, careful: bool
+    ) -> int:
         tables = Tables(self.db, projection.name, generation)
         key = tracking_key(projection.name, generation)
         with self.db.transaction() as cursor:
@@ -208,10 +226,17 @@ class Projector:
                 return 0  # this generation was switched away or dropped meanwhile
             position = found["notification_id"]
             rows = self._read_after(cursor, position, limit or self.batch_size)
-            for row in rows:
-                if row["topic"] == MARKER_TOPIC:
-                    continue
-                self._apply(cursor, projection, tables, generation, row)
+            deliveries = [row for row in rows if row["topic"] != MARKER_TOPIC]
+            if careful:
+                for row in deliveries:
+                    self._apply_guarded(cursor, projection, tables, generation, row)
+            else:
+                try:
+                    with self.db.pipeline(cursor):
+                        for row in deliveries:
+                            projection.handle(cursor, tables, self.db, self.decode(row))
+                except Exception as exc:
+                    raise _PoisonInBatch() from exc
             if rows:
                 self.tracking._insert_tracking(cursor, Tracking(key, rows[-1]["position"]))
             return len(rows)
@@ -247,7 +272,7 @@ class Projector:
             self._decoded.popitem(last=False)
         return decoded
 
-    def _apply(
+    def _apply_guarded(
         self, cursor: Cursor, projection: Projection, tables: Tables, generation: int, row: Any
     ) -> None:
         cursor.execute("SAVEPOINT projection_event")
@@ -316,7 +341,7 @@ class Projector:
             rows = self._read_after(cursor, position, 1_000_000_000)
             for row in rows:
                 if row["topic"] != MARKER_TOPIC:
-                    self._apply(cursor, projection, tables, generation, row)
+                    self._apply_guarded(cursor, projection, tables, generation, row)
             if rows:
                 self.tracking._insert_tracking(
                     cursor,
