@@ -164,20 +164,25 @@ class AuditLog(Application[UUID]):
 
     def _append(self, deliveries: Sequence[Delivery]) -> dict[str, Outcome]:
         """Append fresh deliveries and their markers in one transaction."""
-        next_version: dict[UUID, int] = {}
+        refs = [self._stream_of(delivery) for delivery in deliveries]
+        next_version = {
+            stream: version + 1
+            for stream, version in self._last_versions({ref.stream_id for ref in refs}).items()
+        }
         events: list[Any] = []
         placed: list[tuple[Delivery, UUID, int]] = []
-        for delivery in deliveries:
-            ref = self._stream_of(delivery)
+        for delivery, ref in zip(deliveries, refs, strict=True):
             stream = ref.stream_id
-            version = next_version.get(stream) or self._last_version(stream) + 1
+            version = next_version[stream]
             next_version[stream] = version + 1
             events.append(recorded_event(ref.kind, stream, version, delivery))
             events.append(
                 marker_event(delivery_marker_id(delivery.svix_id), delivery, stream, version)
             )
             placed.append((delivery, stream, version))
-        recordings = self.save(*events)
+        # Straight to the event store: these are events, not aggregates, so save()'s collecting
+        # (a runtime protocol check per event) and snapshotting have nothing to do.
+        recordings = self.events.put(events)
         position_of = {
             (r.domain_event.originator_id, r.domain_event.originator_version): r.notification.id
             for r in recordings
@@ -220,13 +225,15 @@ class AuditLog(Application[UUID]):
         if owners:
             self.db.remember_owners(owners)
 
-    def _last_version(self, stream: UUID) -> int:
+    def _last_versions(self, streams: set[UUID]) -> dict[UUID, int]:
+        """The last stored version of each stream (0 for a new one): cached, else one query."""
         with self._versions_lock:
-            cached = self._versions.get(stream)
-        if cached is not None:
-            return cached
-        events = self.recorder.select_events(stream, desc=True, limit=1)
-        return events[0].originator_version if events else 0
+            known = {s: self._versions[s] for s in streams if s in self._versions}
+        unknown = [s for s in streams if s not in known]
+        if unknown:
+            found = self.db.last_versions(unknown)
+            known.update({stream: found.get(stream, 0) for stream in unknown})
+        return known
 
     def _forget_versions(self, deliveries: Iterable[Delivery]) -> None:
         with self._versions_lock:

@@ -117,8 +117,9 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
                 known = ", ".join(projector.projections)
                 print(f"{name}: no such projection (known: {known})", file=sys.stderr)
                 return EXIT_NOT_FOUND
-            total = next(r["lag"] for r in projector.status() if r["name"] == name)
-            with tqdm(total=total, desc=f"{name} g{generation}", unit="ev") as bar:
+            # Progress counts stored records read (deliveries and their markers), by position.
+            total = log.recorder.max_notification_id() or 0
+            with tqdm(total=total, desc=f"{name} g{generation}", unit=" records") as bar:
                 projector.catch_up(projector.projections[name], progress=lambda _, n: bar.update(n))
             print(f"{name}: reads switched to generation {generation}")
         return 0

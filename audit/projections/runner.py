@@ -35,6 +35,7 @@ log = logging.getLogger("audit.projections")
 
 BATCH_SIZE = 500
 DECODED_CACHE_SIZE = 4 * BATCH_SIZE
+COALESCE_SECONDS = 0.25
 MARKER_TOPIC = DeliveryMarker.Created.TOPIC
 
 
@@ -316,18 +317,28 @@ class Projector:
         if registration.building_generation is not None and (
             registration.building_version == projection.version
         ):
-            while count := self.step(projection, registration.building_generation):
-                total += count
-                if progress:
-                    progress(projection.name, count)
+            total += self._drain(projection, registration.building_generation, progress)
             self._switch(projection, registration.building_generation)
             registration = self.registration(projection.name)
         if registration.version == projection.version:
-            while count := self.step(projection, registration.generation):
-                total += count
-                if progress:
-                    progress(projection.name, count)
+            total += self._drain(projection, registration.generation, progress)
         return total
+
+    def _drain(
+        self,
+        projection: Projection,
+        generation: int,
+        progress: Callable[[str, int], None] | None,
+    ) -> int:
+        """Step until a batch comes back short: the end of the store at that moment."""
+        total = 0
+        while True:
+            count = self.step(projection, generation)
+            total += count
+            if progress and count:
+                progress(projection.name, count)
+            if count < self.batch_size:
+                return total
 
     def _switch(self, projection: Projection, generation: int) -> None:
         """Point reads at a caught-up build, in one transaction, and drop the old tables."""
@@ -381,10 +392,20 @@ class Projector:
     def run_forever(self, stop: threading.Event, *, poll_seconds: float = 0.5) -> None:
         """Follow the store until `stop` is set: LISTEN/NOTIFY on PostgreSQL, polling always."""
         waiter = EventWaiter(self.log.database, self.db.events_table.replace(".", "_"))
+        caught_up_to: int | None = None
         try:
             while not stop.is_set():
                 try:
-                    if self.run_once():
+                    # One cheap query instead of a locking transaction per projection when
+                    # nothing has arrived since the last catch-up.
+                    head = self.log.recorder.max_notification_id()
+                    if head != caught_up_to:
+                        applied = self.run_once()
+                        caught_up_to = head
+                        if applied < self.batch_size:
+                            # A trickle, not a backlog: let the next burst gather, so that it
+                            # is applied as one batch rather than event by event.
+                            stop.wait(COALESCE_SECONDS)
                         continue
                 except Exception:  # the database went away, or a build raced: retry shortly
                     log.exception("projection runner: step failed; retrying")
