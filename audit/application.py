@@ -118,18 +118,17 @@ class AuditLog(Application[UUID]):
         first_of: dict[str, Delivery] = {}
         for delivery in deliveries:
             first_of.setdefault(delivery.svix_id, delivery)
-        markers = {svix_id: delivery_marker_id(svix_id) for svix_id in first_of}
-        already = self.db.existing_streams(list(markers.values()))
+        refs, versions = self._look_up(list(first_of.values()))
         outcomes: dict[str, Outcome] = {}
         fresh: list[Delivery] = []
         for svix_id, delivery in first_of.items():
-            if markers[svix_id] in already:
+            if versions[delivery_marker_id(svix_id)]:
                 outcomes[svix_id] = self._outcome_of_existing(delivery)
             else:
                 fresh.append(delivery)
         if fresh:
             try:
-                outcomes.update(self._append(fresh))
+                outcomes.update(self._append(fresh, refs, versions))
             except IntegrityError:
                 # A race with another connection or process: settle each one on its own.
                 self._forget_versions(fresh)
@@ -154,24 +153,38 @@ class AuditLog(Application[UUID]):
 
     def _record_one(self, delivery: Delivery) -> Outcome:
         for _ in range(MAX_STREAM_CONFLICT_RETRIES):
-            if self.db.existing_streams([delivery_marker_id(delivery.svix_id)]):
+            refs, versions = self._look_up([delivery])
+            if versions[delivery_marker_id(delivery.svix_id)]:
                 return self._outcome_of_existing(delivery)
             try:
-                return self._append([delivery])[delivery.svix_id]
+                return self._append([delivery], refs, versions)[delivery.svix_id]
             except IntegrityError:
                 self._forget_versions([delivery])
         raise StoreUnavailable("the stream kept changing under this delivery; retry later")
 
-    def _append(self, deliveries: Sequence[Delivery]) -> dict[str, Outcome]:
+    def _look_up(
+        self, deliveries: Sequence[Delivery]
+    ) -> tuple[dict[str, StreamRef], dict[UUID, int]]:
+        """Where each delivery goes, and in one query the last version of each stream involved:
+        its owning stream's, and its delivery marker's (1 when the svix-id is recorded already).
+        """
+        refs = {delivery.svix_id: self._stream_of(delivery) for delivery in deliveries}
+        streams = {ref.stream_id for ref in refs.values()}
+        streams |= {delivery_marker_id(delivery.svix_id) for delivery in deliveries}
+        return refs, self._last_versions(streams)
+
+    def _append(
+        self,
+        deliveries: Sequence[Delivery],
+        refs: dict[str, StreamRef],
+        versions: dict[UUID, int],
+    ) -> dict[str, Outcome]:
         """Append fresh deliveries and their markers in one transaction."""
-        refs = [self._stream_of(delivery) for delivery in deliveries]
-        next_version = {
-            stream: version + 1
-            for stream, version in self._last_versions({ref.stream_id for ref in refs}).items()
-        }
+        next_version = {ref.stream_id: versions[ref.stream_id] + 1 for ref in refs.values()}
         events: list[Any] = []
         placed: list[tuple[Delivery, UUID, int]] = []
-        for delivery, ref in zip(deliveries, refs, strict=True):
+        for delivery in deliveries:
+            ref = refs[delivery.svix_id]
             stream = ref.stream_id
             version = next_version[stream]
             next_version[stream] = version + 1

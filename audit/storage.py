@@ -286,18 +286,6 @@ class Db:
         )
         return {UUID(str(row["stream"])): row["version"] for row in rows}
 
-    def existing_streams(self, streams: Sequence[UUID]) -> set[UUID]:
-        """Which of these streams have at least one event (used for delivery markers)."""
-        if not streams:
-            return set()
-        marks = ",".join(["%s"] * len(streams))
-        rows = self.fetchall(
-            f"SELECT DISTINCT originator_id AS stream FROM {self.table(self.events_table)} "
-            f"WHERE originator_version = 1 AND originator_id IN ({marks})",
-            [self.stream_key(stream) for stream in streams],
-        )
-        return {UUID(str(row["stream"])) for row in rows}
-
     def create_owner_index(self) -> None:
         with self.transaction() as cursor:
             cursor.execute(
