@@ -112,6 +112,7 @@ class AuditLog(Application[UUID]):
         try:
             return self._record_batch(deliveries)
         except UNAVAILABLE_ERRORS as exc:
+            self.db.heal()
             raise StoreUnavailable(str(exc)) from exc
 
     def _record_batch(self, deliveries: Sequence[Delivery]) -> list[Outcome]:

@@ -125,7 +125,6 @@ def eventsourcing_env(database: Database) -> dict[str, str]:
         "POSTGRES_CONNECT_TIMEOUT": "3",
         "POSTGRES_LOCK_TIMEOUT": "10",
         "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "30",
-        "POSTGRES_PRE_PING": "y",
         "APPLICATION_RECORDER_TOPIC": f"{__name__}:AuditPostgresRecorder",
     }
 
@@ -223,6 +222,7 @@ class Db:
                 with self.datastore.transaction(commit=True) as cursor:
                     yield cursor
         except UNAVAILABLE_ERRORS as exc:
+            self.heal()
             raise StoreUnavailable(str(exc)) from exc
 
     @contextmanager
@@ -236,7 +236,19 @@ class Db:
                 with self.datastore.get_connection() as conn, conn.cursor() as cursor:
                     yield cursor
         except UNAVAILABLE_ERRORS as exc:
+            self.heal()
             raise StoreUnavailable(str(exc)) from exc
+
+    def heal(self) -> None:
+        """After a lost connection, drop the pool's other broken ones now.
+
+        Checking every connection on checkout (pre-ping) would cost a round trip per
+        transaction; instead the first failure has the pool test its idle connections, so the
+        requests after the database comes back do not trip over dead ones.
+        """
+        if self.dialect == "postgresql":
+            with contextlib.suppress(Exception):
+                self.datastore.pool.check()
 
     def pipeline(self, cursor: Cursor) -> contextlib.AbstractContextManager[Any]:
         """Send statements without waiting for each answer (PostgreSQL); nothing on SQLite."""
