@@ -83,7 +83,8 @@ class User(Aggregate):
     class Recorded(RecordedDelivery):
         TOPIC = "clerk-audit:User.Recorded"
 
-    state: UserState
+    # `state` (a UserState) is set by Created.apply: a class-level annotation would make
+    # eventsourcing expect it as a constructor argument.
 
     def fold(self, delivery: Delivery, seq: int) -> None:
         self.state.apply(delivery, seq)
@@ -107,7 +108,7 @@ class Organization(Aggregate):
     class Recorded(RecordedDelivery):
         TOPIC = "clerk-audit:Organization.Recorded"
 
-    state: OrganizationState
+    # `state` (an OrganizationState) is set by Created.apply.
 
     def fold(self, delivery: Delivery, seq: int) -> None:
         self.state.apply(delivery, seq)
@@ -131,7 +132,7 @@ class Subject(Aggregate):
     class Recorded(RecordedDelivery):
         TOPIC = "clerk-audit:Subject.Recorded"
 
-    types: list[str]
+    # `types` (the event types recorded about the subject) is set by Created.apply.
 
     def fold(self, delivery: Delivery, seq: int) -> None:
         self.types.append(delivery.type)

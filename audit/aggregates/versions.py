@@ -40,6 +40,17 @@ def order_key(delivery: Delivery, seq: int, *, deletion: bool) -> OrderKey:
     return (first, occurred_at, seq)
 
 
+def versioned_data(delivery: Delivery) -> dict[str, Any]:
+    """The part of a payload that is the object's own state.
+
+    A session payload embeds a full copy of its user (two thirds of its bytes): that is the
+    user's state, versioned with the user, not the session's. The stored event keeps it.
+    """
+    if delivery.type.startswith("session.") and "user" in delivery.data:
+        return {key: value for key, value in delivery.data.items() if key != "user"}
+    return delivery.data
+
+
 @dataclass(frozen=True)
 class Version:
     """One recorded version of one object."""
@@ -58,7 +69,7 @@ class Version:
             event_id=delivery.svix_id,
             type=delivery.type,
             key=order_key(delivery, seq, deletion=deletion),
-            data=delivery.data,
+            data=versioned_data(delivery),
             deletion=deletion,
             occurred_at=delivery.occurred_at,
         )
