@@ -239,6 +239,16 @@ class Db:
             self.heal()
             raise StoreUnavailable(str(exc)) from exc
 
+    def text_safe(self, cursor: Cursor) -> Cursor:
+        """A cursor whose string parameters PostgreSQL's text type can hold.
+
+        PostgreSQL text cannot contain NUL; a payload can (JSON's \\u0000). Read models store
+        U+FFFD in its place. The event store keeps the delivery exactly as signed.
+        """
+        if self.dialect == "postgresql":
+            return _NulFreeCursor(cursor)
+        return cursor
+
     def heal(self) -> None:
         """After a lost connection, drop the pool's other broken ones now.
 
@@ -380,6 +390,31 @@ class EventWaiter:
             with contextlib.suppress(psycopg.Error):
                 self._conn.close()
             self._conn = None
+
+
+def _nul_free(params: Any) -> Any:
+    if isinstance(params, (list, tuple)):
+        return [
+            value.replace("\x00", "\ufffd") if isinstance(value, str) else value for value in params
+        ]
+    return params
+
+
+class _NulFreeCursor:
+    def __init__(self, cursor: Cursor) -> None:
+        self._cursor = cursor
+
+    def execute(self, statement: Any, params: Any = None) -> Any:
+        return self._cursor.execute(statement, _nul_free(params))
+
+    def executemany(self, statement: Any, params_seq: Any) -> Any:
+        return self._cursor.executemany(statement, [_nul_free(p) for p in params_seq])
+
+    def fetchall(self) -> Any:
+        return self._cursor.fetchall()
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
 
 
 def events_table_name(dialect: Dialect) -> str:

@@ -9,6 +9,21 @@ class TimeParseError(ValueError):
     pass
 
 
+# Epoch milliseconds of 10000-01-01: later (or negative, or boolean) "times" are not times.
+MAX_EPOCH_MS = 253_402_300_800_000
+
+
+def epoch_ms(value: object) -> int | None:
+    """`value` if it is a plausible epoch-milliseconds time, else None.
+
+    Payload times are whatever the sender wrote; a number past int64 would not even fit the
+    BIGINT columns the projections index them in.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_EPOCH_MS:
+        return value
+    return None
+
+
 def parse_time(value: str) -> int:
     """Epoch milliseconds from ISO 8601 (`2024-05-28T08:06:40.018Z`) or epoch milliseconds."""
     text = value.strip()

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from audit.timeparse import epoch_ms
+
 
 class InvalidPayload(ValueError):
     """The body is not a Clerk envelope (a JSON object with a string `type` and object `data`)."""
@@ -66,12 +68,7 @@ def parse_delivery(body: bytes, *, svix_id: str, svix_timestamp: int, received_a
         raise InvalidPayload("the body has no string 'type'")
     if not isinstance(data, dict):
         raise InvalidPayload("the body has no object 'data'")
-    timestamp = envelope.get("timestamp")
-    occurred_at = (
-        timestamp
-        if isinstance(timestamp, int) and not isinstance(timestamp, bool) and timestamp >= 0
-        else None
-    )
+    occurred_at = epoch_ms(envelope.get("timestamp"))
     instance_id = envelope.get("instance_id")
     attributes = envelope.get("event_attributes")
     return Delivery(

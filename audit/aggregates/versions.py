@@ -16,6 +16,7 @@ from typing import Any
 
 from audit.aggregates.changes import Change, diff
 from audit.aggregates.delivery import Delivery
+from audit.timeparse import epoch_ms
 
 OrderKey = tuple[float, int, int]
 
@@ -25,17 +26,13 @@ def is_deletion(delivery: Delivery) -> bool:
     return delivery.type.endswith(".deleted") or delivery.data.get("deleted") is True
 
 
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def order_key(delivery: Delivery, seq: int, *, deletion: bool) -> OrderKey:
     """Where a version sorts among its object's versions; `seq` is the arrival sequence."""
     occurred_at = delivery.occurred_at or 0
     if deletion:
         first: float = math.inf
     else:
-        updated_at = _int(delivery.data.get("updated_at"))
+        updated_at = epoch_ms(delivery.data.get("updated_at"))
         first = updated_at if updated_at is not None else occurred_at
     return (first, occurred_at, seq)
 

@@ -24,6 +24,7 @@ from audit.aggregates.state import (
 from audit.aggregates.versions import ObjectVersions, Version, place
 from audit.projections.base import Projection, StoredDelivery, Tables, from_json, to_json
 from audit.storage import Cursor, Db
+from audit.timeparse import epoch_ms
 
 # A deletion sorts after every version of its object; SQL keys need a finite stand-in for inf.
 DELETION_KEY = 2**62
@@ -338,8 +339,8 @@ class ObjectsProjection(Projection):
             organization_id,
             view.get("status"),
             int(versions.deleted),
-            data.get("created_at") if isinstance(data.get("created_at"), int) else None,
-            data.get("updated_at") if isinstance(data.get("updated_at"), int) else None,
+            epoch_ms(data.get("created_at")),
+            epoch_ms(data.get("updated_at")),
             position,
             to_json(view),
         ]

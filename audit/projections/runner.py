@@ -232,10 +232,11 @@ class Projector:
                 for row in deliveries:
                     self._apply_guarded(cursor, projection, tables, generation, row)
             else:
+                writer = self.db.text_safe(cursor)
                 try:
                     with self.db.pipeline(cursor):
                         for row in deliveries:
-                            projection.handle(cursor, tables, self.db, self.decode(row))
+                            projection.handle(writer, tables, self.db, self.decode(row))
                 except Exception as exc:
                     raise _PoisonInBatch() from exc
             if rows:
@@ -279,7 +280,7 @@ class Projector:
         cursor.execute("SAVEPOINT projection_event")
         try:
             event = self.decode(row)
-            projection.handle(cursor, tables, self.db, event)
+            projection.handle(self.db.text_safe(cursor), tables, self.db, event)
         except Exception as exc:  # a poison event: report it, keep going
             cursor.execute("ROLLBACK TO SAVEPOINT projection_event")
             log.error(

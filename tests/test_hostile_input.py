@@ -1,0 +1,109 @@
+"""Hostile input on the webhook (issue 7, quick version): never a 5xx, nothing half-written, and
+what is recorded still projects."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.testclient import TestClient
+
+from audit.application import AuditLog
+from audit.projections.runner import Projector
+from audit.samples import signed_headers
+from tests.webhook_helpers import new_svix_id, payload, post
+
+CLIENT_ERRORS = {400, 401, 409, 413}
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children),
+    max_leaves=20,
+)
+
+
+@FUZZ
+@given(body=st.binary(max_size=2000), signed=st.booleans())
+def test_random_bytes_never_5xx(client: TestClient, secret: str, body: bytes, signed: bool) -> None:
+    svix_id = new_svix_id()
+    try:
+        headers = signed_headers(secret, svix_id, body) if signed else None
+    except UnicodeDecodeError:
+        headers = None
+    headers = headers or {
+        "svix-id": svix_id,
+        "svix-timestamp": "1",
+        "svix-signature": "v1,AAAA",
+    }
+    response = client.post("/webhooks/clerk", content=body, headers=headers)
+    assert response.status_code in CLIENT_ERRORS, response.text
+
+
+@FUZZ
+@given(
+    header_values=st.dictionaries(
+        st.sampled_from(["svix-id", "svix-timestamp", "svix-signature", "content-length"]),
+        st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=300),
+    )
+)
+def test_random_headers_never_5xx(client: TestClient, secret: str, header_values) -> None:
+    raw = json.dumps(payload("user.created")).encode()
+    headers = signed_headers(secret, new_svix_id(), raw)
+    headers.update(header_values)
+    response = client.post("/webhooks/clerk", content=raw, headers=headers)
+    assert response.status_code in CLIENT_ERRORS | {200}, response.text
+
+
+@FUZZ
+@given(data=json_values, event_type=st.text(min_size=1, max_size=40))
+def test_signed_odd_envelopes_record_and_project(
+    client: TestClient, log: AuditLog, secret: str, data, event_type: str
+) -> None:
+    envelope = {
+        "type": event_type,
+        "data": data if isinstance(data, dict) else {"value": data},
+        "timestamp": data if isinstance(data, int) else 1716883200018,
+        "event_attributes": {"http_request": {"client_ip": "\u0000", "user_agent": 2**70}},
+    }
+    response = post(client, secret, envelope)
+    assert response.status_code == 200, response.text
+    projector = Projector(log)
+    projector.run_once()
+    assert all(row["errors"] == 0 and row["lag"] == 0 for row in projector.status())
+
+
+def test_deeply_nested_json_is_400(client: TestClient, secret: str) -> None:
+    raw = b'{"type": "user.created", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = post(client, secret, raw)
+    assert response.status_code == 400
+
+
+def test_ten_megabytes_is_413_before_reading(client: TestClient, secret: str) -> None:
+    raw = b'{"type": "x", "data": {"pad": "' + b"a" * 10_000_000 + b'"}}'
+    response = post(client, secret, raw)
+    assert response.status_code == 413
+
+
+def test_nul_bytes_and_huge_numbers_in_a_real_payload(
+    client: TestClient, log: AuditLog, secret: str
+) -> None:
+    envelope = payload("user.updated")
+    envelope["data"]["id"] = "user_\u0000nul"
+    envelope["data"]["first_name"] = "a\u0000b"
+    envelope["data"]["updated_at"] = 2**70
+    envelope["timestamp"] = -(2**70)
+    assert post(client, secret, envelope).status_code == 200
+    assert post(client, secret, b'{"type": "x", "data": {"a": "\x00"}}').status_code == 400
+    projector = Projector(log)
+    projector.run_once()
+    assert all(row["errors"] == 0 and row["lag"] == 0 for row in projector.status())
