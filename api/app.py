@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from api.errors import EXCEPTION_HANDLERS
 from api.read import read_routes
-from api.webhooks import WebhookReceiver
+from api.webhooks import BODY_TIMEOUT_SECONDS, WebhookReceiver
 from audit.application import AuditLog
 from audit.config import Settings, load_settings
 from audit.intake import Intake
@@ -28,6 +28,7 @@ def create_app(
     projector: Projector | None = None,
     follow: bool = False,
     own_log: bool = False,
+    body_timeout: float = BODY_TIMEOUT_SECONDS,
 ) -> Starlette:
     """Build the service around an open AuditLog (closed on shutdown when `own_log`).
 
@@ -45,7 +46,9 @@ def create_app(
         if follow and projector is not None
         else None
     )
-    receiver = WebhookReceiver(settings.signing_secrets, intake, settings.max_body_bytes)
+    receiver = WebhookReceiver(
+        settings.signing_secrets, intake, settings.max_body_bytes, body_timeout
+    )
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import re
 import time
@@ -21,13 +22,22 @@ HEADER_SETS = (
 )
 _SIGNATURE_ENTRY = re.compile(r"^v[0-9]+,[A-Za-z0-9+/]+={0,2}$")
 MAX_ID_LENGTH = 256
+# Svix gives up on an answer after 15 s; a body still arriving after 10 s is not Svix's.
+BODY_TIMEOUT_SECONDS = 10.0
 
 
 class WebhookReceiver:
-    def __init__(self, secrets: tuple[str, ...], intake: Intake, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        secrets: tuple[str, ...],
+        intake: Intake,
+        max_body_bytes: int,
+        body_timeout: float = BODY_TIMEOUT_SECONDS,
+    ) -> None:
         self.verifiers = [Webhook(secret) for secret in secrets]
         self.intake = intake
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
     async def handle(self, request: Request) -> JSONResponse:
         svix_id, timestamp, signatures = self._headers(request)
@@ -86,13 +96,19 @@ class WebhookReceiver:
         chunks: list[bytes] = []
         size = 0
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > self.max_body_bytes:
-                    raise self._too_large()
-                chunks.append(chunk)
+            # A slow client (slowloris) may not hold the connection open for ever.
+            async with asyncio.timeout(self.body_timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        raise self._too_large()
+                    chunks.append(chunk)
         except ClientDisconnect:
             raise ApiError(400, "client_disconnected", "The client went away mid-body.")
+        except TimeoutError:
+            raise ApiError(
+                408, "request_timeout", f"The body did not arrive within {self.body_timeout} s."
+            )
         return b"".join(chunks)
 
     def _too_large(self) -> ApiError:

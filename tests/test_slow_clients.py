@@ -1,0 +1,51 @@
+"""A slowloris body times out with 408 and holds nothing else up (real uvicorn, real sockets)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+
+from api.app import create_app
+from audit.application import AuditLog
+from audit.config import Settings
+from tests.soak.scenario import free_port
+
+
+@pytest.fixture
+def server_url(settings: Settings, log: AuditLog) -> Iterator[str]:
+    port = free_port()
+    app = create_app(settings, log, body_timeout=0.5)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_a_body_that_never_finishes_gets_408_while_others_are_served(server_url: str) -> None:
+    host, port = server_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=15) as slow:
+        slow.sendall(
+            b"POST /webhooks/clerk HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"svix-id: msg_slow\r\nsvix-timestamp: 1\r\nsvix-signature: v1,AAAA\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b'{"type": "user.cr'
+        )
+        # The slow request is pending; the service still answers everyone else.
+        assert httpx.get(f"{server_url}/healthz", timeout=5).status_code == 200
+        answer = b""
+        while b"}}" not in answer and (chunk := slow.recv(4096)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"request_timeout" in answer
