@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from api.access_log import AccessLog
 from api.errors import EXCEPTION_HANDLERS
 from api.read import read_routes
 from api.webhooks import BODY_TIMEOUT_SECONDS, WebhookReceiver
@@ -77,7 +79,12 @@ def create_app(
         Route("/readyz", readyz, methods=["GET", "HEAD"]),
         *read_routes(),
     ]
-    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app = Starlette(
+        routes=routes,
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+        middleware=[Middleware(AccessLog)],
+    )
     app.state.log = log
     app.state.projector = projector
     app.state.settings = settings

@@ -55,12 +55,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=args.port,
             workers=args.workers,
             log_level="info",
+            access_log=False,  # api.access_log writes one without query strings
         )
         return 0
     from audit.projections.runner import Projector
 
     app = create_app(settings, log, projector=Projector(log), follow=True, own_log=True)
-    uvicorn.run(app, host=args.host, port=args.port)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False)
     return 0
 
 

@@ -59,3 +59,19 @@ def test_nasty_filters_and_ids_never_5xx(reader: TestClient, log: AuditLog, valu
         response = reader.get(path, params=params)
         assert response.status_code < 500, (path, params, response.status_code, response.text)
     assert log.recorder.max_notification_id() == 2  # nothing was dropped or added
+
+
+def test_tokens_never_reach_the_logs(reader: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    wrong = "wrong-token-" + "9" * 20
+    reader.get("/v1/events", params={"access_token": API_TOKEN, "token": wrong})
+    reader.get("/v1/events", headers={"Authorization": f"Bearer {wrong}"})
+    reader.get("/v1/events")
+    # Everything the service logged (the test's own HTTP client logs its URLs: not ours).
+    logged = "\n".join(
+        record.getMessage()
+        for record in caplog.records
+        if not record.name.startswith(("httpx", "httpcore"))
+    )
+    assert "GET /v1/events 200" in logged  # the access log is there, and says what it should
+    assert API_TOKEN not in logged and wrong not in logged
