@@ -14,6 +14,7 @@ import uvicorn
 from api.app import create_app
 from audit.application import AuditLog
 from audit.config import Settings
+from audit.samples import signed_headers
 from tests.soak.scenario import free_port
 
 
@@ -49,3 +50,49 @@ def test_a_body_that_never_finishes_gets_408_while_others_are_served(server_url:
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"request_timeout" in answer
+
+
+def test_huge_headers_are_refused_and_the_service_carries_on(server_url: str) -> None:
+    host, port = server_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=15) as client:
+        client.sendall(
+            b"POST /webhooks/clerk HTTP/1.1\r\nHost: x\r\nX-Pad: "
+            + b"a" * 200_000
+            + b"\r\nContent-Length: 2\r\n\r\n{}"
+        )
+        answer = client.recv(4096)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:100]
+    assert httpx.get(f"{server_url}/healthz", timeout=5).status_code == 200
+
+
+def peak_rss_bytes() -> int:
+    """The process's high-water mark of resident memory (the server runs in this process)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+def test_memory_stays_bounded_under_10_mb_chunked_bodies(server_url: str, secret: str) -> None:
+    """Twenty 10 MB bodies without Content-Length: each is cut off at the 1 MB limit as it
+    streams, so the peak memory of the process does not grow by anything like 10 MB."""
+    chunk = b"a" * 65536
+
+    def body() -> Iterator[bytes]:
+        yield b'{"type": "x", "data": {"pad": "'
+        for _ in range(10_000_000 // len(chunk)):
+            yield chunk
+
+    before = peak_rss_bytes()
+    with httpx.Client(timeout=30) as client:
+        for _ in range(20):
+            headers = signed_headers(secret, "msg_big", b"x")
+            try:
+                response = client.post(
+                    f"{server_url}/webhooks/clerk", content=body(), headers=headers
+                )
+                assert response.status_code == 413
+            except httpx.TransportError:
+                pass  # the server may close the connection as soon as it has answered
+    assert peak_rss_bytes() - before < 8_000_000
