@@ -83,32 +83,22 @@ class Conflict:
 Outcome = Recorded | Duplicate | Conflict
 
 
-class UserStateAsJson(Transcoding):
-    """Snapshots hold a UserState, as one JSON string of its own JSON-safe form.
+class StateAsJson(Transcoding):
+    """Snapshots hold a UserState or OrganizationState, as one JSON string of its JSON-safe form.
 
     A string, not nested dicts: the transcoder runs a Python hook on every dict it decodes,
     which made reading a large snapshot as slow as folding the stream it replaces.
     """
 
-    type = UserState
-    name = "clerk_audit_user_state"
+    def __init__(self, state_class: type[UserState] | type[OrganizationState], name: str) -> None:
+        self.type = state_class
+        self.name = name
 
-    def encode(self, obj: UserState) -> str:
+    def encode(self, obj: UserState | OrganizationState) -> str:
         return json.dumps(obj.to_snapshot(), separators=(",", ":"))
 
-    def decode(self, data: str) -> UserState:
-        return UserState.from_snapshot(json.loads(data))
-
-
-class OrganizationStateAsJson(Transcoding):
-    type = OrganizationState
-    name = "clerk_audit_organization_state"
-
-    def encode(self, obj: OrganizationState) -> str:
-        return json.dumps(obj.to_snapshot(), separators=(",", ":"))
-
-    def decode(self, data: str) -> OrganizationState:
-        return OrganizationState.from_snapshot(json.loads(data))
+    def decode(self, data: str) -> UserState | OrganizationState:
+        return self.type.from_snapshot(json.loads(data))
 
 
 class AuditLog(Application[UUID]):
@@ -136,8 +126,9 @@ class AuditLog(Application[UUID]):
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)
-        transcoder.register(UserStateAsJson())
-        transcoder.register(OrganizationStateAsJson())
+        # The names are stored in snapshots: keep them.
+        transcoder.register(StateAsJson(UserState, "clerk_audit_user_state"))
+        transcoder.register(StateAsJson(OrganizationState, "clerk_audit_organization_state"))
 
     # -- recording -------------------------------------------------------------------------
 
