@@ -1,0 +1,740 @@
+"""Read API benchmark (issues 5 and 6): latency of the main `/v1` routes over a large store.
+
+    python bench/query.py --events 200000 --clients 8 --requests 2000
+
+Set-up builds a PostgreSQL store of N generated deliveries (bench/store_fill.py: COPY of the rows
+`AuditLog.record` would write, then the service's own `Projector.run_once`), starts `audit serve`
+as users would, and from this process (C threads, each with its own keep-alive httpx.Client)
+requests each route R times with ids sampled from the store. One `query ...` line per route.
+`--explain` prints EXPLAIN ANALYZE of the SQL each route runs (captured from `audit.queries`);
+`--py-spy DIR` profiles the server during each route. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import os
+import random
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import quote
+
+import httpx
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.store_fill
+
+from audit import queries
+from audit.application import AuditLog
+from audit.config import PostgresDatabase, parse_database_url
+from audit.queries import ChangeFilters, EventFilters
+from audit.storage import events_table_name
+from bench.store_fill import World, bulk_load, project_parallel
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+TOKEN = "benchtoken"
+STARTUP_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 20.0
+TARGET_MS = 20.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CORES = os.cpu_count() or 1
+SAMPLE_SIZE = 2000  # ids of each kind drawn from the store
+WARMUP_PER_ROUTE = 50
+PROJECTION_GROUPS = (("objects",), ("events", "timelines"))
+
+
+# -- the routes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ids:
+    users: list[str]
+    sessions: list[str]
+    orgs: list[str]
+    as_of: list[tuple[str, int]]  # a user and a time between its first and last version
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    name: str
+    make: Callable[[random.Random, Ids], str]  # a request path
+    target: bool = False  # issue 6: p99 under 20 ms
+
+
+def _pick(rng: random.Random, values: Sequence[Any]) -> Any:
+    return values[rng.randrange(len(values))]
+
+
+ROUTES: tuple[RouteSpec, ...] = (
+    # The floor: no token check, no thread pool, no database; uvicorn, Starlette and the client.
+    RouteSpec("/healthz", lambda r, i: "/healthz"),
+    RouteSpec("/v1/users/{id}", lambda r, i: f"/v1/users/{_pick(r, i.users)}", target=True),
+    RouteSpec(
+        "/v1/users/{id}/history",
+        lambda r, i: f"/v1/users/{_pick(r, i.users)}/history",
+        target=True,
+    ),
+    RouteSpec(
+        "/v1/sessions/{id}/timeline",
+        lambda r, i: f"/v1/sessions/{_pick(r, i.sessions)}/timeline",
+        target=True,
+    ),
+    RouteSpec("/v1/changes?field=first_name", lambda r, i: "/v1/changes?field=first_name", True),
+    RouteSpec(
+        "/v1/changes?subject={user}", lambda r, i: f"/v1/changes?subject={_pick(r, i.users)}"
+    ),
+    RouteSpec("/v1/events?subject={user}", lambda r, i: f"/v1/events?subject={_pick(r, i.users)}"),
+    RouteSpec(
+        "/v1/organizations/{id}/members",
+        lambda r, i: f"/v1/organizations/{_pick(r, i.orgs)}/members",
+    ),
+    RouteSpec("/v1/users/{id}?as_of={time}", lambda r, i: _as_of_path(_pick(r, i.as_of))),
+)
+
+
+def _as_of_path(pair: tuple[str, int]) -> str:
+    user, when = pair
+    return f"/v1/users/{user}?as_of={when}"
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+
+def connect(database: PostgresDatabase, **kwargs: Any) -> psycopg.Connection[Any]:
+    return psycopg.connect(
+        host=database.host,
+        port=database.port,
+        user=database.user,
+        password=database.password,
+        dbname=database.dbname,
+        **kwargs,
+    )
+
+
+def schema_has_store(database: PostgresDatabase) -> bool:
+    with connect(database) as conn:
+        row = conn.execute(
+            "SELECT 1 FROM information_schema.tables WHERE table_schema = %s AND table_name = %s",
+            [database.schema, "projection_registry"],
+        ).fetchone()
+    return row is not None
+
+
+def build_store(url: str, events: int, seed: int) -> None:
+    database = parse_database_url(url)
+    assert isinstance(database, PostgresDatabase)
+    log = AuditLog(database)
+    try:
+        started = time.perf_counter()
+        rows = bulk_load(log, World(events, seed))
+        loaded = time.perf_counter() - started
+    finally:
+        log.close()
+    print(
+        f"setup step=load events={events} rows={rows} seconds={loaded:.1f}"
+        f" rate={events / loaded:.0f}/s",
+        flush=True,
+    )
+    started = time.perf_counter()
+    project_parallel(url, PROJECTION_GROUPS)
+    projected = time.perf_counter() - started
+    with connect(database, autocommit=True) as conn:
+        conn.execute(sql.SQL("ANALYZE"))  # autovacuum's statistics, as on a store this old
+    print(
+        f"setup step=project events={events} seconds={projected:.1f}"
+        f" rate={events / projected:.0f}/s",
+        flush=True,
+    )
+
+
+def active_table(conn: psycopg.Connection[Any], schema: str, projection: str, table: str) -> str:
+    row = conn.execute(
+        sql.SQL("SELECT generation FROM {}.projection_registry WHERE name = %s").format(
+            sql.Identifier(schema)
+        ),
+        [projection],
+    ).fetchone()
+    assert row is not None, f"projection {projection} is not registered"
+    return f'"{schema}"."p_{projection}_g{row[0]}_{table}"'
+
+
+def store_summary(database: PostgresDatabase) -> str:
+    """Row counts of the tables the routes read."""
+    counts: list[str] = []
+    with connect(database) as conn:
+        events = conn.execute(
+            sql.SQL("SELECT COUNT(*) FROM {}.{} WHERE topic <> %s").format(
+                sql.Identifier(database.schema),
+                sql.Identifier(events_table_name("postgresql")),
+            ),
+            ["clerk-audit:DeliveryMarker.Created"],
+        ).fetchone()
+        counts.append(f"stored_deliveries={events[0]}")
+        for projection, table in (
+            ("events", "event_subjects"),
+            ("objects", "users"),
+            ("objects", "sessions"),
+            ("objects", "organizations"),
+            ("objects", "memberships"),
+            ("objects", "history"),
+            ("objects", "changes"),
+            ("timelines", "session_events"),
+        ):
+            name = active_table(conn, database.schema, projection, table)
+            found = conn.execute(f"SELECT COUNT(*) FROM {name}").fetchone()
+            counts.append(f"{table}={found[0]}")
+    return " ".join(counts)
+
+
+def sample_ids(database: PostgresDatabase, seed: int) -> Ids:
+    """Ids of live objects drawn at random from the read models (the same for every run with the
+    same seed)."""
+    with connect(database) as conn:
+        conn.execute("SELECT setseed(%s)", [((seed % 1000) / 1000.0)])
+
+        def ids(projection: str, table: str, where: str) -> list[str]:
+            name = active_table(conn, database.schema, projection, table)
+            rows = conn.execute(
+                f"SELECT id FROM {name} WHERE {where} ORDER BY random() LIMIT {SAMPLE_SIZE}"
+            ).fetchall()
+            return [row[0] for row in rows]
+
+        users = ids("objects", "users", "deleted = 0")
+        sessions = ids("objects", "sessions", "TRUE")
+        members = active_table(conn, database.schema, "objects", "memberships")
+        orgs = ids(
+            "objects",
+            "organizations",
+            f"deleted = 0 AND EXISTS (SELECT 1 FROM {members} m"
+            f" WHERE m.owner_id = {active_table(conn, database.schema, 'objects', 'organizations')}"
+            ".id AND m.deleted = 0)",
+        )
+        history = active_table(conn, database.schema, "objects", "history")
+        spans = conn.execute(
+            f"SELECT object_id, MIN(occurred_at), MAX(occurred_at) FROM {history}"
+            " WHERE object_id = ANY(%s) GROUP BY object_id",
+            [users],
+        ).fetchall()
+    rng = random.Random(seed)
+    as_of = [(user, rng.randint(first, last)) for user, first, last in spans if first is not None]
+    return Ids(users, sessions, orgs, as_of)
+
+
+def drop_schema(url: str, schema: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def audit_command() -> list[str]:
+    script = Path(sys.executable).parent / "audit"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "audit.cli"]
+
+
+class Server:
+    """`audit serve` in its own process group, logging to a file."""
+
+    def __init__(self, url: str, log: IO[bytes], workers: int = 1, nodelay: bool = False) -> None:
+        port = free_port()
+        self.url = url
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = log
+        secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+        env = {
+            **os.environ,
+            "CLERK_WEBHOOK_SIGNING_SECRET": secret,
+            "AUDIT_API_TOKENS": TOKEN,
+            "AUDIT_DATABASE_URL": url,
+        }
+        program = [sys.executable, str(BENCH_DIR / "serve_nodelay.py")] if nodelay else None
+        listen = ["--host", "127.0.0.1", "--port", str(port)]
+        command = [*(program or audit_command()), "serve", *listen]
+        if workers > 1:
+            command += ["--workers", str(workers)]
+        self.process = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_ready(self) -> float:
+        started = time.monotonic()
+        while time.monotonic() < started + STARTUP_TIMEOUT_S:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"audit serve exited at start:\n{self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
+                    return time.monotonic() - started
+            time.sleep(0.2)
+        raise RuntimeError(f"audit serve not ready after {STARTUP_TIMEOUT_S}s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self._signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+
+    def _signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signum)
+
+    def cpu_seconds(self) -> float:
+        return group_cpu_seconds(lambda pgrp, _: pgrp == self.process.pid)
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = Path(self.log.name).read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def problems(self) -> list[str]:
+        text = Path(self.log.name).read_text(errors="replace")
+        pattern = re.compile(r"^Traceback|^ERROR|Error: ")
+        return [line for line in text.splitlines() if pattern.search(line)][:10]
+
+
+def process_cpu_seconds(pid: int) -> float:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return 0.0
+
+
+def group_cpu_seconds(selected: Callable[[int, str], bool]) -> float:
+    """User and system CPU of the live processes `selected(pgrp, command)` picks (Linux /proc)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            command = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text.rsplit(")", 1)[1].split()
+            if selected(int(fields[2]), command):
+                ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLOCK_TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine spent busy (all cores), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+class PostgresBackends:
+    """CPU of the PostgreSQL backends serving one schema (those whose last query names it)."""
+
+    def __init__(self, database: PostgresDatabase) -> None:
+        self.conn = connect(database, autocommit=True)
+        self.pattern = f'%"{database.schema}".%'
+
+    def pids(self) -> list[int]:
+        rows = self.conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
+            [self.pattern],
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    def snapshot(self) -> dict[int, float]:
+        return {pid: process_cpu_seconds(pid) for pid in self.pids()}
+
+    def since(self, before: dict[int, float]) -> float:
+        after = self.snapshot()
+        return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# -- the load -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter[int | str] = field(default_factory=Counter)
+    body_bytes: int = 0
+    errors: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+    cpu_server: float = 0.0
+    cpu_postgres: float = 0.0
+    cpu_client: float = 0.0
+    cpu_other: float = 0.0  # busy CPU of everything else on the machine
+
+    def percentile_ms(self, fraction: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return 1000 * ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def client_loop(client: httpx.Client, paths: Iterator[str], result: Result) -> None:
+    for path in paths:
+        started = time.perf_counter()
+        try:
+            response = client.get(path)
+        except httpx.HTTPError as exc:
+            result.statuses[type(exc).__name__] += 1
+            if len(result.errors) < 3:
+                result.errors.append(f"{path}: {type(exc).__name__}: {exc}")
+            continue
+        result.latencies.append(time.perf_counter() - started)
+        result.statuses[response.status_code] += 1
+        result.body_bytes += len(response.content)
+        if response.status_code != 200 and len(result.errors) < 3:
+            result.errors.append(f"{path}: {response.status_code} {response.text[:200]}")
+
+
+def run_route(
+    clients: Sequence[httpx.Client], paths: list[str], server: Server, backends: PostgresBackends
+) -> Result:
+    """Send `paths` from every client at once (a shared queue); measure each request."""
+    pending = iter(paths)
+    lock = threading.Lock()
+
+    def next_path() -> Iterator[str]:
+        while True:
+            with lock:
+                path = next(pending, None)
+            if path is None:
+                return
+            yield path
+
+    results = [Result() for _ in clients]
+    cpu_server, cpu_postgres = server.cpu_seconds(), backends.snapshot()
+    cpu_client, cpu_machine = time.process_time(), machine_busy_seconds()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(len(clients), thread_name_prefix="client") as pool:
+        futures = [
+            pool.submit(client_loop, client, next_path(), result)
+            for client, result in zip(clients, results, strict=True)
+        ]
+        for future in futures:
+            future.result()
+    total = Result(elapsed=time.perf_counter() - started)
+    total.cpu_client = time.process_time() - cpu_client
+    total.cpu_server = server.cpu_seconds() - cpu_server
+    total.cpu_postgres = backends.since(cpu_postgres)
+    ours = total.cpu_client + total.cpu_server + total.cpu_postgres
+    total.cpu_other = max(0.0, machine_busy_seconds() - cpu_machine - ours)
+    for result in results:
+        total.latencies += result.latencies
+        total.statuses += result.statuses
+        total.body_bytes += result.body_bytes
+        total.errors += result.errors
+    return total
+
+
+def format_statuses(counts: Counter[Any]) -> str:
+    return "{" + ", ".join(f"{key}: {counts[key]}" for key in sorted(counts, key=str)) + "}"
+
+
+def report_line(route: RouteSpec, events: int, clients: int, result: Result) -> str:
+    count = len(result.latencies) or 1
+    p99 = result.percentile_ms(0.99)
+    line = (
+        f"query route={route.name} events={events} clients={clients}"
+        f" requests={sum(result.statuses.values())}"
+        f" p50={result.percentile_ms(0.50):.1f}ms p99={p99:.1f}ms"
+        f" max={1000 * max(result.latencies, default=float('nan')):.1f}ms"
+        f" rps={count / result.elapsed:.0f} statuses={format_statuses(result.statuses)}"
+        f" body={result.body_bytes / count / 1024:.1f}KiB"
+        f" cpu_per_request: server={1000 * result.cpu_server / count:.2f}ms"
+        f" postgres={1000 * result.cpu_postgres / count:.2f}ms"
+        f" client={1000 * result.cpu_client / count:.2f}ms"
+        f" other_load={100 * result.cpu_other / (result.elapsed * CORES):.0f}%"
+    )
+    if route.target:
+        line += f" target=p99<{TARGET_MS:.0f}ms:{'ok' if p99 < TARGET_MS else 'MISSED'}"
+    return line
+
+
+# -- profiles and plans ------------------------------------------------------------------------
+
+
+class PySpy:
+    """`py-spy record` of the server process for the duration of one route."""
+
+    def __init__(self, folder: Path, name: str, pid: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+        self.path = folder / f"{slug}.txt"
+        self.process = subprocess.Popen(
+            [
+                *(py_spy_command(), "record", "--format", "raw", "--rate", "250", "--gil"),
+                *("--subprocesses", "--nonblocking", "--output", str(self.path), "--pid", str(pid)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)  # attach before the load starts
+
+    def stop(self, top: int = 12) -> list[str]:
+        self.process.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=30)
+        return summarize_collapsed(self.path, top) if self.path.exists() else []
+
+
+def py_spy_command() -> str:
+    script = Path(sys.executable).parent / "py-spy"
+    return str(script) if script.exists() else "py-spy"
+
+
+def summarize_collapsed(path: Path, top: int) -> list[str]:
+    """Where the server's GIL time went (py-spy `--gil` samples one thread only while it holds
+    the GIL): the busiest functions, inclusive and self, as shares of all samples."""
+    inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_function(frame) for frame in stack.split(";")]
+        for frame in dict.fromkeys(frames):
+            inclusive[frame] += count
+        own[frames[-1]] += count
+    share = 100 / max(total, 1)
+    lines = [f"  py-spy --gil samples={total} file={path}"]
+    busy = [(f, n) for f, n in inclusive.most_common() if n * share < 90][:top]
+    lines += [f"  incl {n * share:5.1f}% {f}" for f, n in busy]
+    lines += [f"  self {n * share:5.1f}% {f}" for f, n in own.most_common(top)]
+    return lines
+
+
+def _function(frame: str) -> str:
+    """`name (path/file.py:line)` -> `name (dir/file.py)`."""
+    name, _, location = frame.partition(" (")
+    location = location.rstrip(")").rsplit(":", 1)[0]
+    return f"{name} ({'/'.join(location.split('/')[-2:])})" if location else name
+
+
+class RecordingDb:
+    """Stands in for `audit.storage.Db` to capture the SQL a query function runs."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.dialect = db.dialect
+        self.statements: list[tuple[str, list[Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+    def fetchall(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
+        self.statements.append((statement, list(params)))
+        return self.db.fetchall(statement, params)
+
+    def fetchone(self, statement: str, params: Sequence[Any] = ()) -> Any:
+        self.statements.append((statement, list(params)))
+        return self.db.fetchone(statement, params)
+
+
+def explain_routes(url: str, ids: Ids) -> None:
+    """EXPLAIN (ANALYZE, BUFFERS) of the statements each route runs, for one sampled id."""
+    database = parse_database_url(url)
+    assert isinstance(database, PostgresDatabase)
+    log = AuditLog(database)
+    user, session, org = ids.users[0], ids.sessions[0], ids.orgs[0]
+    calls: list[tuple[str, Callable[[Any], Any]]] = [
+        ("/v1/users/{id}", lambda db: queries.current_object(db, "users", user)),
+        (
+            "/v1/users/{id}/history",
+            lambda db: queries.history_page(
+                db, by="object_id", clerk_id=user, after=None, limit=50
+            ),
+        ),
+        (
+            "/v1/sessions/{id}/timeline",
+            lambda db: queries.session_timeline(db, session, after=None, limit=50),
+        ),
+        (
+            "/v1/changes?field=first_name",
+            lambda db: queries.changes_page(
+                db, ChangeFilters(fields=("first_name",)), after=None, limit=50
+            ),
+        ),
+        (
+            "/v1/changes?subject={user}",
+            lambda db: queries.changes_page(db, ChangeFilters(subject=user), after=None, limit=50),
+        ),
+        (
+            "/v1/events?subject={user}",
+            lambda db: queries.events_page(db, EventFilters(subject=user), after=None, limit=50),
+        ),
+        (
+            "/v1/organizations/{id}/members",
+            lambda db: queries.owned_objects(
+                db,
+                "memberships",
+                by="owner_id",
+                owner=org,
+                after=None,
+                limit=50,
+                include_deleted=False,
+            ),
+        ),
+    ]
+    try:
+        with connect(database, row_factory=dict_row) as conn:
+            for name, call in calls:
+                recorder = RecordingDb(log.db)
+                call(recorder)
+                print(f"explain route={name}")
+                for statement, params in recorder.statements:
+                    print(f"  -- {statement}")
+                    for _ in range(2):  # the second run is the warm one shown
+                        plan = conn.execute(
+                            f"EXPLAIN (ANALYZE, BUFFERS) {statement}", params
+                        ).fetchall()
+                    for row in plan:
+                        print(f"  {row['QUERY PLAN']}")
+    finally:
+        log.close()
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def client_counts(value: str) -> list[int]:
+    counts = [int(part) for part in value.split(",") if part.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("expected positive numbers, e.g. 8 or 1,8")
+    return counts
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument(
+        "--clients", type=client_counts, default=[8], help="concurrent clients; a list runs each"
+    )
+    parser.add_argument("--requests", type=int, default=2_000, help="per route")
+    parser.add_argument("--workers", type=int, default=1, help="`audit serve --workers`")
+    parser.add_argument(
+        "--nodelay",
+        action="store_true",
+        help="start the server through bench/serve_nodelay.py (TCP_NODELAY with --workers > 1)",
+    )
+    parser.add_argument("--postgres", default=DEFAULT_POSTGRES)
+    parser.add_argument("--schema", help="use (and keep) this schema; built when missing")
+    parser.add_argument("--keep", action="store_true", help="keep the schema afterwards")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--routes", help="only routes whose name contains one of these (comma)")
+    parser.add_argument("--explain", action="store_true", help="EXPLAIN ANALYZE each route")
+    parser.add_argument("--py-spy", type=Path, metavar="DIR", help="profile the server per route")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    schema = args.schema or f"bench_q_{secrets.token_hex(4)}"
+    url = f"{args.postgres}?schema={quote(schema)}"
+    database = parse_database_url(url)
+    assert isinstance(database, PostgresDatabase)
+    keep = args.keep or args.schema is not None
+    routes = [
+        route
+        for route in ROUTES
+        if not args.routes or any(part in route.name for part in args.routes.split(","))
+    ]
+    failures = 0
+    try:
+        if schema_has_store(database):
+            print(f"# reusing schema {schema}", flush=True)
+        else:
+            build_store(url, args.events, args.seed)
+        print(f"store {store_summary(database)}", flush=True)
+        ids = sample_ids(database, args.seed)
+        if args.explain:
+            explain_routes(url, ids)
+        with tempfile.NamedTemporaryFile(prefix="bench_query_", suffix=".log") as server_log:
+            server = Server(url, server_log, args.workers, args.nodelay)
+            try:
+                ready = server.wait_ready()
+                print(f"server ready_seconds={ready:.1f} base={server.base}", flush=True)
+                failures += run_all(args, server, routes, ids)
+                for problem in server.problems():
+                    print(f"  server: {problem}")
+            finally:
+                server.stop()
+    finally:
+        if not keep:
+            drop_schema(args.postgres, schema)
+    return 1 if failures else 0
+
+
+def run_all(args: argparse.Namespace, server: Server, routes: list[RouteSpec], ids: Ids) -> int:
+    rng = random.Random(args.seed)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    database = parse_database_url(server.url)
+    assert isinstance(database, PostgresDatabase)
+    backends = PostgresBackends(database)
+    try:
+        return _run_all(args, server, routes, ids, backends, rng, headers)
+    finally:
+        backends.close()
+
+
+def _run_all(
+    args: argparse.Namespace,
+    server: Server,
+    routes: list[RouteSpec],
+    ids: Ids,
+    backends: PostgresBackends,
+    rng: random.Random,
+    headers: dict[str, str],
+) -> int:
+    failures = 0
+    for count in args.clients:
+        with contextlib.ExitStack() as stack:
+            clients = [
+                stack.enter_context(httpx.Client(base_url=server.base, headers=headers, timeout=30))
+                for _ in range(count)
+            ]
+            warmup = [route.make(rng, ids) for route in routes for _ in range(WARMUP_PER_ROUTE)]
+            run_route(clients, warmup, server, backends)
+            for route in routes:
+                paths = [route.make(rng, ids) for _ in range(args.requests)]
+                spy = None
+                if args.py_spy:
+                    spy = PySpy(args.py_spy / f"c{count}", route.name, server.process.pid)
+                result = run_route(clients, paths, server, backends)
+                print(report_line(route, args.events, count, result), flush=True)
+                if spy is not None:
+                    for line in spy.stop():
+                        print(line)
+                for error in result.errors:
+                    print(f"  error: {error}")
+                failures += sum(n for status, n in result.statuses.items() if status != 200)
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(main())

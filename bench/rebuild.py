@@ -1,0 +1,313 @@
+"""Rebuild benchmark (issue 6): rebuild every projection over N bulk-loaded stored events, next to
+the read-and-decode ceiling measured in the same run, with the rebuild's peak memory.
+
+    python bench/rebuild.py --backend postgres --events 200000
+    python bench/rebuild.py --backend postgres --sizes 50000,200000 --profile 30
+
+Set-up (not the benchmark) generates N deliveries from the bundled samples, builds the stored
+events exactly as `AuditLog.record` would (`recorded_event` + `marker_event` at per-stream
+versions, through the application's mapper), and bulk-loads them: `COPY` on PostgreSQL, one
+`executemany` transaction on SQLite. The ceiling and the rebuild then each run in a child process
+(`--child`), so the parent's set-up memory does not count in the rebuild's peak RSS.
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import resource
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.store_fill
+
+from audit.application import AuditLog
+from audit.config import Database, PostgresDatabase, parse_database_url
+from audit.projections.runner import BATCH_SIZE, MARKER_TOPIC, Projector, active_tables
+from audit.storage import postgres_connect_args
+from bench.store_fill import World, bulk_load
+
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+# -- the measured phases (each in a child process) -------------------------------------------
+
+
+def vm_hwm_mb() -> float:
+    """Peak resident set size of this process so far, in MB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU seconds used so far by every `postgres` process on the machine (others' too)."""
+    total = 0
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                text = stat.read()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        if name == "postgres":
+            fields = text[text.rindex(")") + 2 :].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def child_ceiling(database: Database, batch: int) -> dict[str, Any]:
+    """Read every stored event in position order, in batches, with the runner's own read SQL,
+    and decode the deliveries with the runner's own `decode`, projecting nothing."""
+    log = AuditLog(database)
+    try:
+        projector = Projector(log, batch_size=batch)
+        db = projector.db
+        position, rows_read, decoded = 0, 0, 0
+        base_rss = vm_hwm_mb()
+        cpu0, db_cpu0 = cpu_seconds(), postgres_cpu_seconds()
+        started = time.perf_counter()
+        while True:
+            with db.transaction() as cursor:
+                rows = projector._read_after(cursor, position, batch)
+            for row in rows:
+                if row["topic"] != MARKER_TOPIC:
+                    projector.decode(row)
+                    decoded += 1
+            rows_read += len(rows)
+            if rows:
+                position = rows[-1]["position"]
+            if len(rows) < batch:
+                break
+        seconds = time.perf_counter() - started
+        return {
+            "seconds": seconds,
+            "rows": rows_read,
+            "deliveries": decoded,
+            "cpu": cpu_seconds() - cpu0,
+            "db_cpu": postgres_cpu_seconds() - db_cpu0,
+            "base_rss_mb": base_rss,
+            "peak_rss_mb": vm_hwm_mb(),
+        }
+    finally:
+        log.close()
+
+
+def child_rebuild(database: Database, batch: int, profile_top: int) -> dict[str, Any]:
+    """`audit rebuild --all`, in process: each projection rebuilt from position 0 in turn."""
+    log = AuditLog(database)
+    try:
+        projector = Projector(log, batch_size=batch)
+        profiler = cProfile.Profile() if profile_top else None
+        base_rss = vm_hwm_mb()
+        cpu0, db_cpu0 = cpu_seconds(), postgres_cpu_seconds()
+        per_projection: dict[str, float] = {}
+        started = time.perf_counter()
+        if profiler:
+            profiler.enable()
+        for name, projection in projector.projections.items():
+            began = time.perf_counter()
+            projector.rebuild(name)
+            projector.catch_up(projection)
+            per_projection[name] = time.perf_counter() - began
+        if profiler:
+            profiler.disable()
+        seconds = time.perf_counter() - started
+        result = {
+            "seconds": seconds,
+            "per_projection": per_projection,
+            "cpu": cpu_seconds() - cpu0,
+            "db_cpu": postgres_cpu_seconds() - db_cpu0,
+            "base_rss_mb": base_rss,
+            "peak_rss_mb": vm_hwm_mb(),
+            "indexed": _count(projector, "events", "events"),
+            "errors": projector.db.fetchone(
+                f"SELECT COUNT(*) AS n FROM {projector.db.table('projection_errors')}"
+            )["n"],
+            "states": sorted({row["state"] for row in projector.status()}),
+        }
+        if profiler:
+            result["profile"] = _profile_text(profiler, profile_top)
+        return result
+    finally:
+        log.close()
+
+
+def _count(projector: Projector, name: str, table: str) -> int:
+    tables = active_tables(projector.db, name)
+    return projector.db.fetchone(f"SELECT COUNT(*) AS n FROM {tables[table]}")["n"]
+
+
+def _profile_text(profiler: cProfile.Profile, top: int) -> str:
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
+def run_child(
+    phase: str, backend: str, url: str, batch: int, profile_top: int = 0
+) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", phase, "--backend", backend]
+    command += ["--database-url", url, "--batch", str(batch), "--profile", str(profile_top)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr)
+        raise SystemExit(f"child {phase} failed with status {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
+def fresh_store(backend: str, postgres: str) -> tuple[Database, str, Any]:
+    """A new empty store: its Database, its URL, and what to remove afterwards."""
+    if backend == "sqlite":
+        folder = Path(tempfile.mkdtemp(prefix="bench_rebuild_"))
+        url = f"sqlite:///{folder / 'audit.db'}"
+        return parse_database_url(url), url, folder
+    schema = f"bench_{secrets.token_hex(4)}"
+    url = f"{postgres}?schema={schema}"
+    return parse_database_url(url), url, schema
+
+
+def drop_store(database: Database, leftover: Any) -> None:
+    if isinstance(database, PostgresDatabase):
+        with psycopg.connect(**postgres_connect_args(database)) as conn:
+            conn.autocommit = True
+            conn.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(leftover))
+            )
+    else:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds else 0.0
+
+
+def run_size(args: argparse.Namespace, events: int) -> dict[str, Any]:
+    database, url, leftover = fresh_store(args.backend, args.postgres)
+    tag = f"backend={args.backend} events={events}"
+    try:
+        started = time.perf_counter()
+        log = AuditLog(database)  # creates the tables
+        try:
+            bulk_load(log, World(events, args.seed, args.late))
+        finally:
+            log.close()
+        setup = time.perf_counter() - started
+        print(
+            f"setup {tag} stored={2 * events} seconds={setup:.1f}"
+            f" rate={rate(events, setup):.0f}/s (generate+convert+bulk load, not the benchmark)",
+            flush=True,
+        )
+        ceiling = run_child("ceiling", args.backend, url, args.batch)
+        assert ceiling["deliveries"] == events, ceiling
+        ceiling_rate = rate(events, ceiling["seconds"])
+        print(
+            f"ceiling {tag} batch={args.batch} seconds={ceiling['seconds']:.1f}"
+            f" rate={ceiling_rate:.0f}/s cpu_python={ceiling['cpu']:.1f}s"
+            f" cpu_postgres={ceiling['db_cpu']:.1f}s peak_rss_mb={ceiling['peak_rss_mb']:.0f}"
+            f" load1={os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+        rebuilt = run_child("rebuild", args.backend, url, args.batch)
+        rebuild_rate = rate(events, rebuilt["seconds"])
+        for name, seconds in rebuilt["per_projection"].items():
+            print(
+                f"projection {tag} name={name} seconds={seconds:.1f}"
+                f" rate={rate(events, seconds):.0f}/s"
+                f" ratio={rate(events, seconds) / ceiling_rate:.2f}",
+                flush=True,
+            )
+        ok = rebuilt["indexed"] == events and rebuilt["errors"] == 0
+        print(
+            f"rebuild {tag} ceiling={ceiling_rate:.0f}/s rebuild={rebuild_rate:.0f}/s"
+            f" ratio={rebuild_rate / ceiling_rate:.2f} peak_rss_mb={rebuilt['peak_rss_mb']:.0f}"
+            f" base_rss_mb={rebuilt['base_rss_mb']:.0f} seconds={rebuilt['seconds']:.1f}"
+            f" cpu_python={rebuilt['cpu']:.1f}s cpu_postgres={rebuilt['db_cpu']:.1f}s"
+            f" batch={args.batch} indexed={rebuilt['indexed']} errors={rebuilt['errors']}"
+            f" states={','.join(rebuilt['states'])} load1={os.getloadavg()[0]:.1f}"
+            f" {'ok' if ok else 'FAILED'}",
+            flush=True,
+        )
+        if args.profile:
+            profiled = run_child("rebuild", args.backend, url, args.batch, args.profile)
+            print(f"# cProfile of a second rebuild ({profiled['seconds']:.1f}s under the profiler)")
+            print(profiled["profile"], flush=True)
+        return {"events": events, "peak_rss_mb": rebuilt["peak_rss_mb"], "ok": ok}
+    finally:
+        if not args.keep:
+            drop_store(database, leftover)
+        else:
+            print(f"# kept store {url}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=["postgres", "sqlite"], default="postgres")
+    parser.add_argument("--events", type=int, default=1_000_000, help="deliveries to store")
+    parser.add_argument("--sizes", help="comma-separated event counts, run in turn (memory check)")
+    parser.add_argument("--batch", type=int, default=BATCH_SIZE, help="projector batch size")
+    parser.add_argument("--late", type=float, default=0.01, help="share of late deliveries")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="also profile a second rebuild; top N"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the store (prints its URL)")
+    parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="server and database URL")
+    parser.add_argument("--child", choices=["ceiling", "rebuild"], help=argparse.SUPPRESS)
+    parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        database = parse_database_url(args.database_url)
+        if args.child == "ceiling":
+            result = child_ceiling(database, args.batch)
+        else:
+            result = child_rebuild(database, args.batch, args.profile)
+        print(json.dumps(result))
+        return 0
+    sizes = [int(size) for size in args.sizes.split(",")] if args.sizes else [args.events]
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M')} {os.cpu_count()} cpus python {sys.version.split()[0]}"
+    )
+    results = [run_size(args, size) for size in sizes]
+    if len(results) > 1:
+        peaks = " ".join(f"{r['events']}:{r['peak_rss_mb']:.0f}" for r in results)
+        spread = max(r["peak_rss_mb"] for r in results) / min(r["peak_rss_mb"] for r in results)
+        print(f"memory backend={args.backend} peak_rss_mb_by_events={peaks} max/min={spread:.2f}")
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
