@@ -47,15 +47,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     log = open_log(settings.database)
     if args.workers > 1:
+        from audit.serving import run_workers
+
         log.close()
-        uvicorn.run(
-            "api.app:app_from_env",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            log_level="info",
-            access_log=False,  # api.access_log writes one without query strings
+        run_workers(
+            uvicorn.Config(
+                "api.app:app_from_env",
+                factory=True,
+                host=args.host,
+                port=args.port,
+                workers=args.workers,
+                log_level="info",
+                access_log=False,  # api.access_log writes one without query strings
+            )
         )
         return 0
     from audit.projections.runner import Projector

@@ -48,7 +48,6 @@ from audit.queries import ChangeFilters, EventFilters
 from audit.storage import events_table_name
 from bench.store_fill import World, bulk_load, project_parallel
 
-BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 TOKEN = "benchtoken"
 STARTUP_TIMEOUT_S = 120.0
@@ -260,7 +259,7 @@ def audit_command() -> list[str]:
 class Server:
     """`audit serve` in its own process group, logging to a file."""
 
-    def __init__(self, url: str, log: IO[bytes], workers: int = 1, nodelay: bool = False) -> None:
+    def __init__(self, url: str, log: IO[bytes], workers: int = 1) -> None:
         port = free_port()
         self.url = url
         self.base = f"http://127.0.0.1:{port}"
@@ -272,9 +271,8 @@ class Server:
             "AUDIT_API_TOKENS": TOKEN,
             "AUDIT_DATABASE_URL": url,
         }
-        program = [sys.executable, str(BENCH_DIR / "serve_nodelay.py")] if nodelay else None
         listen = ["--host", "127.0.0.1", "--port", str(port)]
-        command = [*(program or audit_command()), "serve", *listen]
+        command = [*audit_command(), "serve", *listen]
         if workers > 1:
             command += ["--workers", str(workers)]
         self.process = subprocess.Popen(
@@ -637,11 +635,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--requests", type=int, default=2_000, help="per route")
     parser.add_argument("--workers", type=int, default=1, help="`audit serve --workers`")
-    parser.add_argument(
-        "--nodelay",
-        action="store_true",
-        help="start the server through bench/serve_nodelay.py (TCP_NODELAY with --workers > 1)",
-    )
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES)
     parser.add_argument("--schema", help="use (and keep) this schema; built when missing")
     parser.add_argument("--keep", action="store_true", help="keep the schema afterwards")
@@ -675,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.explain:
             explain_routes(url, ids)
         with tempfile.NamedTemporaryFile(prefix="bench_query_", suffix=".log") as server_log:
-            server = Server(url, server_log, args.workers, args.nodelay)
+            server = Server(url, server_log, args.workers)
             try:
                 ready = server.wait_ready()
                 print(f"server ready_seconds={ready:.1f} base={server.base}", flush=True)
