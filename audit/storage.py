@@ -239,6 +239,39 @@ class Db:
             self.heal()
             raise StoreUnavailable(str(exc)) from exc
 
+    def insert_rows(
+        self,
+        cursor: Cursor,
+        table: str,
+        columns: Sequence[tuple[str, str]],
+        rows: Sequence[Sequence[Any]],
+        *,
+        on_conflict: str = "",
+    ) -> None:
+        """INSERT many rows in one statement: `columns` are (name, PostgreSQL type) pairs.
+
+        PostgreSQL gets one `INSERT ... SELECT FROM unnest(array, ...)`, whatever the number of
+        rows (one message, one plan, where `executemany` costs a statement each); through a
+        `text_safe` cursor, the arrays' strings are made NUL-free too. SQLite gets
+        `executemany`, a loop in C.
+        """
+        if not rows:
+            return
+        names = ", ".join(name for name, _ in columns)
+        if self.dialect == "sqlite":
+            marks = ", ".join("?" for _ in columns)
+            cursor.executemany(
+                f"INSERT INTO {table} ({names}) VALUES ({marks}) {on_conflict}", rows
+            )
+            return
+        # %b: binary arrays, whose elements need no quoting (the text format escapes every
+        # quote of every JSON string with a regular expression).
+        arrays = ", ".join(f"%b::{kind}[]" for _, kind in columns)
+        cursor.execute(
+            f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) {on_conflict}",
+            [list(values) for values in zip(*rows, strict=True)],
+        )
+
     def text_safe(self, cursor: Cursor) -> Cursor:
         """A cursor whose string parameters PostgreSQL's text type can hold.
 
@@ -393,11 +426,18 @@ class EventWaiter:
 
 
 def _nul_free(params: Any) -> Any:
+    """Parameters with U+FFFD for NUL in every string, arrays' elements included."""
     if isinstance(params, (list, tuple)):
-        return [
-            value.replace("\x00", "\ufffd") if isinstance(value, str) else value for value in params
-        ]
+        return [_nul_free_value(value) for value in params]
     return params
+
+
+def _nul_free_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_nul_free_value(item) for item in value]
+    return value
 
 
 class _NulFreeCursor:

@@ -25,7 +25,7 @@ json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**80), max_value=2**80)
-    | st.floats(allow_nan=False)
+    | st.floats(allow_nan=False, allow_infinity=False)  # JSON has neither
     | st.text(),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children),
     max_leaves=20,

@@ -1,9 +1,10 @@
-"""What a projection is: a name, a schema version, its tables, and a handler for one delivery."""
+"""What a projection is: a name, a schema version, its tables, and a handler for deliveries."""
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -45,9 +46,17 @@ class Projection(ABC):
     def schema(self, t: Tables, db: Db) -> list[str]:
         """DDL creating this generation's tables and indexes."""
 
+    def read_indexes(self, t: Tables) -> list[str]:
+        """`CREATE INDEX IF NOT EXISTS` statements only reads need, not `apply`. A build from
+        position 0 creates them when it goes live: one sort at the end, not an index update
+        per row while it runs."""
+        return []
+
     @abstractmethod
-    def handle(self, cursor: Cursor, t: Tables, db: Db, event: StoredDelivery) -> None:
-        """Apply one delivery. Runs inside the transaction that also advances the position."""
+    def apply(self, cursor: Cursor, t: Tables, db: Db, events: Sequence[StoredDelivery]) -> None:
+        """Apply deliveries in position order: a whole batch, or one at a time when a batch
+        has failed. Runs inside the transaction that also advances the position, so a
+        projection may gather its writes and send them at the end."""
 
 
 def to_json(value: Any) -> str:

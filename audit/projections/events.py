@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from audit.aggregates.actor import actor_of
 from audit.aggregates.routing import related_ids
 from audit.projections.base import Projection, StoredDelivery, Tables, to_json
 from audit.storage import Cursor, Db
+
+EVENT_COLUMNS = (
+    ("position", "bigint"),
+    ("svix_id", "text"),
+    ("type", "text"),
+    ("subject_id", "text"),
+    ("subject_object", "text"),
+    ("occurred_at", "bigint"),
+    ("received_at", "bigint"),
+    ("instance_id", "text"),
+    ("actor", "text"),
+    ("actor_ip", "text"),
+    ("body", "text"),
+)
+SUBJECT_COLUMNS = (("clerk_id", "text"), ("position", "bigint"))
 
 
 class EventIndex(Projection):
@@ -27,38 +44,43 @@ class EventIndex(Projection):
             " actor TEXT NOT NULL,"
             " actor_ip TEXT,"
             " body TEXT NOT NULL)",
-            f"CREATE INDEX {t.index('events_type')} ON {t['events']} (type, position)",
-            f"CREATE INDEX {t.index('events_occurred')} ON {t['events']} (occurred_at, position)",
             f"CREATE TABLE {t['event_subjects']} ("
             " clerk_id TEXT NOT NULL,"
             " position BIGINT NOT NULL,"
             " PRIMARY KEY (clerk_id, position))",
         ]
 
-    def handle(self, cursor: Cursor, t: Tables, db: Db, event: StoredDelivery) -> None:
-        delivery = event.delivery
-        actor = actor_of(delivery)
-        cursor.execute(
-            db.sql(
-                f"INSERT INTO {t['events']} (position, svix_id, type, subject_id, subject_object,"
-                " occurred_at, received_at, instance_id, actor, actor_ip, body)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            ),
-            [
-                event.position,
-                delivery.svix_id,
-                delivery.type,
-                delivery.subject_id,
-                delivery.subject_object,
-                delivery.occurred_at,
-                delivery.received_at,
-                delivery.instance_id,
-                to_json(actor),
-                actor["ip"],
-                delivery.body,
-            ],
-        )
-        cursor.executemany(
-            db.sql(f"INSERT INTO {t['event_subjects']} (clerk_id, position) VALUES (%s, %s)"),
-            [[clerk_id, event.position] for clerk_id in related_ids(delivery.type, delivery.data)],
-        )
+    def read_indexes(self, t: Tables) -> list[str]:
+        return [
+            f"CREATE INDEX IF NOT EXISTS {t.index('events_type')}"
+            f" ON {t['events']} (type, position)",
+            f"CREATE INDEX IF NOT EXISTS {t.index('events_occurred')}"
+            f" ON {t['events']} (occurred_at, position)",
+        ]
+
+    def apply(self, cursor: Cursor, t: Tables, db: Db, events: Sequence[StoredDelivery]) -> None:
+        indexed = []
+        subjects = []
+        for event in events:
+            delivery = event.delivery
+            actor = actor_of(delivery)
+            indexed.append(
+                (
+                    event.position,
+                    delivery.svix_id,
+                    delivery.type,
+                    delivery.subject_id,
+                    delivery.subject_object,
+                    delivery.occurred_at,
+                    delivery.received_at,
+                    delivery.instance_id,
+                    to_json(actor),
+                    actor["ip"],
+                    delivery.body,
+                )
+            )
+            subjects += [
+                (clerk_id, event.position) for clerk_id in related_ids(delivery.type, delivery.data)
+            ]
+        db.insert_rows(cursor, t["events"], EVENT_COLUMNS, indexed)
+        db.insert_rows(cursor, t["event_subjects"], SUBJECT_COLUMNS, subjects)

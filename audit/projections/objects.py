@@ -9,6 +9,7 @@ a fact about arrival, does).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from audit.aggregates.actor import actor_of
@@ -40,7 +41,68 @@ TABLE_OF_FAMILY = {
 }
 USER_FAMILIES = ("user", "session")
 
-_VERSION_COLUMNS = "event_id, type, k1, k2, k3, occurred_at, deletion, data"
+SELF_OWNED = ("user", "organization")
+
+_VERSION_FIELDS = "event_id, type, k1, k2, k3, occurred_at, deletion, data"
+VERSION_COLUMNS = (
+    ("object_id", "text"),
+    ("event_id", "text"),
+    ("type", "text"),
+    ("k1", "bigint"),
+    ("k2", "bigint"),
+    ("k3", "bigint"),
+    ("occurred_at", "bigint"),
+    ("deletion", "int4"),
+    ("data", "text"),
+)
+HISTORY_COLUMNS = (
+    ("position", "bigint"),
+    ("object_id", "text"),
+    ("object_type", "text"),
+    ("owner_id", "text"),
+    ("event_id", "text"),
+    ("type", "text"),
+    ("occurred_at", "bigint"),
+    ("received_at", "bigint"),
+    ("actor", "text"),
+    ("stale", "int4"),
+    ("changes", "text"),
+)
+CHANGE_COLUMNS = (
+    ("position", "bigint"),
+    ("object_id", "text"),
+    ("field", "text"),
+    ("from_value", "text"),
+    ("to_value", "text"),
+    ("object_type", "text"),
+    ("owner_id", "text"),
+    ("event_id", "text"),
+    ("type", "text"),
+    ("occurred_at", "bigint"),
+    ("received_at", "bigint"),
+    ("actor", "text"),
+    ("actor_ip", "text"),
+    ("stale", "int4"),
+)
+CURRENT_COLUMNS = (
+    ("id", "text"),
+    ("owner_id", "text"),
+    ("user_id", "text"),
+    ("organization_id", "text"),
+    ("status", "text"),
+    ("deleted", "int4"),
+    ("created_at", "bigint"),
+    ("updated_at", "bigint"),
+    ("position", "bigint"),
+    ("view", "text"),
+)
+UPSERT = (
+    "ON CONFLICT (id) DO UPDATE SET owner_id = excluded.owner_id,"
+    " user_id = excluded.user_id, organization_id = excluded.organization_id,"
+    " status = excluded.status, deleted = excluded.deleted,"
+    " created_at = excluded.created_at, updated_at = excluded.updated_at,"
+    " position = excluded.position, view = excluded.view"
+)
 
 
 def _profile_view(object_id: str, versions: ObjectVersions) -> dict[str, Any]:
@@ -63,6 +125,8 @@ class ObjectsProjection(Projection):
     table_names = ("versions", "history", "changes", *VIEW_OF_TABLE)
 
     def schema(self, t: Tables, db: Db) -> list[str]:
+        # The indexes here are the ones `apply` itself reads by (a batch's orphans, adopting
+        # them); the others are `read_indexes`.
         statements = [
             f"CREATE TABLE {t['versions']} ("
             " object_id TEXT NOT NULL, k1 BIGINT NOT NULL, k2 BIGINT NOT NULL, k3 BIGINT NOT NULL,"
@@ -75,7 +139,6 @@ class ObjectsProjection(Projection):
             " occurred_at BIGINT, received_at BIGINT NOT NULL, actor TEXT NOT NULL,"
             " stale INTEGER NOT NULL, changes TEXT NOT NULL,"
             " PRIMARY KEY (position, object_id))",
-            f"CREATE INDEX {t.index('history_owner')} ON {t['history']} (owner_id, position)",
             f"CREATE INDEX {t.index('history_object')} ON {t['history']} (object_id, position)",
             f"CREATE TABLE {t['changes']} ("
             " position BIGINT NOT NULL, object_id TEXT NOT NULL, field TEXT NOT NULL,"
@@ -84,12 +147,7 @@ class ObjectsProjection(Projection):
             " received_at BIGINT NOT NULL, actor TEXT NOT NULL, actor_ip TEXT,"
             " stale INTEGER NOT NULL,"
             " PRIMARY KEY (position, object_id, field))",
-            f"CREATE INDEX {t.index('changes_field')} ON {t['changes']} (field, position)",
             f"CREATE INDEX {t.index('changes_object')} ON {t['changes']} (object_id, position)",
-            f"CREATE INDEX {t.index('changes_owner')} ON {t['changes']} (owner_id, position)",
-            f"CREATE INDEX {t.index('changes_ip')} ON {t['changes']} (actor_ip, position)",
-            f"CREATE INDEX {t.index('changes_type')} ON {t['changes']} (type, position)",
-            f"CREATE INDEX {t.index('changes_occurred')} ON {t['changes']} (occurred_at, position)",
         ]
         for table in VIEW_OF_TABLE:
             statements += [
@@ -98,28 +156,78 @@ class ObjectsProjection(Projection):
                 " organization_id TEXT, status TEXT, deleted INTEGER NOT NULL,"
                 " created_at BIGINT, updated_at BIGINT, position BIGINT NOT NULL,"
                 " view TEXT NOT NULL)",
-                f"CREATE INDEX {t.index(table + '_owner')} ON {t[table]}"
-                " (owner_id, created_at, id)",
-                f"CREATE INDEX {t.index(table + '_user')} ON {t[table]} (user_id, created_at, id)",
             ]
         return statements
 
-    def handle(self, cursor: Cursor, t: Tables, db: Db, event: StoredDelivery) -> None:
+    def read_indexes(self, t: Tables) -> list[str]:
+        by_position = {
+            "history_owner": ("history", "owner_id"),
+            "changes_field": ("changes", "field"),
+            "changes_owner": ("changes", "owner_id"),
+            "changes_ip": ("changes", "actor_ip"),
+            "changes_type": ("changes", "type"),
+            "changes_occurred": ("changes", "occurred_at"),
+        }
+        statements = [
+            f"CREATE INDEX IF NOT EXISTS {t.index(name)} ON {t[table]} ({column}, position)"
+            for name, (table, column) in by_position.items()
+        ]
+        for table in VIEW_OF_TABLE:
+            statements += [
+                f"CREATE INDEX IF NOT EXISTS {t.index(f'{table}_{column}')}"
+                f" ON {t[table]} ({column}_id, created_at, id)"
+                for column in ("owner", "user")
+            ]
+        return statements
+
+    def apply(self, cursor: Cursor, t: Tables, db: Db, events: Sequence[StoredDelivery]) -> None:
+        versioned = []
+        for event in events:
+            family = event.delivery.type.split(".", 1)[0]
+            table = TABLE_OF_FAMILY.get(family)
+            # Not versioned objects: email, sms, roles, billing, unknown types.
+            if table is not None and event.delivery.subject_id is not None:
+                versioned.append((event, family, table, event.delivery.subject_id))
+        if not versioned:
+            return
+        batch = _Batch(cursor, t, db)
+        batch.load(
+            {object_id for _, _, _, object_id in versioned},
+            {object_id for _, family, _, object_id in versioned if family not in SELF_OWNED},
+        )
+        for event, family, table, object_id in versioned:
+            self._apply_one(batch, event, family, table, object_id)
+        batch.flush()
+
+    def _apply_one(
+        self, batch: _Batch, event: StoredDelivery, family: str, table: str, object_id: str
+    ) -> None:
         delivery = event.delivery
-        family = delivery.type.split(".", 1)[0]
-        table = TABLE_OF_FAMILY.get(family)
-        object_id = delivery.subject_id
-        if table is None or object_id is None:
-            return  # not a versioned object (email, sms, roles, billing, unknown types)
-        owner_id = self._owner_of(cursor, t, db, family, delivery.data, object_id)
+        owner_id = self._owner_of(batch, family, table, delivery.data, object_id)
         if owner_id is None:
             owner_id = object_id  # a stub seen first: adopted when a version names the owner
-        elif owner_id != object_id:
-            self._adopt_orphans(cursor, t, db, table, object_id, owner_id)
+            batch.orphans.add(object_id)
+        elif owner_id != object_id and object_id in batch.orphans:
+            self._adopt_orphans(batch, table, object_id, owner_id)
         new = Version.of(delivery, event.position)
-        predecessor, successor = self._neighbours(cursor, t, db, object_id, new)
+        latest = batch.latest.get(object_id)
+        if latest is None or _key(new) > _key(latest):
+            predecessor, successor = latest, None  # the common case: newer than all recorded
+            batch.latest[object_id] = new
+        else:
+            predecessor, successor = self._neighbours(batch, object_id, new)
         placement = place(new, predecessor, successor)
-        self._insert_version(cursor, t, db, object_id, new)
+        batch.versions.append(
+            (
+                object_id,
+                new.event_id,
+                new.type,
+                *_key(new),
+                new.occurred_at,
+                int(new.deletion),
+                to_json(new.data),
+            )
+        )
 
         actor = actor_of(delivery)
         row = {
@@ -135,47 +243,37 @@ class ObjectsProjection(Projection):
             "actor_ip": actor["ip"],
             "stale": int(placement.stale),
         }
-        self._write_history(cursor, t, db, row, placement.changes)
+        batch.add_history(row, placement.changes)
         if successor is not None and placement.successor_changes is not None:
-            self._rewrite_successor(
-                cursor, t, db, object_id, successor, placement.successor_changes
-            )
+            self._rewrite_successor(batch, object_id, successor, placement.successor_changes)
         if placement.becomes_current:
             versions = ObjectVersions([v for v in (predecessor, new) if v is not None])
-            self._write_current(cursor, t, db, table, object_id, owner_id, versions, event.position)
+            batch.set_current(table, object_id, owner_id, versions, event.position)
         elif successor is not None and successor.deletion:
             # A late version just before the deletion: the deleted object's last known data.
             versions = ObjectVersions([new, successor])
-            self._write_current(cursor, t, db, table, object_id, owner_id, versions, event.position)
+            batch.set_current(table, object_id, owner_id, versions, event.position)
 
-    # -- pieces ------------------------------------------------------------------------------
+    # -- the uncommon cases, which read what the batch has written so far -------------------
 
     @staticmethod
     def _owner_of(
-        cursor: Cursor, t: Tables, db: Db, family: str, data: dict[str, Any], object_id: str
+        batch: _Batch, family: str, table: str, data: dict[str, Any], object_id: str
     ) -> str | None:
-        if family == "user":
+        if family in SELF_OWNED:
             return object_id
         if family == "session":
             user_id = data.get("user_id")
             return user_id if isinstance(user_id, str) else None
-        if family == "organization":
-            return object_id
         owner = organization_id_of(f"{family}.x", data)
         if owner is None:  # a deletion stub: the organization its earlier versions named
-            cursor.execute(
-                db.sql(f"SELECT owner_id FROM {t[TABLE_OF_FAMILY[family]]} WHERE id = %s"),
-                [object_id],
-            )
-            found = cursor.fetchone()
-            owner = found["owner_id"] if found else None
+            owner = batch.current_owner(table, object_id)
         return owner
 
     @staticmethod
-    def _adopt_orphans(
-        cursor: Cursor, t: Tables, db: Db, table: str, object_id: str, owner_id: str
-    ) -> None:
+    def _adopt_orphans(batch: _Batch, table: str, object_id: str, owner_id: str) -> None:
         """Rows written from a stub that arrived before any version naming its owner."""
+        cursor, t, db = batch.flush()
         for logical in ("history", "changes"):
             cursor.execute(
                 db.sql(
@@ -190,18 +288,17 @@ class ObjectsProjection(Projection):
             ),
             [owner_id, owner_id, object_id, object_id],
         )
+        batch.orphans.discard(object_id)
 
     @staticmethod
-    def _key(version: Version) -> tuple[int, int, int]:
-        first = DELETION_KEY if version.deletion else int(version.key[0])
-        return first, version.key[1], version.key[2]
-
     def _neighbours(
-        self, cursor: Cursor, t: Tables, db: Db, object_id: str, new: Version
+        batch: _Batch, object_id: str, new: Version
     ) -> tuple[Version | None, Version | None]:
-        key = self._key(new)
+        """A late arrival: the recorded versions just before and just after it."""
+        cursor, t, db = batch.flush()
+        key = _key(new)
         sides = [
-            f"SELECT * FROM (SELECT '{side}' AS side, {_VERSION_COLUMNS} FROM {t['versions']}"
+            f"SELECT * FROM (SELECT '{side}' AS side, {_VERSION_FIELDS} FROM {t['versions']}"
             f" WHERE object_id = %s AND (k1, k2, k3) {comparison} (%s, %s, %s)"
             f" ORDER BY k1 {order}, k2 {order}, k3 {order} LIMIT 1) AS {side}"
             for side, comparison, order in (("before", "<", "DESC"), ("after", ">", "ASC"))
@@ -210,88 +307,12 @@ class ObjectsProjection(Projection):
         found = {row["side"]: _version_from_row(row) for row in cursor.fetchall()}
         return found.get("before"), found.get("after")
 
-    def _insert_version(
-        self, cursor: Cursor, t: Tables, db: Db, object_id: str, version: Version
-    ) -> None:
-        cursor.execute(
-            db.sql(
-                f"INSERT INTO {t['versions']} (object_id, {_VERSION_COLUMNS})"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            ),
-            [
-                object_id,
-                version.event_id,
-                version.type,
-                *self._key(version),
-                version.occurred_at,
-                int(version.deletion),
-                to_json(version.data),
-            ],
-        )
-
     @staticmethod
-    def _write_history(
-        cursor: Cursor, t: Tables, db: Db, row: dict[str, Any], changes: list[Change]
-    ) -> None:
-        cursor.execute(
-            db.sql(
-                f"INSERT INTO {t['history']} (position, object_id, object_type, owner_id,"
-                " event_id, type, occurred_at, received_at, actor, stale, changes)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            ),
-            [
-                row["position"],
-                row["object_id"],
-                row["object_type"],
-                row["owner_id"],
-                row["event_id"],
-                row["type"],
-                row["occurred_at"],
-                row["received_at"],
-                row["actor"],
-                row["stale"],
-                to_json(changes),
-            ],
-        )
-        if not changes:
-            return
-        cursor.executemany(
-            db.sql(
-                f"INSERT INTO {t['changes']} (position, object_id, field, from_value, to_value,"
-                " object_type, owner_id, event_id, type, occurred_at, received_at, actor,"
-                " actor_ip, stale) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            ),
-            [
-                [
-                    row["position"],
-                    row["object_id"],
-                    change["field"],
-                    to_json(change["from"]),
-                    to_json(change["to"]),
-                    row["object_type"],
-                    row["owner_id"],
-                    row["event_id"],
-                    row["type"],
-                    row["occurred_at"],
-                    row["received_at"],
-                    row["actor"],
-                    row["actor_ip"],
-                    row["stale"],
-                ]
-                for change in changes
-            ],
-        )
-
     def _rewrite_successor(
-        self,
-        cursor: Cursor,
-        t: Tables,
-        db: Db,
-        object_id: str,
-        successor: Version,
-        changes: list[Change],
+        batch: _Batch, object_id: str, successor: Version, changes: list[Change]
     ) -> None:
         """The successor now follows the new version: its changes are taken against it."""
+        cursor, t, db = batch.flush()
         position = successor.key[2]
         cursor.execute(
             db.sql(
@@ -311,18 +332,89 @@ class ObjectsProjection(Projection):
             f"DELETE FROM {t['history']} WHERE position = %s AND object_id = %s",
         ):
             cursor.execute(db.sql(statement), [position, object_id])
-        self._write_history(cursor, t, db, row, changes)
+        batch.add_history(row, changes)
 
-    @staticmethod
-    def _write_current(
-        cursor: Cursor,
-        t: Tables,
-        db: Db,
-        table: str,
-        object_id: str,
-        owner_id: str,
-        versions: ObjectVersions,
-        position: int,
+
+class _Batch:
+    """One batch's writes, gathered to be sent together, and what it knows of its objects.
+
+    `load` reads, in one query, the latest recorded version of every object in the batch, so a
+    version newer than all of them (nearly every one) is placed without a query of its own.
+    Anything that reads the tables (a late arrival's neighbours, a successor's history, a
+    stub's owner) first flushes what has been gathered.
+    """
+
+    def __init__(self, cursor: Cursor, t: Tables, db: Db) -> None:
+        self.cursor, self.t, self.db = cursor, t, db
+        self.latest: dict[str, Version | None] = {}
+        self.orphans: set[str] = set()  # objects with rows written under their own id as owner
+        self.versions: list[tuple[Any, ...]] = []
+        self.history: list[tuple[Any, ...]] = []
+        self.changes: list[tuple[Any, ...]] = []
+        self.current: dict[str, dict[str, tuple[Any, ...]]] = {table: {} for table in VIEW_OF_TABLE}
+
+    def load(self, object_ids: set[str], owned_ids: set[str]) -> None:
+        cursor, t, db = self.cursor, self.t, self.db
+        self.latest = dict.fromkeys(object_ids)
+        newest_first = "ORDER BY k1 DESC, k2 DESC, k3 DESC LIMIT 1"
+        if db.dialect == "postgresql":
+            cursor.execute(
+                f"SELECT o.id AS object_id, {_VERSION_FIELDS} FROM unnest(%s::text[]) AS o(id)"
+                f" CROSS JOIN LATERAL (SELECT {_VERSION_FIELDS} FROM {t['versions']}"
+                f" WHERE object_id = o.id {newest_first}) AS v",
+                [sorted(object_ids)],
+            )
+            rows = list(cursor.fetchall())
+        else:  # in-process: a query per object costs microseconds
+            rows = []
+            for object_id in object_ids:
+                cursor.execute(
+                    f"SELECT object_id, {_VERSION_FIELDS} FROM {t['versions']}"
+                    f" WHERE object_id = ? {newest_first}",
+                    [object_id],
+                )
+                rows += cursor.fetchall()
+        for row in rows:
+            self.latest[row["object_id"]] = _version_from_row(row)
+        if owned_ids:
+            ids = sorted(owned_ids)
+            marks = (
+                "= ANY(%s)" if db.dialect == "postgresql" else f"IN ({', '.join('?' * len(ids))})"
+            )
+            params: list[Any] = [ids] if db.dialect == "postgresql" else ids
+            cursor.execute(
+                f"SELECT DISTINCT object_id FROM {t['history']}"
+                f" WHERE object_id {marks} AND owner_id = object_id",
+                params,
+            )
+            self.orphans = {row["object_id"] for row in cursor.fetchall()}
+
+    def add_history(self, row: dict[str, Any], changes: list[Change]) -> None:
+        self.history.append(
+            (*(row[name] for name, _ in HISTORY_COLUMNS if name != "changes"), to_json(changes))
+        )
+        for change in changes:
+            self.changes.append(
+                (
+                    row["position"],
+                    row["object_id"],
+                    change["field"],
+                    to_json(change["from"]),
+                    to_json(change["to"]),
+                    row["object_type"],
+                    row["owner_id"],
+                    row["event_id"],
+                    row["type"],
+                    row["occurred_at"],
+                    row["received_at"],
+                    row["actor"],
+                    row["actor_ip"],
+                    row["stale"],
+                )
+            )
+
+    def set_current(
+        self, table: str, object_id: str, owner_id: str, versions: ObjectVersions, position: int
     ) -> None:
         view = VIEW_OF_TABLE[table](object_id, versions)
         data = versions.as_data() or {}
@@ -332,7 +424,7 @@ class ObjectsProjection(Projection):
         user_id = view.get("user_id") if table == "memberships" else None
         if table in ("users", "sessions"):
             user_id = owner_id
-        values = [
+        self.current[table][object_id] = (
             object_id,
             owner_id,
             user_id,
@@ -343,20 +435,35 @@ class ObjectsProjection(Projection):
             epoch_ms(data.get("updated_at")),
             position,
             to_json(view),
-        ]
-        cursor.execute(
-            db.sql(
-                f"INSERT INTO {t[table]} (id, owner_id, user_id, organization_id, status, deleted,"
-                " created_at, updated_at, position, view)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (id) DO UPDATE SET owner_id = excluded.owner_id,"
-                " user_id = excluded.user_id, organization_id = excluded.organization_id,"
-                " status = excluded.status, deleted = excluded.deleted,"
-                " created_at = excluded.created_at, updated_at = excluded.updated_at,"
-                " position = excluded.position, view = excluded.view"
-            ),
-            values,
         )
+
+    def current_owner(self, table: str, object_id: str) -> str | None:
+        gathered = self.current[table].get(object_id)
+        if gathered is not None:
+            return gathered[1]
+        cursor, t, db = self.flush()
+        cursor.execute(db.sql(f"SELECT owner_id FROM {t[table]} WHERE id = %s"), [object_id])
+        found = cursor.fetchone()
+        return found["owner_id"] if found else None
+
+    def flush(self) -> tuple[Cursor, Tables, Db]:
+        """Send what has been gathered; returns the cursor, tables and db to go on with."""
+        cursor, t, db = self.cursor, self.t, self.db
+        db.insert_rows(cursor, t["versions"], VERSION_COLUMNS, self.versions)
+        db.insert_rows(cursor, t["history"], HISTORY_COLUMNS, self.history)
+        db.insert_rows(cursor, t["changes"], CHANGE_COLUMNS, self.changes)
+        for table, rows in self.current.items():
+            db.insert_rows(
+                cursor, t[table], CURRENT_COLUMNS, list(rows.values()), on_conflict=UPSERT
+            )
+            rows.clear()
+        self.versions, self.history, self.changes = [], [], []
+        return cursor, t, db
+
+
+def _key(version: Version) -> tuple[int, int, int]:
+    first = DELETION_KEY if version.deletion else int(version.key[0])
+    return first, version.key[1], version.key[2]
 
 
 def _version_from_row(row: Any) -> Version:

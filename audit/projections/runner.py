@@ -102,7 +102,7 @@ class Projector:
             with self.db.transaction() as cursor:
                 registration = self._registration(cursor, projection.name, lock=True)
                 if registration is None:
-                    self._create_generation(cursor, projection, 1)
+                    self._create_generation(cursor, projection, 1, live=True)
                     cursor.execute(
                         self.db.sql(
                             f"INSERT INTO {self.db.table('projection_registry')}"
@@ -145,11 +145,16 @@ class Projector:
             raise UnknownProjection(name)
         return found
 
-    def _create_generation(self, cursor: Cursor, projection: Projection, generation: int) -> None:
+    def _create_generation(
+        self, cursor: Cursor, projection: Projection, generation: int, *, live: bool
+    ) -> None:
         tables = Tables(self.db, projection.name, generation)
         for logical in projection.table_names:
             cursor.execute(f"DROP TABLE IF EXISTS {tables[logical]}")
-        for statement in projection.schema(tables, self.db):
+        statements = projection.schema(tables, self.db)
+        if live:  # serving reads from the start; a build gets its read indexes at the switch
+            statements += projection.read_indexes(tables)
+        for statement in statements:
             cursor.execute(statement)
         cursor.execute(
             self.db.sql(f"DELETE FROM {self._tracking()} WHERE application_name = %s"),
@@ -165,7 +170,7 @@ class Projector:
         generation = max(registration.generation, registration.building_generation or 0) + 1
         if registration.building_generation is not None:
             self._drop_generation(cursor, projection, registration.building_generation)
-        self._create_generation(cursor, projection, generation)
+        self._create_generation(cursor, projection, generation, live=False)
         cursor.execute(
             self.db.sql(
                 f"UPDATE {self.db.table('projection_registry')}"
@@ -235,8 +240,8 @@ class Projector:
                 writer = self.db.text_safe(cursor)
                 try:
                     with self.db.pipeline(cursor):
-                        for row in deliveries:
-                            projection.handle(writer, tables, self.db, self.decode(row))
+                        events = [self.decode(row) for row in deliveries]
+                        projection.apply(writer, tables, self.db, events)
                 except Exception as exc:
                     raise _PoisonInBatch() from exc
             if rows:
@@ -280,7 +285,7 @@ class Projector:
         cursor.execute("SAVEPOINT projection_event")
         try:
             event = self.decode(row)
-            projection.handle(self.db.text_safe(cursor), tables, self.db, event)
+            projection.apply(self.db.text_safe(cursor), tables, self.db, [event])
         except Exception as exc:  # a poison event: report it, keep going
             cursor.execute("ROLLBACK TO SAVEPOINT projection_event")
             log.error(
@@ -359,6 +364,8 @@ class Projector:
                     cursor,
                     Tracking(tracking_key(projection.name, generation), rows[-1]["position"]),
                 )
+            for statement in projection.read_indexes(tables):
+                cursor.execute(statement)
             self._drop_generation(cursor, projection, registration.generation)
             cursor.execute(
                 self.db.sql(

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from audit.aggregates.actor import actor_of
 from audit.aggregates.state import ACTIVITY_FIELDS
 from audit.projections.base import Projection, StoredDelivery, Tables, to_json
 from audit.storage import Cursor, Db
+
+COLUMNS = (
+    ("session_id", "text"),
+    ("occurred_at", "bigint"),
+    ("position", "bigint"),
+    ("user_id", "text"),
+    ("event_id", "text"),
+    ("type", "text"),
+    ("status", "text"),
+    ("actor", "text"),
+    ("activity", "text"),
+)
 
 
 class SessionTimelines(Projection):
@@ -22,32 +37,30 @@ class SessionTimelines(Projection):
             " PRIMARY KEY (session_id, occurred_at, position))",
         ]
 
-    def handle(self, cursor: Cursor, t: Tables, db: Db, event: StoredDelivery) -> None:
-        delivery = event.delivery
-        if not delivery.type.startswith("session.") or delivery.subject_id is None:
-            return
-        data = delivery.data
-        activity = data.get("latest_activity")
-        actor = dict(actor_of(delivery))
-        impersonation = data.get("actor")
-        actor["session_actor"] = impersonation if isinstance(impersonation, dict) else None
-        cursor.execute(
-            db.sql(
-                f"INSERT INTO {t['session_events']} (session_id, occurred_at, position, user_id,"
-                " event_id, type, status, actor, activity)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            ),
-            [
-                delivery.subject_id,
-                delivery.occurred_at if delivery.occurred_at is not None else delivery.received_at,
-                event.position,
-                data.get("user_id") if isinstance(data.get("user_id"), str) else None,
-                delivery.svix_id,
-                delivery.type,
-                data.get("status") if isinstance(data.get("status"), str) else None,
-                to_json(actor),
-                to_json({k: activity.get(k) for k in ACTIVITY_FIELDS})
-                if isinstance(activity, dict)
-                else None,
-            ],
-        )
+    def apply(self, cursor: Cursor, t: Tables, db: Db, events: Sequence[StoredDelivery]) -> None:
+        rows = [row for event in events if (row := _timeline_row(event)) is not None]
+        db.insert_rows(cursor, t["session_events"], COLUMNS, rows)
+
+
+def _timeline_row(event: StoredDelivery) -> tuple[Any, ...] | None:
+    delivery = event.delivery
+    if not delivery.type.startswith("session.") or delivery.subject_id is None:
+        return None
+    data = delivery.data
+    activity = data.get("latest_activity")
+    actor = dict(actor_of(delivery))
+    impersonation = data.get("actor")
+    actor["session_actor"] = impersonation if isinstance(impersonation, dict) else None
+    return (
+        delivery.subject_id,
+        delivery.occurred_at if delivery.occurred_at is not None else delivery.received_at,
+        event.position,
+        data.get("user_id") if isinstance(data.get("user_id"), str) else None,
+        delivery.svix_id,
+        delivery.type,
+        data.get("status") if isinstance(data.get("status"), str) else None,
+        to_json(actor),
+        to_json({k: activity.get(k) for k in ACTIVITY_FIELDS})
+        if isinstance(activity, dict)
+        else None,
+    )
