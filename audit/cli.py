@@ -115,17 +115,24 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     try:
         projector = Projector(log)
         names = list(projector.projections) if args.all else [args.name]
+        generations = {}
         for name in names:
             try:
-                generation = projector.rebuild(name)
+                generations[name] = projector.rebuild(name)
             except UnknownProjection:
                 known = ", ".join(projector.projections)
                 print(f"{name}: no such projection (known: {known})", file=sys.stderr)
                 return EXIT_NOT_FOUND
-            # Progress counts stored records read (deliveries and their markers), by position.
-            total = log.recorder.max_notification_id() or 0
-            with tqdm(total=total, desc=f"{name} g{generation}", unit=" records") as bar:
-                projector.catch_up(projector.projections[name], progress=lambda _, n: bar.update(n))
+        # Progress counts stored records read (deliveries and their markers), by position, for
+        # each projection: the builds step in turn, sharing each batch's decoding.
+        total = (log.recorder.max_notification_id() or 0) * len(names)
+        desc = ", ".join(f"{name} g{generation}" for name, generation in generations.items())
+        with tqdm(total=total, desc=desc, unit=" records") as bar:
+            projector.catch_up(
+                *(projector.projections[name] for name in names),
+                progress=lambda _, n: bar.update(n),
+            )
+        for name, generation in generations.items():
             print(f"{name}: reads switched to generation {generation}")
         return 0
     finally:

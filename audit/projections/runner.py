@@ -310,41 +310,44 @@ class Projector:
 
     def run_once(self, *, progress: Callable[[str, int], None] | None = None) -> int:
         """Bring every projection (and every build under way) up to the end of the store."""
-        total = 0
-        for projection in self.projections.values():
-            total += self.catch_up(projection, progress=progress)
-        return total
+        return self.catch_up(*self.projections.values(), progress=progress)
 
     def catch_up(
-        self, projection: Projection, *, progress: Callable[[str, int], None] | None = None
+        self, *projections: Projection, progress: Callable[[str, int], None] | None = None
     ) -> int:
+        """Step the projections in turn, a batch each, until each comes back short (the end of
+        the store at that moment); a build that has caught up then goes live.
+
+        In turn rather than one after the other: projections at the same position (a rebuild of
+        them all) then read a batch whose decoded deliveries the previous one left in the cache.
+        """
+        draining = [target for p in projections if (target := self._target(p)) is not None]
         total = 0
+        while draining:
+            behind = []
+            for projection, generation, building in draining:
+                count = self.step(projection, generation)
+                total += count
+                if progress and count:
+                    progress(projection.name, count)
+                if count >= self.batch_size:
+                    behind.append((projection, generation, building))
+                elif building:
+                    self._switch(projection, generation)
+            draining = behind
+        return total
+
+    def _target(self, projection: Projection) -> tuple[Projection, int, bool] | None:
+        """The generation to bring up to date: the build of this version, else the live one
+        (None when the registry serves a version this code does not know)."""
         registration = self.registration(projection.name)
         if registration.building_generation is not None and (
             registration.building_version == projection.version
         ):
-            total += self._drain(projection, registration.building_generation, progress)
-            self._switch(projection, registration.building_generation)
-            registration = self.registration(projection.name)
+            return projection, registration.building_generation, True
         if registration.version == projection.version:
-            total += self._drain(projection, registration.generation, progress)
-        return total
-
-    def _drain(
-        self,
-        projection: Projection,
-        generation: int,
-        progress: Callable[[str, int], None] | None,
-    ) -> int:
-        """Step until a batch comes back short: the end of the store at that moment."""
-        total = 0
-        while True:
-            count = self.step(projection, generation)
-            total += count
-            if progress and count:
-                progress(projection.name, count)
-            if count < self.batch_size:
-                return total
+            return projection, registration.generation, False
+        return None
 
     def _switch(self, projection: Projection, generation: int) -> None:
         """Point reads at a caught-up build, in one transaction, and drop the old tables."""
