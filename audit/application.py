@@ -161,7 +161,7 @@ class AuditLog(Application[UUID]):
                 outcomes.update(self._append(fresh, refs, versions))
             except IntegrityError:
                 # A race with another connection or process: settle each one on its own.
-                self._forget_versions(fresh)
+                self._forget_versions(refs[delivery.svix_id] for delivery in fresh)
                 for delivery in fresh:
                     outcomes[delivery.svix_id] = self._record_one(delivery)
         self._remember_owners(fresh)
@@ -189,7 +189,7 @@ class AuditLog(Application[UUID]):
             try:
                 return self._append([delivery], refs, versions)[delivery.svix_id]
             except IntegrityError:
-                self._forget_versions([delivery])
+                self._forget_versions(refs.values())
         raise StoreUnavailable("the stream kept changing under this delivery; retry later")
 
     def _look_up(
@@ -198,7 +198,8 @@ class AuditLog(Application[UUID]):
         """Where each delivery goes, and in one query the last version of each stream involved:
         its owning stream's, and its delivery marker's (1 when the svix-id is recorded already).
         """
-        refs = {delivery.svix_id: self._stream_of(delivery) for delivery in deliveries}
+        named = _owners_named(deliveries)
+        refs = {delivery.svix_id: self._stream_of(delivery, named) for delivery in deliveries}
         streams = {ref.stream_id for ref in refs.values()}
         streams |= {delivery_marker_id(delivery.svix_id) for delivery in deliveries}
         return refs, self._last_versions(streams)
@@ -241,15 +242,13 @@ class AuditLog(Application[UUID]):
             for delivery, stream, version in placed
         }
 
-    def _stream_of(self, delivery: Delivery) -> StreamRef:
+    def _stream_of(self, delivery: Delivery, named: dict[str, str]) -> StreamRef:
+        """`named`: the owners the same batch names, which the owner index does not hold yet."""
         known_owner = None
-        if needs_owner_lookup(delivery.type, delivery.data):
-            known_owner = self._owner_of(delivery)
+        if needs_owner_lookup(delivery.type, delivery.data) and delivery.subject_id:
+            # The organization a stub names no owner for, from another delivery of that object.
+            known_owner = named.get(delivery.subject_id) or self.db.owner_of(delivery.subject_id)
         return owning_stream(delivery.type, delivery.data, delivery.svix_id, known_owner)
-
-    def _owner_of(self, delivery: Delivery) -> str | None:
-        """The organization a stub names no owner for, from an earlier delivery of that object."""
-        return self.db.owner_of(delivery.subject_id) if delivery.subject_id else None
 
     def _remember_owners(self, deliveries: Iterable[Delivery]) -> None:
         """Note which organization owns each sub-object, for its deletion stub to find later.
@@ -258,13 +257,7 @@ class AuditLog(Application[UUID]):
         delivery about that object writes it again; a stub that finds nothing keeps a stream of
         its own subject, and nothing is dropped.
         """
-        owners = {
-            delivery.subject_id: organization
-            for delivery in deliveries
-            if delivery.type.startswith(SUB_OBJECTS_WITH_STUBS)
-            and delivery.subject_id
-            and (organization := organization_id_of(delivery.type, delivery.data))
-        }
+        owners = _owners_named(deliveries)
         if owners:
             self.db.remember_owners(owners)
 
@@ -278,10 +271,10 @@ class AuditLog(Application[UUID]):
             known.update({stream: found.get(stream, 0) for stream in unknown})
         return known
 
-    def _forget_versions(self, deliveries: Iterable[Delivery]) -> None:
+    def _forget_versions(self, refs: Iterable[StreamRef]) -> None:
         with self._versions_lock:
-            for delivery in deliveries:
-                self._versions.pop(self._stream_of(delivery).stream_id, None)
+            for ref in refs:
+                self._versions.pop(ref.stream_id, None)
 
     def _outcome_of_existing(self, delivery: Delivery) -> Outcome:
         marker: DeliveryMarker = self.repository.get(delivery_marker_id(delivery.svix_id))
@@ -330,3 +323,14 @@ class AuditLog(Application[UUID]):
         if aggregate.version - snapshot_version >= SNAPSHOT_EVERY:
             self.snapshots.put([Snapshot.take(aggregate)])
         return aggregate
+
+
+def _owners_named(deliveries: Iterable[Delivery]) -> dict[str, str]:
+    """The organization each sub-object (membership, invitation, domain) is said to belong to."""
+    return {
+        delivery.subject_id: organization
+        for delivery in deliveries
+        if delivery.type.startswith(SUB_OBJECTS_WITH_STUBS)
+        and delivery.subject_id
+        and (organization := organization_id_of(delivery.type, delivery.data))
+    }

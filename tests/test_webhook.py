@@ -7,6 +7,7 @@ import json
 import pytest
 from starlette.testclient import TestClient
 
+from audit.aggregates.delivery import parse_delivery
 from audit.aggregates.routing import StreamRef, owning_stream
 from audit.aggregates.streams import RecordedDelivery
 from audit.application import AuditLog
@@ -80,6 +81,24 @@ def test_domain_deletion_stub_joins_its_organization_stream(
     org_id = payload("organizationDomain.created")["data"]["organization_id"]
     stream = owning_stream("organization.updated", {"id": org_id}, "x").stream_id
     assert svix_id in [e.svix_id for e in log.stream_events(stream)]
+
+
+def test_a_stub_finds_its_owner_named_earlier_in_the_same_batch(log: AuditLog) -> None:
+    """Group commit records concurrent deliveries as one batch, before the owner index has
+    the created event's organization: the stub must still join the organization's stream."""
+    created, stub = (
+        parse_delivery(
+            json.dumps(payload(event_type)).encode(),
+            svix_id=new_svix_id(),
+            svix_timestamp=1,
+            received_at=1,
+        )
+        for event_type in ("organizationDomain.created", "organizationDomain.deleted")
+    )
+    log.record([created, stub])
+    org_id = payload("organizationDomain.created")["data"]["organization_id"]
+    stream = owning_stream("organization.updated", {"id": org_id}, "x").stream_id
+    assert [e.svix_id for e in log.stream_events(stream)] == [created.svix_id, stub.svix_id]
 
 
 def test_duplicate_answers_first_position_and_appends_nothing(
