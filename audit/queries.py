@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -104,22 +105,35 @@ def _missing_table(exc: BaseException) -> bool:
     return False
 
 
+# The live generation of each projection, per database, so that a read costs one query, not two.
+# A switch drops the old generation's tables in the same transaction that changes the registry,
+# so a stale entry shows itself as a missing table and is then looked up again.
+_live_generations: weakref.WeakKeyDictionary[Db, dict[str, int]] = weakref.WeakKeyDictionary()
+
+
 def _with_tables(db: Db, projection: str, query: Callable[[Tables], T]) -> T:
-    """Run `query` against the live generation; retry once if a rebuild switched it meanwhile."""
+    """Run `query` against the live generation; look it up again if a rebuild switched it."""
+    known = _live_generations.setdefault(db, {})
     for attempt in (1, 2):
-        try:
-            tables = active_tables(db, projection)
-        except UnknownProjection:
-            raise ProjectionNotReady(projection) from None
-        except Exception as exc:
-            if _missing_table(exc):
+        generation = known.get(projection) if attempt == 1 else None
+        if generation is not None:
+            tables = Tables(db, projection, generation)
+        else:
+            try:
+                tables = active_tables(db, projection)
+            except UnknownProjection:
                 raise ProjectionNotReady(projection) from None
-            raise
+            except Exception as exc:
+                if _missing_table(exc):
+                    raise ProjectionNotReady(projection) from None
+                raise
+            known[projection] = tables.generation
         try:
             return query(tables)
         except Exception as exc:
             if not _missing_table(exc):
                 raise
+            known.pop(projection, None)
             if attempt == 2:
                 raise ProjectionNotReady(projection) from None
     raise ProjectionNotReady(projection)  # pragma: no cover

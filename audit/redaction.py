@@ -64,6 +64,10 @@ def redact_change(object_type: str | None, field: str, value: Any) -> Any:
     path = field.split(".")
     if not all(path):
         return redact(value)
+    if not isinstance(value, dict | list):  # most changes: a scalar is secret only by its key
+        kind = kind_of(object_type) if len(path) == 1 else None
+        secret = path[-1] in SECRET_ANYWHERE or path[-1] in SECRET_BY_OBJECT.get(kind or "", ())
+        return REDACTED if secret and value is not None else value
     nested: dict[str, Any] = {}
     node = nested
     for key in path[:-1]:

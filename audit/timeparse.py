@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 
 class TimeParseError(ValueError):
     pass
 
+
+_EPOCH = datetime(1970, 1, 1)  # naive UTC: its isoformat has no offset to strip
 
 # Epoch milliseconds of 10000-01-01: later (or negative, or boolean) "times" are not times.
 MAX_EPOCH_MS = 253_402_300_800_000
@@ -48,7 +50,7 @@ def format_time(millis: int | None) -> str | None:
     if millis is None:
         return None
     try:
-        moment = datetime.fromtimestamp(millis / 1000, tz=UTC)
-    except (OverflowError, OSError, ValueError):
+        moment = _EPOCH + timedelta(milliseconds=millis)
+    except OverflowError:
         return None
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{millis % 1000:03d}Z"
+    return moment.isoformat(timespec="milliseconds") + "Z"  # isoformat: C, unlike strftime

@@ -936,3 +936,14 @@ def test_before_any_projection_ran_reads_answer_503(client: TestClient) -> None:
     assert response.json()["error"]["code"] == "projection_not_ready"
     assert response.headers["retry-after"]
     assert client.get("/v1/users/user_x", headers=AUTH).status_code == 503
+
+
+def test_reads_follow_a_rebuild_to_the_new_generation(world: World) -> None:
+    """The API remembers each projection's live generation; a switch must not break reads."""
+    paths = [f"/v1/users/{SAMPLE_USER}", f"/v1/users/{SAMPLE_USER}/history", "/v1/events"]
+    before = [world.ok(path) for path in paths]
+    for name in world.projector.projections:
+        world.projector.rebuild(name)
+    world.projector.run_once()
+    assert all(row["state"] == "live" for row in world.projector.status())
+    assert [world.ok(path) for path in paths] == before

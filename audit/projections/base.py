@@ -25,6 +25,7 @@ class Tables:
 
     def __init__(self, db: Db, projection: str, generation: int) -> None:
         self.db = db
+        self.generation = generation
         self.prefix = f"p_{projection}_g{generation}_"
 
     def __getitem__(self, logical: str) -> str:
