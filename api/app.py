@@ -10,12 +10,12 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from api.access_log import AccessLog
 from api.errors import EXCEPTION_HANDLERS
 from api.read import read_routes
+from api.responses import JSONResponse
 from api.webhooks import BODY_TIMEOUT_SECONDS, WebhookReceiver
 from audit.application import AuditLog
 from audit.config import Settings, load_settings

@@ -6,8 +6,9 @@ import logging
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
+from api.responses import JSONResponse
 from audit.storage import StoreUnavailable
 
 log = logging.getLogger("audit.api")

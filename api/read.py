@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from eventsourcing.application import AggregateNotFoundError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route, Router
 
 from api.auth import BearerAuth
 from api.errors import RETRY_AFTER_SECONDS, ApiError
+from api.responses import JSONResponse
 from audit import queries
 from audit.cursors import CursorError, decode_cursor, encode_cursor
+from audit.jsontext import dumps
 from audit.queries import ChangeFilters, EventFilters, Page, ProjectionNotReady, TypeFilter
 from audit.redaction import redact, redact_change
 from audit.storage import Db
@@ -428,7 +429,7 @@ def export(
                 if fmt == "csv":
                     writer.writerow([csv_cell(cell(rendered)) for _, cell in columns])
                 else:
-                    buffer.write(json.dumps(rendered, ensure_ascii=False, separators=(",", ":")))
+                    buffer.write(dumps(rendered))
                     buffer.write("\n")
             yield buffer.getvalue()
             buffer.seek(0)
@@ -441,7 +442,7 @@ def export(
 
 
 def _json_cell(key: str) -> Callable[[dict[str, Any]], str]:
-    return lambda item: json.dumps(item[key], ensure_ascii=False, separators=(",", ":"))
+    return lambda item: dumps(item[key])
 
 
 def _actor_cells() -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:

@@ -8,10 +8,10 @@ import re
 import time
 
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
 from svix.webhooks import Webhook, WebhookVerificationError
 
 from api.errors import ApiError
+from api.responses import JSONResponse
 from audit.aggregates.delivery import InvalidPayload, parse_delivery
 from audit.application import Conflict
 from audit.intake import Intake

@@ -12,6 +12,7 @@ from starlette.testclient import TestClient
 from audit.application import AuditLog
 from audit.projections.runner import Projector
 from audit.samples import signed_headers
+from tests.conftest import API_TOKEN
 from tests.webhook_helpers import new_svix_id, payload, post
 
 CLIENT_ERRORS = {400, 401, 409, 413}
@@ -107,3 +108,9 @@ def test_nul_bytes_and_huge_numbers_in_a_real_payload(
     projector = Projector(log)
     projector.run_once()
     assert all(row["errors"] == 0 and row["lag"] == 0 for row in projector.status())
+    # The read API gives the huge number back exactly (not as a float), in JSON and ndjson.
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    for params in ({"type": "user.updated"}, {"type": "user.updated", "format": "ndjson"}):
+        response = client.get("/v1/events", params=params, headers=auth)
+        assert response.status_code == 200, response.text
+        assert '"updated_at":1180591620717411303424' in response.text

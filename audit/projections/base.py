@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from audit.aggregates.delivery import Delivery
+from audit.jsontext import dumps
 from audit.storage import Cursor, Db
 
 
@@ -61,7 +62,7 @@ class Projection(ABC):
 
 
 def to_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return dumps(value, sort_keys=True)
 
 
 def from_json(text: str | None) -> Any:
