@@ -16,10 +16,7 @@ import os
 import random
 import re
 import secrets
-import signal
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,14 +26,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty, SimpleQueue
-from typing import IO, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
 import httpx
 import psycopg
 from psycopg import sql
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.serverproc
+
 from audit.samples import sample_bodies, signed_headers
+from bench.serverproc import ServerProcess, audit_command, free_port
 
 Backend = Literal["sqlite", "postgres"]
 ServerName = Literal["ours", "baseline"]
@@ -44,15 +44,11 @@ ServerName = Literal["ours", "baseline"]
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 WEBHOOK_PATH = "/webhooks/clerk"
-STARTUP_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 20.0
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 CLERK_ID = re.compile(r"^([a-z]+(?:_[a-z]+)*)_[A-Za-z0-9]{27}$")
 KEPT_PREFIXES = ("ins",)  # one Clerk instance sends everything
 MARKER_TOPIC = "clerk-audit:DeliveryMarker.Created"
 DELIVERY_TOPICS = ("User.", "Organization.", "Subject.")
-# An exception's last traceback line, an ERROR log line, or an access-log line for a 5xx.
-PROBLEM_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Violation)\w*: |^ERROR|\" 5\d\d ")
 
 
 # -- the deliveries ----------------------------------------------------------------------------
@@ -380,17 +376,6 @@ class ServerSpec:
     env: dict[str, str]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def audit_command() -> list[str]:
-    script = Path(sys.executable).parent / "audit"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "audit.cli"]
-
-
 def server_spec(name: ServerName, store: Store, secret: str, port: int, workers: int) -> ServerSpec:
     env = {**os.environ, "CLERK_WEBHOOK_SIGNING_SECRET": secret}
     listen = ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
@@ -400,75 +385,6 @@ def server_spec(name: ServerName, store: Store, secret: str, port: int, workers:
     env["BASELINE_DATABASE"] = store.baseline_url()
     app = ["--app-dir", str(BENCH_DIR), "baseline_app:app"]
     return ServerSpec(name, [sys.executable, "-m", "uvicorn", *app, *listen], env)
-
-
-class Server:
-    """A server subprocess in its own process group, logging to `log`."""
-
-    def __init__(self, spec: ServerSpec, port: int, log: IO[bytes]) -> None:
-        self.spec = spec
-        self.base = f"http://127.0.0.1:{port}"
-        self.log = log
-        self.process = subprocess.Popen(
-            spec.command,
-            env=spec.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_healthy(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.spec.name} exited at start:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.spec.name} not healthy after {STARTUP_TIMEOUT_S}s")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self._signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-        self._signal(signal.SIGKILL)  # any worker left behind in the group
-
-    def cpu_seconds(self) -> float:
-        """User and system CPU of every live process in the server's group (Linux /proc)."""
-        ticks = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == self.process.pid:  # pgrp
-                    ticks += int(fields[11]) + int(fields[12])  # utime + stime
-        return ticks / os.sysconf("SC_CLK_TCK")
-
-    def _signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signum)
-
-    def log_text(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
-
-    def log_tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def problems(self) -> list[str]:
-        """What the log reports going wrong: traceback count, exception lines, errors, 5xx."""
-        lines = self.log_text().splitlines()
-        tracebacks = sum(line.startswith("Traceback") for line in lines)
-        found = [f"{tracebacks} traceback(s) in the server log"] if tracebacks else []
-        return found + [line for line in lines if PROBLEM_LINE.search(line)]
-
-
-# -- one run and the report --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -499,9 +415,9 @@ def run_once(
         port = free_port()
         spec = server_spec(name, store, secret, port, config.workers)
         with tempfile.NamedTemporaryFile(prefix=f"bench_{name}_", suffix=".log") as log:
-            server = Server(spec, port, log)
+            server = ServerProcess(spec.name, spec.command, spec.env, port, log)
             try:
-                server.wait_healthy()
+                server.wait_ready()
                 cpu_before = server.cpu_seconds()
                 load = run_load(server.base, secret, sends, clients, config.timeout, config.budget)
                 server_cpu = server.cpu_seconds() - cpu_before

@@ -20,7 +20,6 @@ import random
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,12 +45,11 @@ from audit.application import AuditLog
 from audit.config import PostgresDatabase, parse_database_url
 from audit.queries import ChangeFilters, EventFilters
 from audit.storage import events_table_name
+from bench.serverproc import ServerProcess, audit_command, free_port
 from bench.store_fill import World, bulk_load, project_parallel
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 TOKEN = "benchtoken"
-STARTUP_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 20.0
 TARGET_MS = 20.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CORES = os.cpu_count() or 1
@@ -245,75 +243,20 @@ def drop_schema(url: str, schema: str) -> None:
 # -- the server ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def audit_command() -> list[str]:
-    script = Path(sys.executable).parent / "audit"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "audit.cli"]
-
-
-class Server:
-    """`audit serve` in its own process group, logging to a file."""
-
-    def __init__(self, url: str, log: IO[bytes], workers: int = 1) -> None:
-        port = free_port()
-        self.url = url
-        self.base = f"http://127.0.0.1:{port}"
-        self.log = log
-        secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-        env = {
-            **os.environ,
-            "CLERK_WEBHOOK_SIGNING_SECRET": secret,
-            "AUDIT_API_TOKENS": TOKEN,
-            "AUDIT_DATABASE_URL": url,
-        }
-        listen = ["--host", "127.0.0.1", "--port", str(port)]
-        command = [*audit_command(), "serve", *listen]
-        if workers > 1:
-            command += ["--workers", str(workers)]
-        self.process = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def wait_ready(self) -> float:
-        started = time.monotonic()
-        while time.monotonic() < started + STARTUP_TIMEOUT_S:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"audit serve exited at start:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    return time.monotonic() - started
-            time.sleep(0.2)
-        raise RuntimeError(f"audit serve not ready after {STARTUP_TIMEOUT_S}s")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self._signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-
-    def _signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signum)
-
-    def cpu_seconds(self) -> float:
-        return group_cpu_seconds(lambda pgrp, _: pgrp == self.process.pid)
-
-    def log_tail(self, lines: int = 20) -> str:
-        text = Path(self.log.name).read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def problems(self) -> list[str]:
-        text = Path(self.log.name).read_text(errors="replace")
-        pattern = re.compile(r"^Traceback|^ERROR|Error: ")
-        return [line for line in text.splitlines() if pattern.search(line)][:10]
+def start_server(url: str, log: IO[bytes], workers: int = 1) -> ServerProcess:
+    """`audit serve` as users start it, on a free port, with a fresh secret."""
+    port = free_port()
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    env = {
+        **os.environ,
+        "CLERK_WEBHOOK_SIGNING_SECRET": secret,
+        "AUDIT_API_TOKENS": TOKEN,
+        "AUDIT_DATABASE_URL": url,
+    }
+    command = [*audit_command(), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if workers > 1:
+        command += ["--workers", str(workers)]
+    return ServerProcess("audit serve", command, env, port, log)
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -408,7 +351,10 @@ def client_loop(client: httpx.Client, paths: Iterator[str], result: Result) -> N
 
 
 def run_route(
-    clients: Sequence[httpx.Client], paths: list[str], server: Server, backends: PostgresBackends
+    clients: Sequence[httpx.Client],
+    paths: list[str],
+    server: ServerProcess,
+    backends: PostgresBackends,
 ) -> Result:
     """Send `paths` from every client at once (a shared queue); measure each request."""
     pending = iter(paths)
@@ -668,11 +614,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.explain:
             explain_routes(url, ids)
         with tempfile.NamedTemporaryFile(prefix="bench_query_", suffix=".log") as server_log:
-            server = Server(url, server_log, args.workers)
+            server = start_server(url, server_log, args.workers)
             try:
-                ready = server.wait_ready()
+                ready = server.wait_ready("/readyz")
                 print(f"server ready_seconds={ready:.1f} base={server.base}", flush=True)
-                failures += run_all(args, server, routes, ids)
+                failures += run_all(args, server, url, routes, ids)
                 for problem in server.problems():
                     print(f"  server: {problem}")
             finally:
@@ -683,10 +629,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failures else 0
 
 
-def run_all(args: argparse.Namespace, server: Server, routes: list[RouteSpec], ids: Ids) -> int:
+def run_all(
+    args: argparse.Namespace, server: ServerProcess, url: str, routes: list[RouteSpec], ids: Ids
+) -> int:
     rng = random.Random(args.seed)
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    database = parse_database_url(server.url)
+    database = parse_database_url(url)
     assert isinstance(database, PostgresDatabase)
     backends = PostgresBackends(database)
     try:
@@ -697,7 +645,7 @@ def run_all(args: argparse.Namespace, server: Server, routes: list[RouteSpec], i
 
 def _run_all(
     args: argparse.Namespace,
-    server: Server,
+    server: ServerProcess,
     routes: list[RouteSpec],
     ids: Ids,
     backends: PostgresBackends,
