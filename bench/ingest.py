@@ -44,6 +44,7 @@ ServerName = Literal["ours", "baseline"]
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 WEBHOOK_PATH = "/webhooks/clerk"
+API_TOKEN = "benchtoken"
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 CLERK_ID = re.compile(r"^([a-z]+(?:_[a-z]+)*)_[A-Za-z0-9]{27}$")
 KEPT_PREFIXES = ("ins",)  # one Clerk instance sends everything
@@ -381,6 +382,7 @@ def server_spec(name: ServerName, store: Store, secret: str, port: int, workers:
     listen = ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     if name == "ours":
         env["AUDIT_DATABASE_URL"] = store.ours_url()
+        env["AUDIT_API_TOKENS"] = API_TOKEN
         return ServerSpec(name, [*audit_command(), "serve", *listen], env)
     env["BASELINE_DATABASE"] = store.baseline_url()
     app = ["--app-dir", str(BENCH_DIR), "baseline_app:app"]
@@ -404,6 +406,19 @@ class RunReport:
     stored: StoredCheck
     problems: list[str]
     server_cpu: float
+    caught_up: float | None  # seconds from the load's end until every projection's lag was 0
+
+
+def projections_caught_up(base: str, limit: float = 60.0) -> float:
+    """Seconds until `/v1/projections` shows every projection at lag 0 (polled every 20 ms)."""
+    started = time.monotonic()
+    headers = {"Authorization": f"Bearer {API_TOKEN}"}
+    while time.monotonic() < started + limit:
+        rows = httpx.get(f"{base}/v1/projections", headers=headers, timeout=5).json()["data"]
+        if all(row["lag"] == 0 for row in rows):
+            return time.monotonic() - started
+        time.sleep(0.02)
+    return float("inf")
 
 
 def run_once(
@@ -420,13 +435,14 @@ def run_once(
                 server.wait_ready()
                 cpu_before = server.cpu_seconds()
                 load = run_load(server.base, secret, sends, clients, config.timeout, config.budget)
+                caught_up = projections_caught_up(server.base) if name == "ours" else None
                 server_cpu = server.cpu_seconds() - cpu_before
             finally:
                 server.stop()
                 problems = server.problems()
         checker = check_ours if name == "ours" else check_baseline
         stored = checker(store, load.acked)
-        return RunReport(name, clients, load, stored, problems, server_cpu)
+        return RunReport(name, clients, load, stored, problems, server_cpu, caught_up)
     finally:
         store.drop()
 
@@ -443,6 +459,7 @@ def print_report(backend: Backend, report: RunReport) -> None:
         f"p99={load.percentile_ms(0.99):.1f}ms statuses={format_statuses(load.statuses)} "
         f"outcomes={format_statuses(load.outcomes)} elapsed={load.elapsed:.1f}s "
         f"cpu_server={report.server_cpu:.1f}s cpu_client={load.client_cpu:.1f}s"
+        + (f" lag_zero_after={report.caught_up:.2f}s" if report.caught_up is not None else "")
     )
     print(
         f"stored backend={backend} server={report.server} clients={report.clients} "
