@@ -55,9 +55,8 @@ VERSION_COLUMNS = (
     ("deletion", "int4"),
     ("data", "text"),
 )
-HISTORY_COLUMNS = (
-    ("position", "bigint"),
-    ("object_id", "text"),
+# What a history row and each of its change rows both say about the event.
+_EVENT_FACTS = (
     ("object_type", "text"),
     ("owner_id", "text"),
     ("event_id", "text"),
@@ -65,6 +64,11 @@ HISTORY_COLUMNS = (
     ("occurred_at", "bigint"),
     ("received_at", "bigint"),
     ("actor", "text"),
+)
+HISTORY_COLUMNS = (
+    ("position", "bigint"),
+    ("object_id", "text"),
+    *_EVENT_FACTS,
     ("stale", "int4"),
     ("changes", "text"),
 )
@@ -74,13 +78,7 @@ CHANGE_COLUMNS = (
     ("field", "text"),
     ("from_value", "text"),
     ("to_value", "text"),
-    ("object_type", "text"),
-    ("owner_id", "text"),
-    ("event_id", "text"),
-    ("type", "text"),
-    ("occurred_at", "bigint"),
-    ("received_at", "bigint"),
-    ("actor", "text"),
+    *_EVENT_FACTS,
     ("actor_ip", "text"),
     ("stale", "int4"),
 )
@@ -393,6 +391,7 @@ class _Batch:
         self.history.append(
             (*(row[name] for name, _ in HISTORY_COLUMNS if name != "changes"), to_json(changes))
         )
+        facts = [row[name] for name, _ in _EVENT_FACTS]
         for change in changes:
             self.changes.append(
                 (
@@ -401,13 +400,7 @@ class _Batch:
                     change["field"],
                     to_json(change["from"]),
                     to_json(change["to"]),
-                    row["object_type"],
-                    row["owner_id"],
-                    row["event_id"],
-                    row["type"],
-                    row["occurred_at"],
-                    row["received_at"],
-                    row["actor"],
+                    *facts,
                     row["actor_ip"],
                     row["stale"],
                 )
