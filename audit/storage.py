@@ -435,11 +435,9 @@ def _nul_free(params: Any) -> Any:
 def _nul_free_value(value: Any) -> Any:
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd") if "\x00" in value else value
-    if isinstance(value, list):  # an array: a column of insert_rows, most often all strings
+    if isinstance(value, list):  # an array (a column of insert_rows): its scalars, inlined
         return [
-            item.replace("\x00", "\ufffd")
-            if type(item) is str and "\x00" in item
-            else (_nul_free_value(item) if type(item) is list else item)
+            item.replace("\x00", "\ufffd") if type(item) is str and "\x00" in item else item
             for item in value
         ]
     return value

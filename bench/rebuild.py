@@ -80,6 +80,24 @@ def postgres_cpu_seconds() -> float:
     return total / tick
 
 
+class Usage:
+    """Wall time, CPU (this process's and PostgreSQL's) and peak memory of one measured phase."""
+
+    def __init__(self) -> None:
+        self.base_rss = vm_hwm_mb()
+        self.cpu, self.db_cpu = cpu_seconds(), postgres_cpu_seconds()
+        self.started = time.perf_counter()
+
+    def result(self) -> dict[str, float]:
+        return {
+            "seconds": time.perf_counter() - self.started,
+            "cpu": cpu_seconds() - self.cpu,
+            "db_cpu": postgres_cpu_seconds() - self.db_cpu,
+            "base_rss_mb": self.base_rss,
+            "peak_rss_mb": vm_hwm_mb(),
+        }
+
+
 def child_ceiling(database: Database, batch: int) -> dict[str, Any]:
     """Read every stored event in position order, in batches, with the runner's own read SQL,
     and decode the deliveries with the runner's own `decode`, projecting nothing."""
@@ -88,9 +106,7 @@ def child_ceiling(database: Database, batch: int) -> dict[str, Any]:
         projector = Projector(log, batch_size=batch)
         db = projector.db
         position, rows_read, decoded = 0, 0, 0
-        base_rss = vm_hwm_mb()
-        cpu0, db_cpu0 = cpu_seconds(), postgres_cpu_seconds()
-        started = time.perf_counter()
+        usage = Usage()
         while True:
             with db.transaction() as cursor:
                 rows = projector._read_after(cursor, position, batch)
@@ -103,16 +119,7 @@ def child_ceiling(database: Database, batch: int) -> dict[str, Any]:
                 position = rows[-1]["position"]
             if len(rows) < batch:
                 break
-        seconds = time.perf_counter() - started
-        return {
-            "seconds": seconds,
-            "rows": rows_read,
-            "deliveries": decoded,
-            "cpu": cpu_seconds() - cpu0,
-            "db_cpu": postgres_cpu_seconds() - db_cpu0,
-            "base_rss_mb": base_rss,
-            "peak_rss_mb": vm_hwm_mb(),
-        }
+        return {**usage.result(), "rows": rows_read, "deliveries": decoded}
     finally:
         log.close()
 
@@ -123,8 +130,6 @@ def child_rebuild(database: Database, batch: int, profile_top: int) -> dict[str,
     try:
         projector = Projector(log, batch_size=batch)
         profiler = cProfile.Profile() if profile_top else None
-        base_rss = vm_hwm_mb()
-        cpu0, db_cpu0 = cpu_seconds(), postgres_cpu_seconds()
         per_projection: dict[str, float] = {}
         step = projector.step
 
@@ -137,7 +142,7 @@ def child_rebuild(database: Database, batch: int, profile_top: int) -> dict[str,
                 per_projection[projection.name] = per_projection.get(projection.name, 0) + spent
 
         projector.step = timed_step  # type: ignore[method-assign]  # time each projection's steps
-        started = time.perf_counter()
+        usage = Usage()
         if profiler:
             profiler.enable()
         # As `audit rebuild --all` does: start every build, then step them in turn.
@@ -146,14 +151,9 @@ def child_rebuild(database: Database, batch: int, profile_top: int) -> dict[str,
         projector.run_once()
         if profiler:
             profiler.disable()
-        seconds = time.perf_counter() - started
         result = {
-            "seconds": seconds,
+            **usage.result(),
             "per_projection": per_projection,
-            "cpu": cpu_seconds() - cpu0,
-            "db_cpu": postgres_cpu_seconds() - db_cpu0,
-            "base_rss_mb": base_rss,
-            "peak_rss_mb": vm_hwm_mb(),
             "indexed": _count(projector, "events", "events"),
             "errors": projector.db.fetchone(
                 f"SELECT COUNT(*) AS n FROM {projector.db.table('projection_errors')}"

@@ -72,6 +72,9 @@ HISTORY_COLUMNS = (
     ("stale", "int4"),
     ("changes", "text"),
 )
+# A history row without its changes: what a successor's rewrite reads back and writes again.
+_HISTORY_FIELD_NAMES = [name for name, _ in HISTORY_COLUMNS if name != "changes"]
+_HISTORY_FIELDS = ", ".join(_HISTORY_FIELD_NAMES)
 CHANGE_COLUMNS = (
     ("position", "bigint"),
     ("object_id", "text"),
@@ -314,8 +317,7 @@ class ObjectsProjection(Projection):
         position = successor.key[2]
         cursor.execute(
             db.sql(
-                f"SELECT position, object_id, object_type, owner_id, event_id, type, occurred_at,"
-                f" received_at, actor, stale FROM {t['history']}"
+                f"SELECT {_HISTORY_FIELDS} FROM {t['history']}"
                 " WHERE position = %s AND object_id = %s"
             ),
             [position, object_id],
@@ -388,9 +390,7 @@ class _Batch:
             self.orphans = {row["object_id"] for row in cursor.fetchall()}
 
     def add_history(self, row: dict[str, Any], changes: list[Change]) -> None:
-        self.history.append(
-            (*(row[name] for name, _ in HISTORY_COLUMNS if name != "changes"), to_json(changes))
-        )
+        self.history.append((*(row[name] for name in _HISTORY_FIELD_NAMES), to_json(changes)))
         facts = [row[name] for name, _ in _EVENT_FACTS]
         for change in changes:
             self.changes.append(
