@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -28,26 +27,15 @@ def create_app(
     log: AuditLog,
     *,
     projector: Projector | None = None,
-    follow: bool = False,
     own_log: bool = False,
     body_timeout: float = BODY_TIMEOUT_SECONDS,
 ) -> Starlette:
     """Build the service around an open AuditLog (closed on shutdown when `own_log`).
 
-    With `follow`, the projector keeps the read models up to date in a background thread.
+    The `projector` only reports status here: `audit serve` runs the projections in a process
+    of their own (audit.serving).
     """
     intake = Intake(log)
-    stop_following = threading.Event()
-    follower = (
-        threading.Thread(
-            target=projector.run_forever,
-            args=(stop_following,),
-            name="audit-projections",
-            daemon=True,
-        )
-        if follow and projector is not None
-        else None
-    )
     receiver = WebhookReceiver(
         settings.signing_secrets, intake, settings.max_body_bytes, body_timeout
     )
@@ -61,14 +49,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if follower is not None:
-            follower.start()
         try:
             yield
         finally:
-            stop_following.set()
-            if follower is not None:
-                follower.join(timeout=10)
             intake.close()
             if own_log:
                 log.close()
@@ -92,7 +75,7 @@ def create_app(
 
 
 def app_from_env() -> Starlette:
-    """The factory `audit serve` hands to uvicorn (each worker process builds its own)."""
+    """The factory `audit serve --workers N` hands to uvicorn (each worker builds its own)."""
     settings = load_settings()
     log = AuditLog(settings.database)
-    return create_app(settings, log, projector=Projector(log), follow=True, own_log=True)
+    return create_app(settings, log, projector=Projector(log), own_log=True)

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -39,38 +40,43 @@ def open_log(database):  # type: ignore[no-untyped-def]
         ) from exc
 
 
+def _exit_quietly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
+    from audit.projections.runner import Projector
+    from audit.serving import ProjectionProcess, run_workers
 
     settings = load_settings()
     log = open_log(settings.database)
-    if args.workers > 1:
-        from audit.serving import run_workers
-
-        log.close()
-        run_workers(
-            uvicorn.Config(
-                "api.app:app_from_env",
-                factory=True,
-                host=args.host,
-                port=args.port,
-                workers=args.workers,
-                log_level="info",
-                access_log=False,  # api.access_log writes one without query strings
+    # uvicorn raises the signal that stopped it again once it has shut down. SIGTERM's default
+    # action would then end this process before it could stop its projections' child.
+    signal.signal(signal.SIGTERM, _exit_quietly)
+    with ProjectionProcess():
+        if args.workers > 1:
+            log.close()
+            run_workers(
+                uvicorn.Config(
+                    "api.app:app_from_env",
+                    factory=True,
+                    host=args.host,
+                    port=args.port,
+                    workers=args.workers,
+                    log_level="info",
+                    access_log=False,  # api.access_log writes one without query strings
+                )
             )
-        )
-        return 0
-    from audit.projections.runner import Projector
-
-    app = create_app(settings, log, projector=Projector(log), follow=True, own_log=True)
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False)
+        else:
+            app = create_app(settings, log, projector=Projector(log), own_log=True)
+            uvicorn.run(app, host=args.host, port=args.port, access_log=False)
     return 0
 
 
 def cmd_project(args: argparse.Namespace) -> int:
-    import signal
     import threading
 
     from audit.projections.runner import Projector

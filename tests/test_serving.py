@@ -1,13 +1,29 @@
-"""`audit serve --workers N` answers keep-alive requests without Nagle's delay."""
+"""How `audit serve` runs: projections in a child process of their own, and `--workers N`
+answering keep-alive requests without Nagle's delay."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
 
+import httpx
+import pytest
 import uvicorn
 
+from audit.config import Database
+from audit.samples import signed_headers
 from audit.serving import tcp_listening_socket
+from tests.conftest import API_TOKEN, new_secret
+from tests.soak.scenario import children_of, processes
+from tests.webhook_helpers import payload
 
 
 def test_the_workers_listening_socket_gives_connections_tcp_nodelay() -> None:
@@ -42,3 +58,77 @@ def test_uvicorns_own_socket_would_not() -> None:
         assert sock.proto == 0
     finally:
         sock.close()
+
+
+# -- the projections' process ------------------------------------------------------------------
+
+
+def projector_of(server: subprocess.Popen) -> int | None:
+    """The pid of the `audit project` child that `audit serve` runs beside uvicorn."""
+    found = [pid for pid, command in children_of(server.pid) if "audit.cli project" in command]
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.05)
+    return value
+
+
+def post_sample(base: str, secret: str, event_type: str) -> None:
+    body = json.dumps(payload(event_type)).encode()
+    svix_id = f"msg_{uuid.uuid4().hex}"
+    answer = httpx.post(
+        f"{base}/webhooks/clerk", content=body, headers=signed_headers(secret, svix_id, body)
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def projected_everything(base: str) -> bool:
+    rows = httpx.get(
+        f"{base}/v1/projections", headers={"Authorization": f"Bearer {API_TOKEN}"}
+    ).json()["data"]
+    return all(row["lag"] == 0 and row["position"] > 0 for row in rows)
+
+
+def versions_of_user(base: str, user_id: str) -> int:
+    answer = httpx.get(
+        f"{base}/v1/users/{user_id}/history", headers={"Authorization": f"Bearer {API_TOKEN}"}
+    )
+    return len(answer.json()["data"]) if answer.status_code == 200 else 0
+
+
+def test_serve_projects_in_a_child_it_restarts_and_stops(database: Database) -> None:
+    secret = new_secret()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUDIT_", "CLERK_"))}
+    env.update(
+        AUDIT_DATABASE_URL=database.url,
+        CLERK_WEBHOOK_SIGNING_SECRET=secret,
+        AUDIT_API_TOKENS=API_TOKEN,
+    )
+    with processes(env) as running:
+        base = running.serve("api").removesuffix("/webhooks/clerk")
+        server = running.running["api"]
+        first = wait_for(lambda: projector_of(server), "projector child")
+
+        post_sample(base, secret, "user.created")
+        user_id = payload("user.created")["data"]["id"]
+        wait_for(lambda: projected_everything(base), "projected delivery")
+        assert versions_of_user(base, user_id) == 1
+
+        os.kill(first, signal.SIGKILL)
+        second = wait_for(
+            lambda: projector_of(server) not in (None, first) and projector_of(server),
+            "restarted projector",
+        )
+        post_sample(base, secret, "user.updated")
+        wait_for(lambda: projected_everything(base), "delivery projected by the restarted child")
+        assert versions_of_user(base, user_id) == 2
+
+        os.kill(server.pid, signal.SIGTERM)  # the server alone: it must stop its child itself
+        server.wait(timeout=30)
+        with pytest.raises(ProcessLookupError):
+            os.kill(second, 0)

@@ -112,11 +112,9 @@ class Processes:
 
     def kill_one_worker(self, name: str) -> bool:
         """SIGKILL one worker of a `--workers N` server; its supervisor starts another."""
-        parent = self.running[name].pid
-        children = subprocess.run(
-            ["pgrep", "-P", str(parent)], capture_output=True, text=True
-        ).stdout.split()
-        workers = [int(pid) for pid in children]
+        # uvicorn spawns its workers through multiprocessing; the other child is the projector.
+        children = children_of(self.running[name].pid)
+        workers = [pid for pid, command in children if "spawn_main" in command]
         if not workers:
             return False
         os.kill(workers[-1], signal.SIGKILL)
@@ -128,6 +126,17 @@ class Processes:
             if process.poll() is None:
                 terminate(process)
         self.running.clear()
+
+
+def children_of(parent: int) -> list[tuple[int, str]]:
+    """Each live child of `parent`, with its command line (read from Linux's /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+                children.append((int(stat.parent.name), command.decode(errors="replace")))
+    return children
 
 
 def terminate(process: subprocess.Popen) -> None:
