@@ -120,7 +120,6 @@ class AuditLog(Application[UUID]):
                 getattr(database, "schema", ""),
             )
             self.db.protect_events_table()
-            self.db.create_owner_index()
         self._versions: OrderedDict[UUID, int] = OrderedDict()
         self._versions_lock = threading.Lock()
 
@@ -164,7 +163,6 @@ class AuditLog(Application[UUID]):
                 self._forget_versions(refs[delivery.svix_id] for delivery in fresh)
                 for delivery in fresh:
                     outcomes[delivery.svix_id] = self._record_one(delivery)
-        self._remember_owners(fresh)
         return [
             self._answer(delivery, first_of[delivery.svix_id], outcomes[delivery.svix_id])
             for delivery in deliveries
@@ -210,7 +208,8 @@ class AuditLog(Application[UUID]):
         refs: dict[str, StreamRef],
         versions: dict[UUID, int],
     ) -> dict[str, Outcome]:
-        """Append fresh deliveries and their markers in one transaction."""
+        """Append fresh deliveries and their markers in one transaction, which also notes the
+        owner of each sub-object they name (for a later deletion stub that names none)."""
         next_version = {ref.stream_id: versions[ref.stream_id] + 1 for ref in refs.values()}
         events: list[Any] = []
         placed: list[tuple[Delivery, UUID, int]] = []
@@ -226,7 +225,7 @@ class AuditLog(Application[UUID]):
             placed.append((delivery, stream, version))
         # Straight to the event store: these are events, not aggregates, so save()'s collecting
         # (a runtime protocol check per event) and snapshotting have nothing to do.
-        recordings = self.events.put(events)
+        recordings = self.events.put(events, owners=_owners_named(deliveries))
         position_of = {
             (r.domain_event.originator_id, r.domain_event.originator_version): r.notification.id
             for r in recordings
@@ -249,17 +248,6 @@ class AuditLog(Application[UUID]):
             # The organization a stub names no owner for, from another delivery of that object.
             known_owner = named.get(delivery.subject_id) or self.db.owner_of(delivery.subject_id)
         return owning_stream(delivery.type, delivery.data, delivery.svix_id, known_owner)
-
-    def _remember_owners(self, deliveries: Iterable[Delivery]) -> None:
-        """Note which organization owns each sub-object, for its deletion stub to find later.
-
-        An index beside the store, written after the append: if it is lost in a crash, the next
-        delivery about that object writes it again; a stub that finds nothing keeps a stream of
-        its own subject, and nothing is dropped.
-        """
-        owners = _owners_named(deliveries)
-        if owners:
-            self.db.remember_owners(owners)
 
     def _last_versions(self, streams: set[UUID]) -> dict[UUID, int]:
         """The last stored version of each stream (0 for a new one): cached, else one query."""

@@ -20,12 +20,17 @@ from eventsourcing.persistence import InterfaceError as StoreInterfaceError
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from eventsourcing.persistence import PersistenceError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
 from psycopg import sql as pgsql
 
 from audit.config import Database, PostgresDatabase, SqliteDatabase
 
 Dialect = Literal["sqlite", "postgresql"]
 APPLICATION_NAME = "audit"
+# Which organization owns each sub-object (membership, invitation, domain), so that a deletion
+# stub naming none finds its stream. Written in the transaction that appends the deliveries.
+OWNER_INDEX = "owner_index"
+OWNER_INDEX_COLUMNS = "(object_id TEXT PRIMARY KEY, organization_id TEXT NOT NULL)"
 
 
 class StoreUnavailable(Exception):
@@ -42,6 +47,33 @@ UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+class AuditSqliteRecorder(SQLiteApplicationRecorder):
+    """eventsourcing's SQLite recorder, also writing the owners that `owners=` names."""
+
+    def construct_create_table_statements(self) -> list[str]:
+        return [
+            *super().construct_create_table_statements(),
+            f"CREATE TABLE IF NOT EXISTS {OWNER_INDEX} {OWNER_INDEX_COLUMNS}",
+        ]
+
+    def _insert_events(
+        self,
+        c: SQLiteCursor,
+        stored_events: Sequence[StoredEvent],
+        *,
+        owners: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Sequence[int] | None:
+        positions = super()._insert_events(c, stored_events, **kwargs)
+        if owners:
+            c.executemany(
+                f"INSERT INTO {OWNER_INDEX} (object_id, organization_id) VALUES (?, ?)"
+                " ON CONFLICT (object_id) DO NOTHING",
+                list(owners.items()),
+            )
+        return positions
+
+
 class AuditPostgresRecorder(PostgresApplicationRecorder):
     """eventsourcing's PostgreSQL recorder, appending in one round trip and without retries.
 
@@ -51,6 +83,7 @@ class AuditPostgresRecorder(PostgresApplicationRecorder):
     the same things in the same order, in one transaction: it takes the same EXCLUSIVE lock (so
     notification ids still commit in order), notifies the same channel, and inserts four plain
     arrays. (eventsourcing's own POSTGRES_ENABLE_DB_FUNCTIONS path skips the lock: not that one.)
+    It also writes the owners that `owners=` names into the owner index.
 
     The stock recorder also retries a failed insert ten times with a connect timeout each: over
     a minute while the database is down, far past Svix's 15 s. We answer 503 at once instead and
@@ -61,15 +94,26 @@ class AuditPostgresRecorder(PostgresApplicationRecorder):
         super().__init__(datastore, events_table_name=events_table_name)
         schema = pgsql.Identifier(datastore.schema)
         function = pgsql.Identifier(f"{events_table_name}_append")
-        self.sql_create_statements.append(
+        owner_index = pgsql.Identifier(datastore.schema, OWNER_INDEX)
+        self.sql_create_statements += [
+            pgsql.SQL("CREATE TABLE IF NOT EXISTS {owner_index} {columns}").format(
+                owner_index=owner_index, columns=pgsql.SQL(OWNER_INDEX_COLUMNS)
+            ),
+            # Before it wrote owners too, the function took four arguments.
+            pgsql.SQL(
+                "DROP FUNCTION IF EXISTS {schema}.{function}(uuid[], bigint[], text[], bytea[])"
+            ).format(schema=schema, function=function),
             pgsql.SQL(
                 "CREATE OR REPLACE FUNCTION {schema}.{function}("
-                " ids uuid[], versions bigint[], topics text[], states bytea[])"
+                " ids uuid[], versions bigint[], topics text[], states bytea[],"
+                " owned text[], owners text[])"
                 " RETURNS TABLE (notification_id bigint) LANGUAGE plpgsql AS $$"
                 " BEGIN"
                 "  SET LOCAL lock_timeout = '{lock_timeout}s';"
                 "  LOCK TABLE {schema}.{table} IN EXCLUSIVE MODE;"
                 "  NOTIFY {channel};"
+                "  INSERT INTO {owner_index} (object_id, organization_id)"
+                "   SELECT * FROM unnest(owned, owners) ON CONFLICT (object_id) DO NOTHING;"
                 "  RETURN QUERY INSERT INTO {schema}.{table} AS t"
                 "   (originator_id, originator_version, topic, state)"
                 "   SELECT * FROM unnest(ids, versions, topics, states)"
@@ -79,17 +123,23 @@ class AuditPostgresRecorder(PostgresApplicationRecorder):
                 schema=schema,
                 function=function,
                 table=pgsql.Identifier(events_table_name),
+                owner_index=owner_index,
                 channel=pgsql.Identifier(self.channel_name),
                 lock_timeout=pgsql.SQL(str(int(datastore.lock_timeout))),
-            )
-        )
+            ),
+        ]
         self.append_statement = pgsql.SQL(
-            "SELECT notification_id FROM {schema}.{function}(%s, %s, %s, %s)"
+            "SELECT notification_id FROM {schema}.{function}(%s, %s, %s, %s, %s, %s)"
         ).format(schema=schema, function=function)
 
     def insert_events(
-        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+        self,
+        stored_events: Sequence[StoredEvent],
+        *,
+        owners: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> Sequence[int] | None:
+        owners = owners or {}
         with self.datastore.get_connection() as conn, conn.cursor() as cursor:
             cursor.execute(
                 self.append_statement,
@@ -98,6 +148,8 @@ class AuditPostgresRecorder(PostgresApplicationRecorder):
                     [event.originator_version for event in stored_events],
                     [event.topic for event in stored_events],
                     [event.state for event in stored_events],
+                    list(owners),
+                    list(owners.values()),
                 ),
                 prepare=True,
             )
@@ -111,6 +163,7 @@ def eventsourcing_env(database: Database) -> dict[str, str]:
             "PERSISTENCE_MODULE": "eventsourcing.sqlite",
             "SQLITE_DBNAME": str(database.path),
             "SQLITE_LOCK_TIMEOUT": "30",
+            "APPLICATION_RECORDER_TOPIC": f"{__name__}:AuditSqliteRecorder",
         }
     return {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",
@@ -341,27 +394,9 @@ class Db:
         )
         return {UUID(str(row["stream"])): row["version"] for row in rows}
 
-    def create_owner_index(self) -> None:
-        with self.transaction() as cursor:
-            cursor.execute(
-                f"CREATE TABLE IF NOT EXISTS {self.table('owner_index')} "
-                "(object_id TEXT PRIMARY KEY, organization_id TEXT NOT NULL)"
-            )
-
-    def remember_owners(self, owners: dict[str, str]) -> None:
-        with self.transaction() as cursor:
-            for object_id, organization_id in owners.items():
-                cursor.execute(
-                    self.sql(
-                        f"INSERT INTO {self.table('owner_index')} (object_id, organization_id) "
-                        "VALUES (%s, %s) ON CONFLICT (object_id) DO NOTHING"
-                    ),
-                    [object_id, organization_id],
-                )
-
     def owner_of(self, object_id: str) -> str | None:
         row = self.fetchone(
-            f"SELECT organization_id FROM {self.table('owner_index')} WHERE object_id = %s",
+            f"SELECT organization_id FROM {self.table(OWNER_INDEX)} WHERE object_id = %s",
             (object_id,),
         )
         return row["organization_id"] if row else None
