@@ -89,7 +89,7 @@ class WebhookReceiver:
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None:
-            if not declared.isdigit():
+            if not declared.isascii() or not declared.isdigit():
                 raise ApiError(400, "invalid_headers", "The Content-Length header is malformed.")
             if int(declared) > self.max_body_bytes:
                 raise self._too_large()

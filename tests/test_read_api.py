@@ -480,6 +480,9 @@ def test_bad_parameters_are_400(world: World) -> None:
         ("/v1/events", {"until": "2024-13-45"}, "invalid_time"),
         ("/v1/changes", {"since": "99999999999999999999"}, "invalid_time"),
         (f"/v1/users/{FRESH_USER}", {"as_of": "soon"}, "invalid_time"),
+        # Digits to str.isdigit(), not to int() (found by schemathesis).
+        (f"/v1/users/{FRESH_USER}", {"as_of": "\u00b2"}, "invalid_time"),
+        (f"/v1/users/{FRESH_USER}", {"as_of": "-\u0663"}, "invalid_time"),
         (f"/v1/users/{FRESH_USER}/history", {"until": "x"}, "invalid_time"),
         ("/v1/events", {"subjet": FRESH_USER}, "unknown_parameter"),
         ("/v1/events", [("limit", 1), ("limit", 2)], "invalid_parameter"),
