@@ -385,8 +385,7 @@ def server_spec(name: ServerName, store: Store, secret: str, port: int, workers:
         env["AUDIT_API_TOKENS"] = API_TOKEN
         return ServerSpec(name, [*audit_command(), "serve", *listen], env)
     env["BASELINE_DATABASE"] = store.baseline_url()
-    app = ["--app-dir", str(BENCH_DIR), "baseline_app:app"]
-    return ServerSpec(name, [sys.executable, "-m", "uvicorn", *app, *listen], env)
+    return ServerSpec(name, [sys.executable, str(BENCH_DIR / "baseline_app.py"), *listen], env)
 
 
 @dataclass(frozen=True)
