@@ -2,10 +2,10 @@
 with Nagle's algorithm off.
 
 Projections run beside the API as `audit project`, a child process, rather than as a thread of
-the API process: projecting an event costs about as much CPU as taking the delivery, and under
-one GIL the two halved the intake rate (bench/ingest.py: 738/s with the thread, 1,264/s without
-it, 32 clients on PostgreSQL). The child runs at a lower CPU priority, so that under load the
-webhooks are answered first and the projections catch up as the load eases.
+the API process, where they held the GIL the webhook handlers wait for (bench/ingest.py, 32
+clients on PostgreSQL: 540-602/s with the thread, 681-717/s with the child). The child runs at a
+lower CPU priority, so that under load the webhooks are answered first and the projections catch
+up as the load eases.
 
 uvicorn binds the shared listening socket as `socket.socket(AF_INET)`, whose `proto` is 0, and
 asyncio turns TCP_NODELAY on only for accepted sockets whose `proto` is IPPROTO_TCP. With one
@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from types import TracebackType
 
 import uvicorn
@@ -56,20 +57,15 @@ class ProjectionProcess:
     Started on entering and stopped (SIGTERM, then SIGKILL after 15 s) on leaving the block.
     """
 
-    def __init__(self, command: list[str] | None = None) -> None:
-        self.command = command or [sys.executable, "-m", "audit.cli", "project"]
-        self.restarts = 0
+    COMMAND = (sys.executable, "-m", "audit.cli", "project")
+
+    def __init__(self) -> None:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._supervisor = threading.Thread(
             target=self._supervise, name="projection-supervisor", daemon=True
         )
-
-    @property
-    def pid(self) -> int | None:
-        process = self._process
-        return process.pid if process is not None and process.poll() is None else None
 
     def __enter__(self) -> ProjectionProcess:
         self._supervisor.start()
@@ -84,18 +80,22 @@ class ProjectionProcess:
         self.stop()
 
     def _supervise(self) -> None:
-        delay = RESTART_DELAYS_SECONDS[0]
+        first, most = RESTART_DELAYS_SECONDS
+        delay = first
         while True:
             with self._lock:
                 if self._stopping.is_set():
                     return
-                self._process = process = subprocess.Popen(self.command)
+                self._process = process = subprocess.Popen(self.COMMAND)
+            started = time.monotonic()
             # If it is gone already, or this is not allowed, it still projects, hurried or not.
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, process.pid, PROJECTOR_NICENESS)
             returncode = process.wait()
             if self._stopping.is_set():
                 return
+            if time.monotonic() - started > most:  # it ran well: this is a new failure
+                delay = first
             # 0 is a clean stop (a signal meant for the whole process group, say).
             logger.log(
                 logging.INFO if returncode == 0 else logging.ERROR,
@@ -105,8 +105,7 @@ class ProjectionProcess:
             )
             if self._stopping.wait(delay):
                 return
-            self.restarts += 1
-            delay = min(delay * 2, RESTART_DELAYS_SECONDS[1])
+            delay = min(delay * 2, most)
 
     def stop(self) -> None:
         with self._lock:
