@@ -253,6 +253,13 @@ class Db:
             return f'"{self.schema}"."{name}"'
         return f'"{name}"'
 
+    def analyze(self, cursor: Cursor, table: str) -> None:
+        """Gather the planner's statistics for a table (on SQLite from a sample, as PostgreSQL
+        does, rather than by reading every row)."""
+        if self.dialect == "sqlite":
+            cursor.execute("PRAGMA analysis_limit = 1000")
+        cursor.execute(f"ANALYZE {table}")
+
     def stream_key(self, stream: UUID) -> Any:
         """How an originator id is stored: hex text in SQLite, uuid in PostgreSQL."""
         return stream.hex if self.dialect == "sqlite" else stream

@@ -77,6 +77,27 @@ def live_indexes(db: Db) -> set[str]:
     return shapes
 
 
+def tables_without_statistics(db: Db) -> list[str]:
+    """The live generation's tables that hold rows but have no planner statistics."""
+    if db.dialect == "sqlite":
+        has_stat = db.fetchone("SELECT name FROM sqlite_master WHERE name = 'sqlite_stat1'")
+        rows = db.fetchall("SELECT DISTINCT tbl AS name FROM sqlite_stat1") if has_stat else []
+    else:
+        rows = db.fetchall(
+            "SELECT DISTINCT tablename AS name FROM pg_stats WHERE schemaname = %s", [db.schema]
+        )
+    analyzed = {row["name"] for row in rows}
+    missing = []
+    for projection in all_projections():
+        tables = active_tables(db, projection.name)
+        for name in projection.table_names:
+            physical = tables[name].split(".")[-1].strip('"')
+            holds_rows = db.fetchone(f"SELECT 1 AS found FROM {tables[name]} LIMIT 1")
+            if holds_rows and physical not in analyzed:
+                missing.append(physical)
+    return missing
+
+
 def all_rows(db: Db, *, drop: set[str] = frozenset()) -> dict[str, Any]:
     return {p.name: table_rows(db, p.name, drop=drop) for p in all_projections()}
 
@@ -125,8 +146,10 @@ def test_rebuilt_equals_live(log: AuditLog) -> None:
     assert {row["state"] for row in projector.status()} == {"live"}
     assert all(row["lag"] == 0 and row["errors"] == 0 for row in projector.status())
     assert all_rows(log.db) == live
-    # A build creates its read indexes only when it goes live; it must not go live without them.
+    # A build creates its read indexes only when it goes live; it must not go live without them,
+    # nor without the statistics the planner needs to choose them.
     assert live_indexes(log.db) == indexes
+    assert tables_without_statistics(log.db) == []
 
 
 @settings(
