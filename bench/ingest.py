@@ -17,6 +17,7 @@ import random
 import re
 import secrets
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -473,10 +474,31 @@ def print_report(backend: Backend, report: RunReport) -> None:
     sys.stdout.flush()
 
 
-def print_ratio(backend: Backend, clients: int, reports: dict[ServerName, RunReport]) -> None:
+def ratio_of(reports: dict[ServerName, RunReport]) -> float:
     ours, baseline = reports["ours"].load.rate, reports["baseline"].load.rate
-    ratio = ours / baseline if baseline else float("nan")
+    return ours / baseline if baseline else float("nan")
+
+
+def print_ratio(backend: Backend, clients: int, reports: dict[ServerName, RunReport]) -> None:
+    ratio = ratio_of(reports)
     print(f"ratio backend={backend} clients={clients} ours/baseline={ratio:.2f}", flush=True)
+
+
+def print_median(backend: Backend, clients: int, rounds: list[dict[ServerName, RunReport]]) -> None:
+    """The median over rounds of each round's ratio: the machine's noise hits both servers of a
+    round alike more often than it hits two rounds alike."""
+    ratios = sorted(ratio_of(reports) for reports in rounds)
+    p99s = {
+        name: statistics.median(r[name].load.percentile_ms(0.99) for r in rounds)
+        for name in ("ours", "baseline")
+    }
+    print(
+        f"median backend={backend} clients={clients} rounds={len(rounds)}"
+        f" ours/baseline={statistics.median(ratios):.2f}"
+        f" ratios={','.join(f'{r:.2f}' for r in ratios)}"
+        f" p99_ours={p99s['ours']:.1f}ms p99_baseline={p99s['baseline']:.1f}ms",
+        flush=True,
+    )
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -501,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--orgs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds of both servers in turn; prints the median"
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
     parser.add_argument("--budget", type=float, default=900.0, help="per run, seconds")
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="server and database")
@@ -519,12 +544,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     all_ok = True
     for clients in [1] if args.single else args.clients:
-        reports = {name: run_once(config, name, clients, sends) for name in servers}
-        for report in reports.values():
-            print_report(args.backend, report)
-            all_ok = all_ok and report.stored.ok
-        if len(reports) == 2:
-            print_ratio(args.backend, clients, reports)
+        rounds = []
+        for _ in range(max(1, args.repeat)):
+            reports = {name: run_once(config, name, clients, sends) for name in servers}
+            for report in reports.values():
+                print_report(args.backend, report)
+                all_ok = all_ok and report.stored.ok
+            if len(reports) == 2:
+                print_ratio(args.backend, clients, reports)
+                rounds.append(reports)
+        if len(rounds) > 1:
+            print_median(args.backend, clients, rounds)
     return 0 if all_ok else 1
 
 
