@@ -48,15 +48,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
+    from audit.config import PostgresDatabase
     from audit.projections.runner import Projector
-    from audit.serving import ProjectionProcess, run_workers
+    from audit.serving import PROJECTOR_NICENESS, ProjectionProcess, run_workers
 
     settings = load_settings()
     log = open_log(settings.database)
     # uvicorn raises the signal that stopped it again once it has shut down. SIGTERM's default
     # action would then end this process before it could stop its projections' child.
     signal.signal(signal.SIGTERM, _exit_quietly)
-    with ProjectionProcess():
+    postgres = isinstance(settings.database, PostgresDatabase)
+    with ProjectionProcess(niceness=PROJECTOR_NICENESS if postgres else 0):
         if args.workers > 1:
             log.close()
             run_workers(
@@ -90,6 +92,10 @@ def cmd_project(args: argparse.Namespace) -> int:
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
+        if args.exit_with_parent is not None:
+            from audit.serving import stop_when_orphaned
+
+            stop_when_orphaned(stop, args.exit_with_parent)
         projector.run_forever(stop)
         return 0
     finally:
@@ -191,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     project = commands.add_parser("project", help="run the projections alone")
     project.add_argument("--once", action="store_true", help="catch up once, then exit")
+    # How `audit serve` starts its projections' child: not for users.
+    project.add_argument("--exit-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     project.set_defaults(func=cmd_project)
 
     projections = commands.add_parser("projections", help="status of every projection")

@@ -3,9 +3,13 @@ with Nagle's algorithm off.
 
 Projections run beside the API as `audit project`, a child process, rather than as a thread of
 the API process, where they held the GIL the webhook handlers wait for (bench/ingest.py, 32
-clients on PostgreSQL: 540-602/s with the thread, 681-717/s with the child). The child runs at a
-lower CPU priority, so that under load the webhooks are answered first and the projections catch
-up as the load eases.
+clients on PostgreSQL: 540-602/s with the thread, 681-717/s with the child). On PostgreSQL the
+child runs at a lower CPU priority, so that under load the webhooks are answered first and the
+projections catch up as the load eases. (Not on SQLite: a projection step holds the file's one
+write lock, and a slowed holder would hold up the webhooks' appends.)
+
+The child has a session of its own, so a Ctrl-C meant for the server reaches only the server,
+which then stops the child; and the child exits by itself if the server dies without stopping it.
 
 uvicorn binds the shared listening socket as `socket.socket(AF_INET)`, whose `proto` is 0, and
 asyncio turns TCP_NODELAY on only for accepted sockets whose `proto` is IPPROTO_TCP. With one
@@ -32,7 +36,8 @@ from uvicorn.supervisors import Multiprocess
 
 logger = logging.getLogger(__name__)
 
-PROJECTOR_NICENESS = 10
+PROJECTOR_NICENESS = 10  # on PostgreSQL
+PARENT_CHECK_SECONDS = 1.0
 RESTART_DELAYS_SECONDS = (1.0, 30.0)  # the first, and the most after repeated failures
 STOP_TIMEOUT_SECONDS = 15.0
 
@@ -57,9 +62,10 @@ class ProjectionProcess:
     Started on entering and stopped (SIGTERM, then SIGKILL after 15 s) on leaving the block.
     """
 
-    COMMAND = (sys.executable, "-m", "audit.cli", "project")
-
-    def __init__(self) -> None:
+    def __init__(self, *, niceness: int) -> None:
+        self.niceness = niceness
+        self.command = [sys.executable, "-m", "audit.cli", "project"]
+        self.command += ["--exit-with-parent", str(os.getpid())]
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
@@ -86,17 +92,17 @@ class ProjectionProcess:
             with self._lock:
                 if self._stopping.is_set():
                     return
-                self._process = process = subprocess.Popen(self.COMMAND)
+                self._process = process = subprocess.Popen(self.command, start_new_session=True)
             started = time.monotonic()
             # If it is gone already, or this is not allowed, it still projects, hurried or not.
             with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, process.pid, PROJECTOR_NICENESS)
+                os.setpriority(os.PRIO_PROCESS, process.pid, self.niceness)
             returncode = process.wait()
             if self._stopping.is_set():
                 return
             if time.monotonic() - started > most:  # it ran well: this is a new failure
                 delay = first
-            # 0 is a clean stop (a signal meant for the whole process group, say).
+            # 0 is a clean stop: someone sent it SIGTERM or SIGINT.
             logger.log(
                 logging.INFO if returncode == 0 else logging.ERROR,
                 "projections process exited with %s; restarting in %.0f s",
@@ -108,6 +114,10 @@ class ProjectionProcess:
             delay = min(delay * 2, most)
 
     def stop(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            # A second Ctrl-C or SIGTERM must not cut this short and leave the child running.
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
         with self._lock:
             self._stopping.set()
             process = self._process
@@ -120,3 +130,18 @@ class ProjectionProcess:
                 process.wait()
         if self._supervisor.is_alive():
             self._supervisor.join()
+
+
+def stop_when_orphaned(stop: threading.Event, parent: int) -> None:
+    """Set `stop` once this process's parent, `parent`, is gone (it is then re-parented). The
+    parent names itself: it may be gone before this process has got this far."""
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                logger.warning("projections: the serving process is gone; stopping")
+                stop.set()
+            if stop.wait(PARENT_CHECK_SECONDS):
+                return
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

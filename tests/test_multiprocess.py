@@ -81,8 +81,8 @@ def test_two_workers_and_a_projector_killed_mid_load_on_postgres() -> None:
     log = AuditLog(database)
     try:
         with processes(env_for(url, secret)) as running:
+            # The only projector is the one `audit serve` runs: killed, it must come back.
             endpoint = running.serve("api", workers=2)
-            running.start("projector", "project")
             CountingSender.progress = 0
             sender = CountingSender([endpoint], secret, concurrency=8, seed=1)
             thread, holder = send_in_background(sender, DELIVERIES)
@@ -91,8 +91,7 @@ def test_two_workers_and_a_projector_killed_mid_load_on_postgres() -> None:
                 if action == "worker":
                     assert running.kill_one_worker("api")
                 else:
-                    running.kill9("projector")
-                    running.start("projector", "project")
+                    assert running.kill_projector_child("api")
             thread.join(timeout=180)
             assert holder, "the sender did not finish"
             assert running.kills["projector"] == 2 and running.kills["api-worker"] == 1

@@ -4,6 +4,7 @@ answering keep-alive requests without Nagle's delay."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -12,10 +13,10 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import uvicorn
 
 from audit.config import Database
@@ -101,15 +102,40 @@ def versions_of_user(base: str, user_id: str) -> int:
     return len(answer.json()["data"]) if answer.status_code == 200 else 0
 
 
-def test_serve_projects_in_a_child_it_restarts_and_stops(database: Database) -> None:
-    secret = new_secret()
+def projectors_of_store(url: str) -> list[int]:
+    """Every `audit project` process on this machine whose store is `url` (from /proc)."""
+    found = []
+    for pid, command in all_processes():
+        if "audit.cli project" in command:
+            with contextlib.suppress(OSError):
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                if f"AUDIT_DATABASE_URL={url}".encode() in environ:
+                    found.append(pid)
+    return found
+
+
+def all_processes() -> list[tuple[int, str]]:
+    processes = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            processes.append((int(cmdline.parent.name), command))
+    return processes
+
+
+def serve_env(database: Database, secret: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUDIT_", "CLERK_"))}
     env.update(
         AUDIT_DATABASE_URL=database.url,
         CLERK_WEBHOOK_SIGNING_SECRET=secret,
         AUDIT_API_TOKENS=API_TOKEN,
     )
-    with processes(env) as running:
+    return env
+
+
+def test_serve_projects_in_a_child_it_restarts_and_stops(database: Database) -> None:
+    secret = new_secret()
+    with processes(serve_env(database, secret)) as running:
         base = running.serve("api").removesuffix("/webhooks/clerk")
         server = running.running["api"]
         first = wait_for(lambda: projector_of(server), "projector child")
@@ -120,7 +146,7 @@ def test_serve_projects_in_a_child_it_restarts_and_stops(database: Database) -> 
         assert versions_of_user(base, user_id) == 1
 
         os.kill(first, signal.SIGKILL)
-        second = wait_for(
+        wait_for(
             lambda: projector_of(server) not in (None, first) and projector_of(server),
             "restarted projector",
         )
@@ -130,5 +156,15 @@ def test_serve_projects_in_a_child_it_restarts_and_stops(database: Database) -> 
 
         os.kill(server.pid, signal.SIGTERM)  # the server alone: it must stop its child itself
         server.wait(timeout=30)
-        with pytest.raises(ProcessLookupError):
-            os.kill(second, 0)
+        assert projectors_of_store(database.url) == []
+
+
+def test_the_child_stops_by_itself_when_the_server_is_killed(database: Database) -> None:
+    with processes(serve_env(database, new_secret())) as running:
+        running.serve("api")
+        server = running.running["api"]
+        child = wait_for(lambda: projector_of(server), "projector child")
+        assert projectors_of_store(database.url) == [child]
+        os.kill(server.pid, signal.SIGKILL)  # no chance to stop its child
+        server.wait(timeout=30)
+        wait_for(lambda: not projectors_of_store(database.url), "orphan's exit", timeout=15)

@@ -67,8 +67,8 @@ def main() -> int:
     ok = True
     try:
         with processes(env) as running:
+            # The projector is the child `audit serve` runs and restarts.
             endpoint = running.serve("api", workers=args.workers)
-            running.start("projector", "project")
             sender = ProgressSender([endpoint], secret, concurrency=16, seed=7)
             report_holder: list[Report] = []
             started = time.monotonic()
@@ -88,8 +88,7 @@ def main() -> int:
                 if event == "worker":
                     running.kill_one_worker("api")
                 elif event == "projector":
-                    running.kill9("projector")
-                    running.start("projector", "project")
+                    running.kill_projector_child("api")
                 else:
                     downtime = restart_postgres()
                     running.kills["database-restart"] += 1

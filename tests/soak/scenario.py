@@ -28,6 +28,7 @@ from tests.soak.sender import Message
 
 SAMPLES = Path(__file__).resolve().parents[2] / "audit" / "samples"
 AUDIT = [sys.executable, "-m", "audit.cli"]
+PROJECT = "audit.cli project"  # in the command line of the child `audit serve` projects with
 
 
 def messages(count: int, *, seed: int = 0, users: int = 50, orgs: int = 10) -> list[Message]:
@@ -120,6 +121,21 @@ class Processes:
         os.kill(workers[-1], signal.SIGKILL)
         self.kills[f"{name}-worker"] += 1
         return True
+
+    def kill_projector_child(self, name: str) -> bool:
+        """SIGKILL the `audit project` child of an `audit serve` (waiting, up to 60 s, for one to be
+        running: the last one killed may not be restarted yet); the server starts another."""
+        deadline = time.monotonic() + 60
+        while True:
+            parent = self.running[name].pid
+            found = [pid for pid, command in children_of(parent) if PROJECT in command]
+            if found or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        for pid in found:
+            os.kill(pid, signal.SIGKILL)
+            self.kills["projector"] += 1
+        return bool(found)
 
     def stop_all(self) -> None:
         for process in self.running.values():
