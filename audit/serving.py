@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 PROJECTOR_NICENESS = 10  # on PostgreSQL
 PARENT_CHECK_SECONDS = 1.0
-RESTART_DELAYS_SECONDS = (1.0, 30.0)  # the first, and the most after repeated failures
+RESTART_DELAYS_SECONDS = (1.0, 10.0)  # the first, and the most after repeated failures
 STOP_TIMEOUT_SECONDS = 15.0
 
 
