@@ -48,17 +48,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
-    from audit.config import PostgresDatabase
     from audit.projections.runner import Projector
-    from audit.serving import PROJECTOR_NICENESS, ProjectionProcess, run_workers
+    from audit.serving import ProjectionProcess, run_workers
 
     settings = load_settings()
     log = open_log(settings.database)
     # uvicorn raises the signal that stopped it again once it has shut down. SIGTERM's default
     # action would then end this process before it could stop its projections' child.
     signal.signal(signal.SIGTERM, _exit_quietly)
-    postgres = isinstance(settings.database, PostgresDatabase)
-    with ProjectionProcess(niceness=PROJECTOR_NICENESS if postgres else 0):
+    with ProjectionProcess(settings.database):
         if args.workers > 1:
             log.close()
             run_workers(

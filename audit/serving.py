@@ -34,9 +34,11 @@ from types import TracebackType
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
+from audit.config import Database, PostgresDatabase
+
 logger = logging.getLogger(__name__)
 
-PROJECTOR_NICENESS = 10  # on PostgreSQL
+PROJECTOR_NICENESS = 10  # on PostgreSQL only (see above)
 PARENT_CHECK_SECONDS = 1.0
 RESTART_DELAYS_SECONDS = (1.0, 10.0)  # the first, and the most after repeated failures
 STOP_TIMEOUT_SECONDS = 15.0
@@ -62,8 +64,8 @@ class ProjectionProcess:
     Started on entering and stopped (SIGTERM, then SIGKILL after 15 s) on leaving the block.
     """
 
-    def __init__(self, *, niceness: int) -> None:
-        self.niceness = niceness
+    def __init__(self, database: Database) -> None:
+        self.niceness = PROJECTOR_NICENESS if isinstance(database, PostgresDatabase) else 0
         self.command = [sys.executable, "-m", "audit.cli", "project"]
         self.command += ["--exit-with-parent", str(os.getpid())]
         self._stopping = threading.Event()

@@ -3,6 +3,7 @@ what is recorded still projects."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from hypothesis import HealthCheck, given, settings
@@ -114,3 +115,37 @@ def test_nul_bytes_and_huge_numbers_in_a_real_payload(
         response = client.get("/v1/events", params=params, headers=auth)
         assert response.status_code == 200, response.text
         assert '"updated_at":1180591620717411303424' in response.text
+
+
+def test_a_non_ascii_content_length_is_400(client: TestClient, secret: str) -> None:
+    """'²' passes str.isdigit() but not int(): found in the time parameters, guarded here too.
+    Sent over raw ASGI: HTTP clients (and h11) would not pass such a header on."""
+    raw = json.dumps(payload("user.created")).encode()
+    headers = {**signed_headers(secret, new_svix_id(), raw), "content-length": "\u00b2"}
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/webhooks/clerk",
+        "raw_path": b"/webhooks/clerk",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.encode(), v.encode("latin-1")) for k, v in headers.items()],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+    asyncio.run(client.app(scope, receive, send))
+    start = next(message for message in sent if message["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert start["status"] == 400, body
+    assert json.loads(body)["error"]["code"] == "invalid_headers"

@@ -23,7 +23,7 @@ from audit.config import Database
 from audit.samples import signed_headers
 from audit.serving import tcp_listening_socket
 from tests.conftest import API_TOKEN, new_secret
-from tests.soak.scenario import children_of, processes
+from tests.soak.scenario import PROJECT, live_processes, processes, projector_children
 from tests.webhook_helpers import payload
 
 
@@ -66,7 +66,7 @@ def test_uvicorns_own_socket_would_not() -> None:
 
 def projector_of(server: subprocess.Popen) -> int | None:
     """The pid of the `audit project` child that `audit serve` runs beside uvicorn."""
-    found = [pid for pid, command in children_of(server.pid) if "audit.cli project" in command]
+    found = projector_children(server.pid)
     assert len(found) <= 1, found
     return found[0] if found else None
 
@@ -103,24 +103,15 @@ def versions_of_user(base: str, user_id: str) -> int:
 
 
 def projectors_of_store(url: str) -> list[int]:
-    """Every `audit project` process on this machine whose store is `url` (from /proc)."""
+    """Every `audit project` process on this machine whose store is `url`."""
     found = []
-    for pid, command in all_processes():
-        if "audit.cli project" in command:
+    for process in live_processes():
+        if PROJECT in process.command:
             with contextlib.suppress(OSError):
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                environ = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
                 if f"AUDIT_DATABASE_URL={url}".encode() in environ:
-                    found.append(pid)
+                    found.append(process.pid)
     return found
-
-
-def all_processes() -> list[tuple[int, str]]:
-    processes = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):
-            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            processes.append((int(cmdline.parent.name), command))
-    return processes
 
 
 def serve_env(database: Database, secret: str) -> dict[str, str]:

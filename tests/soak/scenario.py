@@ -114,8 +114,10 @@ class Processes:
     def kill_one_worker(self, name: str) -> bool:
         """SIGKILL one worker of a `--workers N` server; its supervisor starts another."""
         # uvicorn spawns its workers through multiprocessing; the other child is the projector.
-        children = children_of(self.running[name].pid)
-        workers = [pid for pid, command in children if "spawn_main" in command]
+        parent = self.running[name].pid
+        workers = [
+            p.pid for p in live_processes() if p.parent == parent and "spawn_main" in p.command
+        ]
         if not workers:
             return False
         os.kill(workers[-1], signal.SIGKILL)
@@ -127,8 +129,7 @@ class Processes:
         running: the last one killed may not be restarted yet); the server starts another."""
         deadline = time.monotonic() + 60
         while True:
-            parent = self.running[name].pid
-            found = [pid for pid, command in children_of(parent) if PROJECT in command]
+            found = projector_children(self.running[name].pid)
             if found or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
@@ -144,15 +145,29 @@ class Processes:
         self.running.clear()
 
 
-def children_of(parent: int) -> list[tuple[int, str]]:
-    """Each live child of `parent`, with its command line (read from Linux's /proc)."""
-    children = []
+@dataclass(frozen=True)
+class LiveProcess:
+    pid: int
+    parent: int
+    command: str
+
+
+def live_processes() -> list[LiveProcess]:
+    """Every process on this machine, with its parent and command line (Linux's /proc)."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with suppress(OSError, ValueError, IndexError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
-                children.append((int(stat.parent.name), command.decode(errors="replace")))
-    return children
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+            found.append(
+                LiveProcess(int(stat.parent.name), parent, command.decode(errors="replace"))
+            )
+    return found
+
+
+def projector_children(server: int) -> list[int]:
+    """The `audit project` child that the `audit serve` process `server` runs, if one is up."""
+    return [p.pid for p in live_processes() if p.parent == server and PROJECT in p.command]
 
 
 def terminate(process: subprocess.Popen) -> None:
