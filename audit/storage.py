@@ -308,12 +308,13 @@ class Db:
         *,
         on_conflict: str = "",
     ) -> None:
-        """INSERT many rows in one statement: `columns` are (name, PostgreSQL type) pairs.
+        """INSERT many rows at once: `columns` are (name, PostgreSQL type) pairs.
 
-        PostgreSQL gets one `INSERT ... SELECT FROM unnest(array, ...)`, whatever the number of
-        rows (one message, one plan, where `executemany` costs a statement each); through a
-        `text_safe` cursor, the arrays' strings are made NUL-free too. SQLite gets
-        `executemany`, a loop in C.
+        PostgreSQL: plain rows go by binary COPY, whose rows psycopg formats in C. Measured at
+        500,000 `changes` rows, that took a fifth of the Python time and three quarters of the
+        server time of one `INSERT ... SELECT FROM unnest(array, ...)` of binary arrays, which
+        is still what an upsert (`on_conflict`) gets. Strings are made NUL-free first either way
+        (see `text_safe`). SQLite gets `executemany`, a loop in C.
         """
         if not rows:
             return
@@ -324,10 +325,18 @@ class Db:
                 f"INSERT INTO {table} ({names}) VALUES ({marks}) {on_conflict}", rows
             )
             return
+        rows = _nul_free_rows(columns, rows)
+        raw = cursor.unwrapped if isinstance(cursor, _NulFreeCursor) else cursor
+        if not on_conflict:
+            with raw.copy(f"COPY {table} ({names}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types([kind for _, kind in columns])
+                for row in rows:
+                    copy.write_row(row)
+            return
         # %b: binary arrays, whose elements need no quoting (the text format escapes every
         # quote of every JSON string with a regular expression).
         arrays = ", ".join(f"%b::{kind}[]" for _, kind in columns)
-        cursor.execute(
+        raw.execute(
             f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) {on_conflict}",
             [list(values) for values in zip(*rows, strict=True)],
         )
@@ -352,12 +361,6 @@ class Db:
         if self.dialect == "postgresql":
             with contextlib.suppress(Exception):
                 self.datastore.pool.check()
-
-    def pipeline(self, cursor: Cursor) -> contextlib.AbstractContextManager[Any]:
-        """Send statements without waiting for each answer (PostgreSQL); nothing on SQLite."""
-        if self.dialect == "postgresql":
-            return cursor.connection.pipeline()  # type: ignore[attr-defined]
-        return contextlib.nullcontext()
 
     def fetchall(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
         with self.reader() as cursor:
@@ -477,7 +480,7 @@ def _nul_free(params: Any) -> Any:
 def _nul_free_value(value: Any) -> Any:
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd") if "\x00" in value else value
-    if isinstance(value, list):  # an array (a column of insert_rows): its scalars, inlined
+    if isinstance(value, list):  # an array parameter: its scalars, inlined
         return [
             item.replace("\x00", "\ufffd") if type(item) is str and "\x00" in item else item
             for item in value
@@ -485,21 +488,32 @@ def _nul_free_value(value: Any) -> Any:
     return value
 
 
+def _nul_free_rows(
+    columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]
+) -> Sequence[Sequence[Any]]:
+    """`rows` with U+FFFD for NUL in every string. A NUL is rare: one scan of each text column,
+    joined, finds whether there is any, and only then is every value looked at."""
+    for (_, kind), values in zip(columns, zip(*rows, strict=True), strict=True):
+        if kind == "text" and "\x00" in "".join(filter(None, values)):
+            return [[_nul_free_value(value) for value in row] for row in rows]
+    return rows
+
+
 class _NulFreeCursor:
     def __init__(self, cursor: Cursor) -> None:
-        self._cursor = cursor
+        self.unwrapped = cursor
 
     def execute(self, statement: Any, params: Any = None) -> Any:
-        return self._cursor.execute(statement, _nul_free(params))
+        return self.unwrapped.execute(statement, _nul_free(params))
 
     def executemany(self, statement: Any, params_seq: Any) -> Any:
-        return self._cursor.executemany(statement, [_nul_free(p) for p in params_seq])
+        return self.unwrapped.executemany(statement, [_nul_free(p) for p in params_seq])
 
     def fetchall(self) -> Any:
-        return self._cursor.fetchall()
+        return self.unwrapped.fetchall()
 
     def fetchone(self) -> Any:
-        return self._cursor.fetchone()
+        return self.unwrapped.fetchone()
 
 
 def events_table_name(dialect: Dialect) -> str:

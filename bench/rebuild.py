@@ -130,16 +130,19 @@ def child_rebuild(database: Database, batch: int, profile_top: int) -> dict[str,
     try:
         projector = Projector(log, batch_size=batch)
         profiler = cProfile.Profile() if profile_top else None
-        per_projection: dict[str, float] = {}
+        # name -> [wall seconds, this process's CPU, PostgreSQL's CPU] spent in its steps
+        per_projection: dict[str, list[float]] = {}
         step = projector.step
 
         def timed_step(projection: Any, generation: int, limit: int | None = None) -> int:
-            began = time.perf_counter()
+            began = (time.perf_counter(), cpu_seconds(), postgres_cpu_seconds())
             try:
                 return step(projection, generation, limit)
             finally:
-                spent = time.perf_counter() - began
-                per_projection[projection.name] = per_projection.get(projection.name, 0) + spent
+                ended = (time.perf_counter(), cpu_seconds(), postgres_cpu_seconds())
+                spent = per_projection.setdefault(projection.name, [0.0, 0.0, 0.0])
+                for i, (start, end) in enumerate(zip(began, ended, strict=True)):
+                    spent[i] += end - start
 
         projector.step = timed_step  # type: ignore[method-assign]  # time each projection's steps
         usage = Usage()
@@ -249,11 +252,12 @@ def run_size(args: argparse.Namespace, events: int) -> dict[str, Any]:
         )
         rebuilt = run_child("rebuild", args.backend, url, args.batch)
         rebuild_rate = rate(events, rebuilt["seconds"])
-        for name, seconds in rebuilt["per_projection"].items():
+        for name, (seconds, cpu, db_cpu) in rebuilt["per_projection"].items():
             print(
                 f"projection {tag} name={name} seconds_in_steps={seconds:.1f}"
                 f" rate={rate(events, seconds):.0f}/s"
-                f" ratio={rate(events, seconds) / ceiling_rate:.2f}",
+                f" ratio={rate(events, seconds) / ceiling_rate:.2f}"
+                f" cpu_python={cpu:.1f}s cpu_postgres={db_cpu:.1f}s",
                 flush=True,
             )
         ok = rebuilt["indexed"] == events and rebuilt["errors"] == 0

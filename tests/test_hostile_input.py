@@ -115,6 +115,13 @@ def test_nul_bytes_and_huge_numbers_in_a_real_payload(
         response = client.get("/v1/events", params=params, headers=auth)
         assert response.status_code == 200, response.text
         assert '"updated_at":1180591620717411303424' in response.text
+    # PostgreSQL text cannot hold NUL: the read models keep U+FFFD in its place (JSON values
+    # keep their escaped \u0000). SQLite keeps the NUL.
+    response = client.get("/v1/changes", params={"field": "first_name"}, headers=auth)
+    assert response.status_code == 200, response.text
+    [change] = [c for c in response.json()["data"] if c["to"] == "a\u0000b"]
+    nul = "\ufffd" if log.db.dialect == "postgresql" else "\u0000"
+    assert change["subject"]["id"] == change["owner_id"] == f"user_{nul}nul"
 
 
 def test_a_non_ascii_content_length_is_400(client: TestClient, secret: str) -> None:

@@ -203,10 +203,10 @@ class Projector:
     def step(self, projection: Projection, generation: int, limit: int | None = None) -> int:
         """Apply the next batch to one generation, exactly once. Returns events read.
 
-        The batch is first applied in one go (pipelined on PostgreSQL). If any event in it
-        fails, that transaction is rolled back whole and the batch is applied again event by
-        event under savepoints, so the poison event is recorded and skipped and the rest apply:
-        the common case pays no per-event savepoint round trips.
+        The batch is first applied in one go. If any event in it fails, that transaction is
+        rolled back whole and the batch is applied again event by event under savepoints, so the
+        poison event is recorded and skipped and the rest apply: the common case pays no
+        per-event savepoint round trips.
         """
         try:
             return self._step(projection, generation, limit, careful=False)
@@ -239,32 +239,67 @@ class Projector:
             else:
                 writer = self.db.text_safe(cursor)
                 try:
-                    with self.db.pipeline(cursor):
-                        events = [self.decode(row) for row in deliveries]
-                        projection.apply(writer, tables, self.db, events)
+                    events = [self.decode(row) for row in deliveries]
+                    projection.apply(writer, tables, self.db, events)
                 except Exception as exc:
                     raise _PoisonInBatch() from exc
             if rows:
                 self.tracking._insert_tracking(cursor, Tracking(key, rows[-1]["position"]))
             return len(rows)
 
-    def _read_after(self, cursor: Cursor, position: int, limit: int) -> list[Any]:
+    def _read_after(self, cursor: Cursor, position: int, limit: int) -> list[dict[str, Any]]:
+        """The next stored events after `position`, for `decode`.
+
+        Every projection reads the same batches. The first step to reach a batch fetches its
+        stored events whole; the others fetch only positions and topics, and find the
+        deliveries decoded already: in a rebuild of all three, two reads in three fetch no
+        stored event.
+        """
         column = self.db.position_column
         cursor.execute(
             self.db.sql(
-                f"SELECT {column} AS position, originator_id, originator_version, topic, state"
-                f" FROM {self.db.table(self.db.events_table)} WHERE {column} > %s"
-                f" ORDER BY {column} LIMIT %s"
+                f"SELECT {column} AS position, topic FROM {self.db.table(self.db.events_table)}"
+                f" WHERE {column} > %s ORDER BY {column} LIMIT %s"
             ),
             [position, limit],
         )
-        return list(cursor.fetchall())
+        rows = [{"position": row["position"], "topic": row["topic"]} for row in cursor.fetchall()]
+        missing = []
+        for row in rows:
+            if row["topic"] == MARKER_TOPIC:
+                continue
+            decoded = self._decoded.get(row["position"])
+            if decoded is None:
+                missing.append(row)
+            else:
+                row["decoded"] = decoded
+        if missing:
+            self._fetch_stored(cursor, missing)
+        return rows
 
-    def decode(self, row: Any) -> StoredDelivery:
+    def _fetch_stored(self, cursor: Cursor, rows: list[dict[str, Any]]) -> None:
+        column = self.db.position_column
+        cursor.execute(
+            self.db.sql(
+                f"SELECT {column} AS position, originator_id, originator_version, state"
+                f" FROM {self.db.table(self.db.events_table)}"
+                f" WHERE {column} >= %s AND {column} <= %s AND topic <> %s"
+            ),
+            [rows[0]["position"], rows[-1]["position"], MARKER_TOPIC],
+        )
+        stored = {found["position"]: found for found in cursor.fetchall()}
+        for row in rows:
+            found = stored[row["position"]]
+            row["originator_id"] = found["originator_id"]
+            row["originator_version"] = found["originator_version"]
+            row["state"] = found["state"]
+
+    def decode(self, row: dict[str, Any]) -> StoredDelivery:
+        """The delivery a row of `_read_after` holds, decoded once for every projection."""
+        decoded = row.get("decoded")
+        if decoded is not None:
+            return decoded
         position = row["position"]
-        cached = self._decoded.get(position)
-        if cached is not None:
-            return cached
         stored = StoredEvent(
             originator_id=row["originator_id"],
             originator_version=row["originator_version"],
@@ -315,11 +350,14 @@ class Projector:
     def catch_up(
         self, *projections: Projection, progress: Callable[[str, int], None] | None = None
     ) -> int:
-        """Step the projections in turn, a batch each, until each comes back short (the end of
-        the store at that moment); a build that has caught up then goes live.
+        """Step the projections in rounds, a batch each, until each comes back short (the end
+        of the store at that moment); a build that has caught up then goes live.
 
-        In turn rather than one after the other: projections at the same position (a rebuild of
-        them all) then read a batch whose decoded deliveries the previous one left in the cache.
+        In rounds rather than one after the other: projections at the same position (a rebuild
+        of them all) read the same batch, decoded once. (Running a round's steps in threads, so
+        that one projection's Python ran while another's statements ran in the server, took
+        105 s instead of 112 s at 200,000 events, for 9 s more CPU: `objects` alone is most of
+        a round.)
         """
         draining = [target for p in projections if (target := self._target(p)) is not None]
         total = 0
