@@ -126,8 +126,8 @@ class ObjectsProjection(Projection):
     table_names = ("versions", "history", "changes", *VIEW_OF_TABLE)
 
     def schema(self, t: Tables, db: Db) -> list[str]:
-        # The indexes here are the ones `apply` itself reads by (a batch's orphans, adopting
-        # them); the others are `read_indexes`.
+        # The indexes here are the ones `apply` itself reads by (a batch's latest versions and
+        # orphans, adopting them); the others are `read_indexes`.
         statements = [
             f"CREATE TABLE {t['versions']} ("
             " object_id TEXT NOT NULL, k1 BIGINT NOT NULL, k2 BIGINT NOT NULL, k3 BIGINT NOT NULL,"
@@ -148,7 +148,6 @@ class ObjectsProjection(Projection):
             " received_at BIGINT NOT NULL, actor TEXT NOT NULL, actor_ip TEXT,"
             " stale INTEGER NOT NULL,"
             " PRIMARY KEY (position, object_id, field))",
-            f"CREATE INDEX {t.index('changes_object')} ON {t['changes']} (object_id, position)",
         ]
         for table in VIEW_OF_TABLE:
             statements += [
@@ -162,6 +161,7 @@ class ObjectsProjection(Projection):
 
     def read_indexes(self, t: Tables) -> list[str]:
         by_position = {
+            "changes_object": ("changes", "object_id"),
             "history_owner": ("history", "owner_id"),
             "changes_field": ("changes", "field"),
             "changes_owner": ("changes", "owner_id"),
@@ -275,13 +275,22 @@ class ObjectsProjection(Projection):
     def _adopt_orphans(batch: _Batch, table: str, object_id: str, owner_id: str) -> None:
         """Rows written from a stub that arrived before any version naming its owner."""
         cursor, t, db = batch.flush()
-        for logical in ("history", "changes"):
-            cursor.execute(
-                db.sql(
-                    f"UPDATE {t[logical]} SET owner_id = %s WHERE object_id = %s AND owner_id = %s"
-                ),
-                [owner_id, object_id, object_id],
-            )
+        # `changes` is reached through its key, from the object's history rows: a build
+        # indexes `changes` by object only when it goes live.
+        cursor.execute(
+            db.sql(
+                f"UPDATE {t['changes']} SET owner_id = %s WHERE position IN"
+                f" (SELECT position FROM {t['history']} WHERE object_id = %s AND owner_id = %s)"
+                " AND object_id = %s AND owner_id = %s"
+            ),
+            [owner_id, object_id, object_id, object_id, object_id],
+        )
+        cursor.execute(
+            db.sql(
+                f"UPDATE {t['history']} SET owner_id = %s WHERE object_id = %s AND owner_id = %s"
+            ),
+            [owner_id, object_id, object_id],
+        )
         cursor.execute(
             db.sql(
                 f"UPDATE {t[table]} SET owner_id = %s, organization_id = %s"
