@@ -240,7 +240,12 @@ def run_load(
         started, cpu_started = time.perf_counter(), time.process_time()
         deadline = started + budget
         futures = [pool.submit(client_loop, s, secret, pending, deadline) for s in sessions]
-        result = merge([future.result() for future in futures])
+        try:
+            result = merge([future.result() for future in futures])
+        except BaseException:  # stopped (SIGTERM, Ctrl-C): clients stop after their request
+            while not pending.empty():
+                pending.get_nowait()
+            raise
         result.elapsed = time.perf_counter() - started
         result.client_cpu = time.process_time() - cpu_started
     return result

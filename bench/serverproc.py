@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO
@@ -40,6 +41,10 @@ class ServerProcess:
         self.name = name
         self.base = f"http://127.0.0.1:{port}"
         self.log = log
+        if threading.current_thread() is threading.main_thread():
+            # Killed (kill, timeout), the benchmark still runs its `finally`s: the server it
+            # started, in a session of its own, is stopped, and its schema dropped.
+            signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
         self.process = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
