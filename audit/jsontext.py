@@ -1,17 +1,22 @@
-"""JSON text out, in one place: orjson where it can, the standard library where it cannot.
+"""JSON text in and out, in one place: orjson where it can, the standard library where it cannot.
 
-orjson encodes several times faster than `json`. It refuses integers beyond 64 bits (and keys
-that are not strings), which a payload may carry since JSON numbers have no limit: those values
-fall back to `json`, whose text means the same. Reading stays with `json`, because orjson reads
-such integers as floats, which would change the data.
+orjson encodes and decodes several times faster than `json`. It refuses integers beyond 64 bits
+(and keys that are not strings), which a payload may carry since JSON numbers have no limit:
+those values fall back to `json`, whose text means the same. Reading, orjson takes such integers
+for floats, which would change the data; text that may hold one is read by `json`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
+
+# An integer of 19 digits or more may be beyond 64 bits (a longer run in a string or a fraction
+# only costs the slower reader).
+_LONG_DIGIT_RUN = re.compile(r"[0-9]{19}")
 
 
 def dumps(value: Any, *, sort_keys: bool = False) -> str:
@@ -25,3 +30,18 @@ def dumps_bytes(value: Any, *, sort_keys: bool = False) -> bytes:
     except TypeError:  # orjson.JSONEncodeError: an integer beyond 64 bits, a non-string key
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys)
         return text.encode()
+
+
+def loads(text: str, **fallback: Any) -> Any:
+    """The value of JSON text, as `json.loads(text, **fallback)` reads it.
+
+    orjson reads it unless the text holds a long run of digits, or orjson refuses it (NaN,
+    a lone surrogate, deep nesting): then `json` does, with `fallback`'s arguments, and raises
+    what it raises.
+    """
+    if _LONG_DIGIT_RUN.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text, **fallback)

@@ -20,7 +20,6 @@ Functions return plain dicts with epoch-millisecond times and parsed JSON; the A
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import weakref
 from collections.abc import Callable, Sequence
@@ -250,7 +249,7 @@ _EVENT_COLUMNS = (
 
 
 def _event(row: Any) -> dict[str, Any]:
-    body = json.loads(row["body"])
+    body = from_json(row["body"])
     return {
         "id": row["svix_id"],
         "position": row["position"],

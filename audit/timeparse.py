@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 
 class TimeParseError(ValueError):
@@ -45,6 +46,7 @@ def parse_time(value: str) -> int:
         raise TimeParseError(f"{value[:40]!r} is out of range") from None
 
 
+@lru_cache(maxsize=4096)  # a page's rows share their events' times: 10 changes of one event
 def format_time(millis: int | None) -> str | None:
     """ISO 8601 UTC with milliseconds, as every API time is written."""
     if millis is None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from audit.jsontext import loads
 from audit.timeparse import epoch_ms
 
 
@@ -55,7 +55,7 @@ def parse_delivery(body: bytes, *, svix_id: str, svix_timestamp: int, received_a
     except UnicodeDecodeError as exc:
         raise InvalidPayload("the body is not valid UTF-8") from exc
     try:
-        envelope = json.loads(text, parse_constant=_reject_constant)
+        envelope = loads(text, parse_constant=_reject_constant)
     except RecursionError as exc:
         raise InvalidPayload("the body is nested too deeply") from exc
     except ValueError as exc:
@@ -87,7 +87,7 @@ def parse_delivery(body: bytes, *, svix_id: str, svix_timestamp: int, received_a
 
 def delivery_from_record(record: dict[str, Any]) -> Delivery:
     """Rebuild a Delivery from the fields a stored event keeps (the body is re-parsed)."""
-    envelope = json.loads(record["body"])
+    envelope = loads(record["body"])
     return Delivery(
         svix_id=record["svix_id"],
         svix_timestamp=record["svix_timestamp"],

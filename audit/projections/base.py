@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from audit.aggregates.delivery import Delivery
-from audit.jsontext import dumps
+from audit.jsontext import dumps, loads
 from audit.storage import Cursor, Db
 
 
@@ -66,4 +65,4 @@ def to_json(value: Any) -> str:
 
 
 def from_json(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+    return None if text is None else loads(text)
