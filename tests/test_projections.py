@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from audit import queries
 from audit.aggregates.delivery import Delivery, parse_delivery
 from audit.application import AuditLog
 from audit.config import Database, SqliteDatabase
@@ -262,6 +263,33 @@ def test_a_version_bump_builds_beside_the_live_one_and_switches_atomically(log: 
     assert len(table_rows(log.db, "events")["events"]) == 12
     with pytest.raises(Exception):  # noqa: B017 - the old generation's tables are gone
         log.db.fetchall(f"SELECT * FROM {v1_tables['events']}")
+
+
+def test_a_forced_rebuild_leaves_the_live_generation_following_the_store(log: AuditLog) -> None:
+    """SPEC 5: the live generation keeps serving while the build runs; what it serves must not
+    stop at the position the rebuild started from (at 1,000,000 events, ten minutes)."""
+    deliveries = sample_deliveries()
+    projector = Projector(log, batch_size=5)
+    log.record(deliveries[:-1])
+    projector.run_once()
+    live = active_tables(log.db, "events").generation
+    built = projector.rebuild("events")
+    arriving = deliveries[-1]
+    served_by_live: list[bool] = []
+
+    def progress(name: str, count: int) -> None:
+        if not served_by_live:
+            log.record([arriving])  # a webhook arrives while the build is under way
+        assert active_tables(log.db, "events").generation == live  # reads not switched yet
+        served_by_live.append(queries.event_by_id(log.db, arriving.svix_id) is not None)
+
+    projector.catch_up(projector.projections["events"], progress=progress)
+    assert len(served_by_live) > 3, "the build must take several rounds"
+    assert served_by_live[-1], "the live generation did not apply what arrived during the build"
+    assert active_tables(log.db, "events").generation == built
+    assert queries.event_by_id(log.db, arriving.svix_id) is not None
+    [status] = [row for row in projector.status() if row["name"] == "events"]
+    assert status["lag"] == 0 and status["state"] == "live"
 
 
 class PickyIndex(EventIndex):
