@@ -23,7 +23,7 @@ from audit.application import AuditLog
 from audit.config import Database, SqliteDatabase
 from audit.projections.base import StoredDelivery, Tables
 from audit.projections.events import EventIndex
-from audit.projections.runner import Projector, active_tables, all_projections
+from audit.projections.runner import Projector, active_tables, all_projections, tracking_key
 from audit.storage import Cursor, Db
 from tests.conftest import drop_postgres_schema, new_postgres_database
 from tests.test_domain_state import organization_histories, user_histories
@@ -290,6 +290,23 @@ def test_a_forced_rebuild_leaves_the_live_generation_following_the_store(log: Au
     assert queries.event_by_id(log.db, arriving.svix_id) is not None
     [status] = [row for row in projector.status() if row["name"] == "events"]
     assert status["lag"] == 0 and status["state"] == "live"
+
+
+def test_a_rebuild_does_not_also_step_a_live_generation_that_is_behind_it(log: AuditLog) -> None:
+    """A live generation at the build's position or behind it would only repeat the build's
+    work (a bench store's never-stepped generation 1 doubled a 1,000,000-event rebuild)."""
+    log.record(sample_deliveries())
+    projector = Projector(log, batch_size=5)  # registers generation 1, at position 0
+    built = projector.rebuild("events")
+    live_positions: list[int] = []
+
+    def progress(name: str, count: int) -> None:
+        with log.db.reader() as cursor:
+            live_positions.append(projector._position(cursor, tracking_key("events", 1)))
+
+    projector.catch_up(projector.projections["events"], progress=progress)
+    assert len(live_positions) > 3 and set(live_positions) == {0}
+    assert active_tables(log.db, "events").generation == built
 
 
 class PickyIndex(EventIndex):

@@ -250,20 +250,31 @@ class Projector:
     def _read_after(self, cursor: Cursor, position: int, limit: int) -> list[dict[str, Any]]:
         """The next stored events after `position`, for `decode`.
 
-        Every projection reads the same batches. The first step to reach a batch fetches its
-        stored events whole; the others fetch only positions and topics, and find the
-        deliveries decoded already: in a rebuild of all three, two reads in three fetch no
-        stored event.
+        Every projection reads the same batches. The first step to reach a batch (nothing after
+        `position` decoded yet) fetches its stored events whole; the others fetch positions and
+        topics, take the deliveries decoded already, and fetch the stored events of the rest: in
+        a rebuild of all three, two reads in three fetch no stored event.
         """
         column = self.db.position_column
+        table = self.db.table(self.db.events_table)
+        newest_decoded = next(reversed(self._decoded), None)
+        if newest_decoded is None or newest_decoded <= position:  # the first to read these
+            cursor.execute(
+                self.db.sql(
+                    f"SELECT {column} AS position, originator_id, originator_version, topic,"
+                    f" state FROM {table} WHERE {column} > %s ORDER BY {column} LIMIT %s"
+                ),
+                [position, limit],
+            )
+            return [dict(row) for row in cursor.fetchall()]
         cursor.execute(
             self.db.sql(
-                f"SELECT {column} AS position, topic FROM {self.db.table(self.db.events_table)}"
+                f"SELECT {column} AS position, topic FROM {table}"
                 f" WHERE {column} > %s ORDER BY {column} LIMIT %s"
             ),
             [position, limit],
         )
-        rows = [{"position": row["position"], "topic": row["topic"]} for row in cursor.fetchall()]
+        rows = [dict(row) for row in cursor.fetchall()]
         missing = []
         for row in rows:
             if row["topic"] == MARKER_TOPIC:
@@ -384,18 +395,27 @@ class Projector:
         return total
 
     def _targets(self, projection: Projection) -> list[tuple[Projection, int, bool]]:
-        """The generations to bring up to date, each with whether it is a build: the live one
-        when this code knows its version, and the build of this version if one is under way
-        (a version this code does not know is neither stepped nor served by it)."""
+        """The generations to bring up to date, each with whether it is a build: the build of
+        this version if one is under way, and the live one if this code knows its version.
+
+        Beside a build, the live generation is stepped only when it is ahead of the build (as
+        it is when it has been following the store): one that is not would only repeat the
+        build's work, and the build replaces it when it catches up.
+        """
         registration = self.registration(projection.name)
-        targets = []
-        if registration.version == projection.version:
-            targets.append((projection, registration.generation, False))
-        if registration.building_generation is not None and (
-            registration.building_version == projection.version
+        live = (projection, registration.generation, False)
+        knows_live = registration.version == projection.version
+        if registration.building_generation is None or (
+            registration.building_version != projection.version
         ):
-            targets.append((projection, registration.building_generation, True))
-        return targets
+            return [live] if knows_live else []
+        build = (projection, registration.building_generation, True)
+        if not knows_live:
+            return [build]
+        with self.db.reader() as cursor:
+            live_at = self._position(cursor, tracking_key(projection.name, live[1]))
+            build_at = self._position(cursor, tracking_key(projection.name, build[1]))
+        return [live, build] if live_at > build_at else [build]
 
     def _switch(self, projection: Projection, generation: int) -> None:
         """Point reads at a caught-up build, in one transaction, and drop the old tables."""
