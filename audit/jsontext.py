@@ -9,14 +9,15 @@ for floats, which would change the data; text that may hold one is read by `json
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
 
 # An integer of 19 digits or more may be beyond 64 bits (a longer run in a string or a fraction
-# only costs the slower reader).
-_LONG_DIGIT_RUN = re.compile(r"[0-9]{19}")
+# only costs the slower reader). Found by mapping every digit to "0" and looking for 19 of them:
+# a regular expression took 13.6 us on a 1.5 KB body, twice what `json` takes to read it.
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_DIGIT_RUN = b"0" * 19
 
 
 def dumps(value: Any, *, sort_keys: bool = False) -> str:
@@ -39,7 +40,7 @@ def loads(text: str, **fallback: Any) -> Any:
     a lone surrogate, deep nesting): then `json` does, with `fallback`'s arguments, and raises
     what it raises.
     """
-    if _LONG_DIGIT_RUN.search(text) is None:
+    if text.encode(errors="surrogatepass").translate(_DIGITS_AS_ZERO).find(_LONG_DIGIT_RUN) < 0:
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
