@@ -313,8 +313,8 @@ class Db:
         PostgreSQL: plain rows go by binary COPY, whose rows psycopg formats in C. Measured at
         500,000 `changes` rows, that took a fifth of the Python time and three quarters of the
         server time of one `INSERT ... SELECT FROM unnest(array, ...)` of binary arrays, which
-        is still what an upsert (`on_conflict`) gets. Strings are made NUL-free first either way
-        (see `text_safe`). SQLite gets `executemany`, a loop in C.
+        is still what an upsert (`on_conflict`) gets. Text columns are made safe first either
+        way (`_text_safe_rows`; see `text_safe`). SQLite gets `executemany`, a loop in C.
         """
         if not rows:
             return
@@ -325,7 +325,7 @@ class Db:
                 f"INSERT INTO {table} ({names}) VALUES ({marks}) {on_conflict}", rows
             )
             return
-        rows = _nul_free_rows(columns, rows)
+        rows = _text_safe_rows(columns, rows)
         raw = cursor.unwrapped if isinstance(cursor, _NulFreeCursor) else cursor
         if not on_conflict:
             with raw.copy(f"COPY {table} ({names}) FROM STDIN (FORMAT BINARY)") as copy:
@@ -488,14 +488,32 @@ def _nul_free_value(value: Any) -> Any:
     return value
 
 
-def _nul_free_rows(
+def _text_safe_rows(
     columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]
 ) -> Sequence[Sequence[Any]]:
-    """`rows` with U+FFFD for NUL in every string. A NUL is rare: one scan of each text column,
-    joined, finds whether there is any, and only then is every value looked at."""
-    for (_, kind), values in zip(columns, zip(*rows, strict=True), strict=True):
-        if kind == "text" and "\x00" in "".join(filter(None, values)):
-            return [[_nul_free_value(value) for value in row] for row in rows]
+    """`rows` as PostgreSQL text columns can take them: U+FFFD for NUL in every string, and a
+    value of another type in a text column (a payload's `"status": 5`) as its `str`, which the
+    cast of the earlier array INSERT also gave and which COPY would refuse. Both are rare: one
+    join of each text column finds whether there is any, and only then is every value looked at.
+    """
+    text = [kind == "text" for _, kind in columns]
+    for is_text, values in zip(text, zip(*rows, strict=True), strict=True):
+        if not is_text:
+            continue
+        try:
+            clean = "\x00" not in "".join(filter(None, values))
+        except TypeError:  # a value that is not a string
+            clean = False
+        if not clean:
+            return [
+                [
+                    _nul_free_value(value if type(value) is str else str(value))
+                    if is_text_column and value is not None
+                    else value
+                    for is_text_column, value in zip(text, row, strict=True)
+                ]
+                for row in rows
+            ]
     return rows
 
 
