@@ -425,7 +425,9 @@ class Projector:
                 return
             # Whatever arrived since the build's last step goes in before the switch.
             tables = Tables(self.db, projection.name, generation)
-            position = self._position(cursor, tracking_key(projection.name, generation))
+            # Locked: another process may be stepping this build; its batch must commit first,
+            # or this would apply the same events again.
+            position = self._position(cursor, tracking_key(projection.name, generation), lock=True)
             rows = self._read_after(cursor, position, 1_000_000_000)
             for row in rows:
                 if row["topic"] != MARKER_TOPIC:
@@ -453,10 +455,12 @@ class Projector:
             )
         log.info("projection %s: reads switched to generation %d", projection.name, generation)
 
-    def _position(self, cursor: Cursor, key: str) -> int:
+    def _position(self, cursor: Cursor, key: str, *, lock: bool = False) -> int:
+        suffix = " FOR UPDATE" if lock and self.db.dialect == "postgresql" else ""
         cursor.execute(
             self.db.sql(
-                f"SELECT notification_id FROM {self._tracking()} WHERE application_name = %s"
+                f"SELECT notification_id FROM {self._tracking()}"
+                f" WHERE application_name = %s{suffix}"
             ),
             [key],
         )
