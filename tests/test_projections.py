@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -307,6 +309,57 @@ def test_a_rebuild_does_not_also_step_a_live_generation_that_is_behind_it(log: A
     projector.catch_up(projector.projections["events"], progress=progress)
     assert len(live_positions) > 3 and set(live_positions) == {0}
     assert active_tables(log.db, "events").generation == built
+
+
+class PausingIndex(EventIndex):
+    """Holds its step (and so the tracking row's lock) open until `go` is set."""
+
+    def __init__(self) -> None:
+        self.inside, self.go = threading.Event(), threading.Event()
+
+    def apply(self, cursor: Cursor, t: Tables, db: Db, events: Sequence[StoredDelivery]) -> None:
+        super().apply(cursor, t, db, events)
+        self.inside.set()
+        assert self.go.wait(30)
+
+
+def test_a_switch_waits_for_a_step_of_its_build_in_another_process(log: AuditLog) -> None:
+    """`audit serve`'s child and `audit rebuild` may step the same build: the switch must not
+    apply the events of a batch the other is committing (each would be a projection error).
+    PostgreSQL only: SQLite's writer lock serialises the two transactions before either reads."""
+    if log.db.dialect == "sqlite":
+        pytest.skip("SQLite takes its writer lock at BEGIN; the two cannot interleave")
+    log.record(sample_deliveries())
+    switching = Projector(log, [EventIndex()], batch_size=10)
+    built = switching.rebuild("events")
+    pausing = PausingIndex()
+    other = Projector(log, [pausing], batch_size=10)
+    stepping = threading.Thread(target=other.step, args=(pausing, built))
+    stepping.start()
+    assert pausing.inside.wait(30)  # the other's batch is written, not committed
+    switch = threading.Thread(
+        target=switching._switch, args=(switching.projections["events"], built)
+    )
+    switch.start()
+    deadline = time.monotonic() + 30
+    while not _waiting_for_a_lock(log.db) and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the switch is held by the other's transaction
+    pausing.go.set()
+    stepping.join(30)
+    switch.join(30)
+    assert active_tables(log.db, "events").generation == built
+    [status] = switching.status()
+    assert status["errors"] == 0 and status["lag"] == 0
+    rows = log.db.fetchall(f"SELECT svix_id FROM {active_tables(log.db, 'events')['events']}")
+    assert sorted(r["svix_id"] for r in rows) == sorted(d.svix_id for d in sample_deliveries())
+
+
+def _waiting_for_a_lock(db: Db) -> bool:
+    row = db.fetchone(
+        "SELECT COUNT(*) AS n FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
+    return bool(row["n"])
 
 
 class PickyIndex(EventIndex):
