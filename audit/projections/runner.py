@@ -370,8 +370,9 @@ class Projector:
         105 s instead of 112 s at 200,000 events, for 9 s more CPU: `objects` alone is most of
         a round.)
 
-        While a build runs, the live generation of the same version is stepped every round
-        too, so the reads it keeps serving do not fall behind the store until the switch.
+        While a build runs, the live generation of the same version, if it is ahead of the
+        build (`_targets`), is stepped every round too, so the reads it keeps serving do not
+        fall behind the store until the switch.
         `progress` hears of the builds' steps then, and of every step otherwise.
         """
         draining = [target for p in projections for target in self._targets(p)]
