@@ -37,6 +37,7 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.serverproc
 
 from audit.samples import sample_bodies, signed_headers
+from bench.procstat import PostgresProcesses, machine_busy_seconds
 from bench.serverproc import ServerProcess, audit_command, free_port
 
 Backend = Literal["sqlite", "postgres"]
@@ -410,7 +411,9 @@ class RunReport:
     load: LoadResult
     stored: StoredCheck
     problems: list[str]
-    server_cpu: float
+    server_cpu: float  # the server's process tree, from the load's start until lag 0
+    postgres_cpu: float  # every postgres process on the machine, over the same span
+    busy_cores: float  # the whole machine's busy CPU seconds per second during the load
     caught_up: float | None  # seconds from the load's end until every projection's lag was 0
 
 
@@ -438,16 +441,22 @@ def run_once(
             server = ServerProcess(spec.name, spec.command, spec.env, port, log)
             try:
                 server.wait_ready()
-                cpu_before = server.cpu_seconds()
+                postgres = PostgresProcesses()
+                cpu_before = (server.cpu_seconds(), postgres.cpu_seconds())
+                busy_before = machine_busy_seconds()
                 load = run_load(server.base, secret, sends, clients, config.timeout, config.budget)
+                busy_cores = (machine_busy_seconds() - busy_before) / load.elapsed
                 caught_up = projections_caught_up(server.base) if name == "ours" else None
-                server_cpu = server.cpu_seconds() - cpu_before
+                server_cpu = server.cpu_seconds() - cpu_before[0]
+                postgres_cpu = postgres.cpu_seconds() - cpu_before[1]
             finally:
                 server.stop()
                 problems = server.problems()
         checker = check_ours if name == "ours" else check_baseline
         stored = checker(store, load.acked)
-        return RunReport(name, clients, load, stored, problems, server_cpu, caught_up)
+        return RunReport(
+            name, clients, load, stored, problems, server_cpu, postgres_cpu, busy_cores, caught_up
+        )
     finally:
         store.drop()
 
@@ -463,7 +472,8 @@ def print_report(backend: Backend, report: RunReport) -> None:
         f"deliveries={load.sent} rate={load.rate:.1f}/s p50={load.percentile_ms(0.50):.1f}ms "
         f"p99={load.percentile_ms(0.99):.1f}ms statuses={format_statuses(load.statuses)} "
         f"outcomes={format_statuses(load.outcomes)} elapsed={load.elapsed:.1f}s "
-        f"cpu_server={report.server_cpu:.1f}s cpu_client={load.client_cpu:.1f}s"
+        f"cpu_server={report.server_cpu:.1f}s cpu_client={load.client_cpu:.1f}s "
+        f"cpu_postgres={report.postgres_cpu:.1f}s busy_cores={report.busy_cores:.2f}"
         + (f" lag_zero_after={report.caught_up:.2f}s" if report.caught_up is not None else "")
     )
     print(

@@ -45,13 +45,13 @@ from audit.application import AuditLog
 from audit.config import PostgresDatabase, parse_database_url
 from audit.queries import ChangeFilters, EventFilters
 from audit.storage import events_table_name
+from bench.procstat import machine_busy_seconds, read_stat
 from bench.serverproc import ServerProcess, audit_command, free_port
 from bench.store_fill import World, bulk_load, project_parallel
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 TOKEN = "benchtoken"
 TARGET_MS = 20.0
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CORES = os.cpu_count() or 1
 SAMPLE_SIZE = 2000  # ids of each kind drawn from the store
 WARMUP_PER_ROUTE = 50
@@ -259,33 +259,6 @@ def start_server(url: str, log: IO[bytes], workers: int = 1) -> ServerProcess:
     return ServerProcess("audit serve", command, env, port, log)
 
 
-def process_cpu_seconds(pid: int) -> float:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    return 0.0
-
-
-def group_cpu_seconds(selected: Callable[[int, str], bool]) -> float:
-    """User and system CPU of the live processes `selected(pgrp, command)` picks (Linux /proc)."""
-    ticks = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            text = stat.read_text()
-            command = text[text.index("(") + 1 : text.rindex(")")]
-            fields = text.rsplit(")", 1)[1].split()
-            if selected(int(fields[2]), command):
-                ticks += int(fields[11]) + int(fields[12])
-    return ticks / CLOCK_TICKS
-
-
-def machine_busy_seconds() -> float:
-    """CPU time the whole machine spent busy (all cores), from /proc/stat."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
-
-
 class PostgresBackends:
     """CPU of the PostgreSQL backends serving one schema (those whose last query names it)."""
 
@@ -301,7 +274,7 @@ class PostgresBackends:
         return [row[0] for row in rows]
 
     def snapshot(self) -> dict[int, float]:
-        return {pid: process_cpu_seconds(pid) for pid in self.pids()}
+        return {pid: stat.cpu_seconds for pid in self.pids() if (stat := read_stat(pid))}
 
     def since(self, before: dict[int, float]) -> float:
         after = self.snapshot()

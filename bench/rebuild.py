@@ -39,6 +39,7 @@ from audit.application import AuditLog
 from audit.config import Database, PostgresDatabase, parse_database_url
 from audit.projections.runner import BATCH_SIZE, MARKER_TOPIC, Projector, active_tables
 from audit.storage import postgres_connect_args
+from bench.procstat import PostgresProcesses
 from bench.store_fill import World, bulk_load
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
@@ -61,47 +62,7 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-class _PostgresProcesses:
-    """Which processes are `postgres`, read from /proc at most once a second: the rebuild asks
-    twice per step, and scanning every process each time (1.3 ms) cost about 30 s of a
-    1,000,000-event rebuild's own time."""
-
-    def __init__(self) -> None:
-        self.pids: list[str] = []
-        self.read_at = float("-inf")
-
-    def current(self) -> list[str]:
-        if time.monotonic() - self.read_at > 1.0:
-            self.pids = [entry.name for entry in os.scandir("/proc") if _is_postgres(entry.name)]
-            self.read_at = time.monotonic()
-        return self.pids
-
-
-_POSTGRES = _PostgresProcesses()
-
-
-def postgres_cpu_seconds() -> float:
-    """CPU seconds used so far by every `postgres` process on the machine (others' too)."""
-    total = 0
-    for pid in _POSTGRES.current():
-        stat = _stat(pid)
-        if stat is not None:
-            fields = stat[stat.rindex(")") + 2 :].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def _stat(pid: str) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read()
-    except OSError:
-        return None
-
-
-def _is_postgres(pid: str) -> bool:
-    stat = _stat(pid) if pid.isdigit() else None
-    return stat is not None and stat[stat.index("(") + 1 : stat.rindex(")")] == "postgres"
+_POSTGRES = PostgresProcesses()
 
 
 class Usage:
@@ -109,14 +70,14 @@ class Usage:
 
     def __init__(self) -> None:
         self.base_rss = vm_hwm_mb()
-        self.cpu, self.db_cpu = cpu_seconds(), postgres_cpu_seconds()
+        self.cpu, self.db_cpu = cpu_seconds(), _POSTGRES.cpu_seconds()
         self.started = time.perf_counter()
 
     def result(self) -> dict[str, float]:
         return {
             "seconds": time.perf_counter() - self.started,
             "cpu": cpu_seconds() - self.cpu,
-            "db_cpu": postgres_cpu_seconds() - self.db_cpu,
+            "db_cpu": _POSTGRES.cpu_seconds() - self.db_cpu,
             "base_rss_mb": self.base_rss,
             "peak_rss_mb": vm_hwm_mb(),
         }
@@ -159,11 +120,11 @@ def child_rebuild(database: Database, batch: int, profile_top: int) -> dict[str,
         step = projector.step
 
         def timed_step(projection: Any, generation: int, limit: int | None = None) -> int:
-            began = (time.perf_counter(), cpu_seconds(), postgres_cpu_seconds())
+            began = (time.perf_counter(), cpu_seconds(), _POSTGRES.cpu_seconds())
             try:
                 return step(projection, generation, limit)
             finally:
-                ended = (time.perf_counter(), cpu_seconds(), postgres_cpu_seconds())
+                ended = (time.perf_counter(), cpu_seconds(), _POSTGRES.cpu_seconds())
                 spent = per_projection.setdefault(projection.name, [0.0, 0.0, 0.0])
                 for i, (start, end) in enumerate(zip(began, ended, strict=True)):
                     spent[i] += end - start

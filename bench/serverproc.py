@@ -16,6 +16,8 @@ from typing import IO
 
 import httpx
 
+from bench.procstat import tree_cpu_seconds
+
 STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 # An exception's last traceback line, an ERROR log line, or an access-log line for a 5xx.
@@ -72,14 +74,8 @@ class ServerProcess:
         self._signal(signal.SIGKILL)  # any worker left behind in the group
 
     def cpu_seconds(self) -> float:
-        """User and system CPU of every live process in the server's group (Linux /proc)."""
-        ticks = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == self.process.pid:  # pgrp
-                    ticks += int(fields[11]) + int(fields[12])  # utime + stime
-        return ticks / os.sysconf("SC_CLK_TCK")
+        """User and system CPU of the server and its live descendants (workers, projections)."""
+        return tree_cpu_seconds(self.process.pid)
 
     def _signal(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
