@@ -129,7 +129,9 @@ class AuditPostgresRecorder(PostgresApplicationRecorder):
             ),
         ]
         self.append_statement = pgsql.SQL(
-            "SELECT notification_id FROM {schema}.{function}(%s, %s, %s, %s, %s, %s)"
+            # Binary arrays: psycopg dumps a text array of bytea element by element in Python,
+            # hex-escaping each state (0.56 ms of CPU for a batch of 21 events; binary 0.07).
+            "SELECT notification_id FROM {schema}.{function}(%b, %b, %b, %b, %b, %b)"
         ).format(schema=schema, function=function)
 
     def insert_events(
@@ -395,12 +397,17 @@ class Db:
 
     def last_versions(self, streams: Sequence[UUID]) -> dict[UUID, int]:
         """The highest stored version of each of these streams that has any event."""
-        marks = ",".join(["%s"] * len(streams))
+        keys = [self.stream_key(stream) for stream in streams]
+        if self.dialect == "postgresql":
+            # One statement text whatever the count (psycopg prepares a repeated one); binary.
+            selected, params = "= ANY(%b)", [keys]
+        else:
+            selected, params = f"IN ({','.join(['%s'] * len(keys))})", keys
         rows = self.fetchall(
             f"SELECT originator_id AS stream, MAX(originator_version) AS version"
-            f" FROM {self.table(self.events_table)} WHERE originator_id IN ({marks})"
+            f" FROM {self.table(self.events_table)} WHERE originator_id {selected}"
             " GROUP BY originator_id",
-            [self.stream_key(stream) for stream in streams],
+            params,
         )
         return {UUID(str(row["stream"])): row["version"] for row in rows}
 

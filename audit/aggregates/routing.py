@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
 StreamKind = Literal["user", "organization", "subject"]
@@ -31,10 +32,14 @@ class StreamRef:
         return stream_id(self.kind, self.clerk_id)
 
 
+# A delivery's stream and marker ids are asked for several times on its way in (look-up, append,
+# cache); uuid5 hashes with SHA-1 each time, so recent answers are kept.
+@lru_cache(maxsize=4096)
 def stream_id(kind: StreamKind, clerk_id: str) -> uuid.UUID:
     return uuid.uuid5(STREAM_NAMESPACE, f"{kind}:{clerk_id}")
 
 
+@lru_cache(maxsize=4096)
 def delivery_marker_id(svix_id: str) -> uuid.UUID:
     """The id of the one-event stream that records a svix-id, so a redelivery clashes on insert."""
     return uuid.uuid5(STREAM_NAMESPACE, f"delivery:{svix_id}")
