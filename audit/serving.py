@@ -5,7 +5,8 @@ Projections run beside the API as `audit project`, a child process, rather than 
 the API process, where they held the GIL the webhook handlers wait for (bench/ingest.py, 32
 clients on PostgreSQL: 540-602/s with the thread, 681-717/s with the child). On PostgreSQL the
 child runs at a lower CPU priority, so that under load the webhooks are answered first and the
-projections catch up as the load eases. (Not on SQLite: a projection step holds the file's one
+projections catch up as the load eases (its statements do not run niced: during a burst it also
+waits, audit.projections.pace). (Not on SQLite: a projection step holds the file's one
 write lock, and a slowed holder would hold up the webhooks' appends.)
 
 The child has a session of its own, so a Ctrl-C meant for the server reaches only the server,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from audit.application import AuditLog
 from audit.projections.base import Projection, StoredDelivery, Tables
 from audit.projections.events import EventIndex
 from audit.projections.objects import ObjectsProjection
+from audit.projections.pace import FollowingPace
 from audit.projections.timelines import SessionTimelines
 from audit.storage import Cursor, Db, EventWaiter, setup_lock
 
@@ -479,9 +481,11 @@ class Projector:
             return self._start_build(cursor, projection, registration)
 
     def run_forever(self, stop: threading.Event, *, poll_seconds: float = 0.5) -> None:
-        """Follow the store until `stop` is set: LISTEN/NOTIFY on PostgreSQL, polling always."""
+        """Follow the store until `stop` is set: LISTEN/NOTIFY on PostgreSQL, polling always.
+        During a burst of deliveries the catching up waits a little (FollowingPace)."""
         waiter = EventWaiter(self.log.database, self.db.events_table.replace(".", "_"))
         caught_up_to: int | None = None
+        pace = FollowingPace()
         try:
             while not stop.is_set():
                 try:
@@ -489,7 +493,12 @@ class Projector:
                     # nothing has arrived since the last catch-up.
                     head = self.log.recorder.max_notification_id()
                     if head != caught_up_to:
+                        pause = pace.wait_before_catching_up(time.monotonic(), head or 0)
+                        if pause:
+                            stop.wait(pause)
+                            continue
                         applied = self.run_once()
+                        pace.caught_up()
                         caught_up_to = head
                         if applied < self.batch_size:
                             # A trickle, not a backlog: let the next burst gather, so that it
