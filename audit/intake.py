@@ -9,31 +9,36 @@ turns N transactions (each serialised by the events-table lock on PostgreSQL) in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
-from concurrent.futures import Future
+from collections.abc import Sequence
 
 from audit.aggregates.delivery import Delivery
 from audit.application import AuditLog, Outcome
 
 MAX_BATCH = 500
 
+# A delivery, the event loop its handler waits on, and the future it waits for.
+_Item = tuple[Delivery, asyncio.AbstractEventLoop, "asyncio.Future[Outcome]"]
+# A waiter and what it hears: an outcome, or why there is none.
+_Answer = tuple["asyncio.Future[Outcome]", Outcome | BaseException]
+
 
 class Intake:
     def __init__(self, log: AuditLog, *, max_batch: int = MAX_BATCH) -> None:
         self.log = log
         self.max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[Delivery, Future[Outcome]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="audit-intake", daemon=True)
         self._thread.start()
 
     async def submit(self, delivery: Delivery) -> Outcome:
         """Record one delivery; returns once it is committed (or raises why it was not)."""
-        future: Future[Outcome] = Future()
-        self._queue.put((delivery, future))
-        return await asyncio.wrap_future(future)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Outcome] = loop.create_future()
+        self._queue.put((delivery, loop, waiter))
+        return await waiter
 
     def close(self) -> None:
         self._queue.put(None)
@@ -59,12 +64,27 @@ class Intake:
             if stop:
                 return
 
-    def _commit(self, batch: list[tuple[Delivery, Future[Outcome]]]) -> None:
+    def _commit(self, batch: list[_Item]) -> None:
+        answers: dict[asyncio.AbstractEventLoop, list[_Answer]] = {}
         try:
-            outcomes = self.log.record([delivery for delivery, _ in batch])
+            outcomes = self.log.record([delivery for delivery, _, _ in batch])
         except BaseException as exc:  # every waiter must hear why, whatever it was
-            for _, future in batch:
-                future.set_exception(exc)
-            return
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
-            future.set_result(outcome)
+            for _, loop, waiter in batch:
+                answers.setdefault(loop, []).append((waiter, exc))
+        else:
+            for (_, loop, waiter), outcome in zip(batch, outcomes, strict=True):
+                answers.setdefault(loop, []).append((waiter, outcome))
+        # One wake-up of each event loop for the whole batch, rather than one per delivery.
+        for loop, settled in answers.items():
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits
+                loop.call_soon_threadsafe(_settle, settled)
+
+
+def _settle(answers: Sequence[_Answer]) -> None:
+    for waiter, answer in answers:
+        if waiter.done():  # its handler was cancelled (the client went away)
+            continue
+        if isinstance(answer, BaseException):
+            waiter.set_exception(answer)
+        else:
+            waiter.set_result(answer)
