@@ -119,6 +119,7 @@ def cmd_projections(args: argparse.Namespace) -> int:
 def cmd_rebuild(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from audit.projections import parallel
     from audit.projections.runner import Projector, UnknownProjection
 
     log = open_log(database_from_env())
@@ -134,14 +135,23 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
                 print(f"{name}: no such projection (known: {known})", file=sys.stderr)
                 return EXIT_NOT_FOUND
         # Progress counts stored records read (deliveries and their markers), by position, for
-        # each projection: the builds step in turn, sharing each batch's decoding.
+        # each projection.
         total = (log.recorder.max_notification_id() or 0) * len(names)
         desc = ", ".join(f"{name} g{generation}" for name, generation in generations.items())
         with tqdm(total=total, desc=desc, unit=" records") as bar:
-            projector.catch_up(
-                *(projector.projections[name] for name in names),
-                progress=lambda _, n: bar.update(n),
-            )
+            if len(names) > 1 and parallel.worth_processes(log.database):
+                chosen = [projector.projections[name] for name in names]
+                groups = parallel.groups(chosen, os.cpu_count() or 1)
+                try:
+                    parallel.catch_up_in_processes(log.database, groups, lambda _, n: bar.update(n))
+                except parallel.CatchUpFailed as exc:
+                    print(f"rebuild failed:\n{exc}", file=sys.stderr)
+                    return 1
+            else:  # the builds step in turn, sharing each batch's decoding
+                projector.catch_up(
+                    *(projector.projections[name] for name in names),
+                    progress=lambda _, n: bar.update(n),
+                )
         for name, generation in generations.items():
             print(f"{name}: reads switched to generation {generation}")
         return 0

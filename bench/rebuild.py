@@ -8,7 +8,10 @@ Set-up (not the benchmark) generates N deliveries from the bundled samples, buil
 events exactly as `AuditLog.record` would (`recorded_event` + `marker_event` at per-stream
 versions, through the application's mapper), and bulk-loads them: `COPY` on PostgreSQL, one
 `executemany` transaction on SQLite. The ceiling and the rebuild then each run in a child process
-(`--child`), so the parent's set-up memory does not count in the rebuild's peak RSS.
+(`--child`), so the parent's set-up memory does not count in the rebuild's peak RSS. The rebuild
+does what `audit rebuild --all` does: on PostgreSQL with several cores, groups of projections in
+processes of their own (audit.projections.parallel). `--rounds` then rebuilds the same store again
+in one process, its projections' steps in turn, and prints each projection's own figures.
 See bench/README.md.
 """
 
@@ -37,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.sto
 
 from audit.application import AuditLog
 from audit.config import Database, PostgresDatabase, parse_database_url
+from audit.projections import parallel
 from audit.projections.runner import BATCH_SIZE, MARKER_TOPIC, Projector, active_tables
 from audit.storage import postgres_connect_args
-from bench.procstat import PostgresProcesses
+from bench.procstat import PostgresProcesses, machine_busy_seconds
 from bench.store_fill import World, bulk_load
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
@@ -58,28 +62,41 @@ def vm_hwm_mb() -> float:
 
 
 def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """CPU of this process and of its children that have exited (a rebuild's processes)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def peak_rss_mb() -> float:
+    """The larger peak resident set: this process's, or that of its largest exited child."""
+    return max(vm_hwm_mb(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 
 
 _POSTGRES = PostgresProcesses()
 
 
 class Usage:
-    """Wall time, CPU (this process's and PostgreSQL's) and peak memory of one measured phase."""
+    """Wall time, CPU and peak memory of one measured phase. `db_cpu` is the CPU of the
+    postgres processes alive at its start and end (a process's backends that exit before the
+    end are missed); `other_cpu` is the whole machine's busy CPU less this phase's own Python:
+    PostgreSQL's, on a machine that is otherwise quiet."""
 
     def __init__(self) -> None:
         self.base_rss = vm_hwm_mb()
         self.cpu, self.db_cpu = cpu_seconds(), _POSTGRES.cpu_seconds()
+        self.busy = machine_busy_seconds()
         self.started = time.perf_counter()
 
     def result(self) -> dict[str, float]:
+        cpu = cpu_seconds() - self.cpu
         return {
             "seconds": time.perf_counter() - self.started,
-            "cpu": cpu_seconds() - self.cpu,
+            "cpu": cpu,
             "db_cpu": _POSTGRES.cpu_seconds() - self.db_cpu,
+            "other_cpu": machine_busy_seconds() - self.busy - cpu,
             "base_rss_mb": self.base_rss,
-            "peak_rss_mb": vm_hwm_mb(),
+            "peak_rss_mb": peak_rss_mb(),
         }
 
 
@@ -110,7 +127,35 @@ def child_ceiling(database: Database, batch: int) -> dict[str, Any]:
 
 
 def child_rebuild(database: Database, batch: int, profile_top: int) -> dict[str, Any]:
-    """`audit rebuild --all`, in process: each projection rebuilt from position 0 in turn."""
+    """`audit rebuild --all`: on PostgreSQL with several cores, groups of projections rebuilt
+    in processes of their own; else, and when profiling, in this process, in rounds."""
+    if profile_top or not parallel.worth_processes(database):
+        return child_rebuild_in_rounds(database, batch, profile_top)
+    log = AuditLog(database)
+    try:
+        projector = Projector(log, batch_size=batch)
+        groups = parallel.groups(list(projector.projections.values()), os.cpu_count() or 1)
+        usage = Usage()
+        for name in projector.projections:
+            projector.rebuild(name)
+        parallel.catch_up_in_processes(database, groups, batch_size=batch)
+        return {**usage.result(), **_outcome(projector), "per_projection": {}, "groups": groups}
+    finally:
+        log.close()
+
+
+def _outcome(projector: Projector) -> dict[str, Any]:
+    return {
+        "indexed": _count(projector, "events", "events"),
+        "errors": projector.db.fetchone(
+            f"SELECT COUNT(*) AS n FROM {projector.db.table('projection_errors')}"
+        )["n"],
+        "states": sorted({row["state"] for row in projector.status()}),
+    }
+
+
+def child_rebuild_in_rounds(database: Database, batch: int, profile_top: int) -> dict[str, Any]:
+    """Every projection rebuilt in this process, their steps in turn, each step timed."""
     log = AuditLog(database)
     try:
         projector = Projector(log, batch_size=batch)
@@ -133,7 +178,7 @@ def child_rebuild(database: Database, batch: int, profile_top: int) -> dict[str,
         usage = Usage()
         if profiler:
             profiler.enable()
-        # As `audit rebuild --all` does: start every build, then step them in turn.
+        # Start every build, then step them in turn.
         for name in projector.projections:
             projector.rebuild(name)
         projector.run_once()
@@ -141,12 +186,9 @@ def child_rebuild(database: Database, batch: int, profile_top: int) -> dict[str,
             profiler.disable()
         result = {
             **usage.result(),
+            **_outcome(projector),
             "per_projection": per_projection,
-            "indexed": _count(projector, "events", "events"),
-            "errors": projector.db.fetchone(
-                f"SELECT COUNT(*) AS n FROM {projector.db.table('projection_errors')}"
-            )["n"],
-            "states": sorted({row["state"] for row in projector.status()}),
+            "groups": [list(projector.projections)],
         }
         if profiler:
             result["profile"] = _profile_text(profiler, profile_top)
@@ -209,6 +251,37 @@ def rate(count: int, seconds: float) -> float:
     return count / seconds if seconds else 0.0
 
 
+def report_rebuild(
+    tag: str, events: int, ceiling_rate: float, rebuilt: dict[str, Any], batch: int
+) -> bool:
+    """Print a rebuild's lines; whether every event was indexed without an error."""
+    rebuild_rate = rate(events, rebuilt["seconds"])
+    for name, (seconds, cpu, db_cpu) in rebuilt["per_projection"].items():
+        print(
+            f"projection {tag} name={name} seconds_in_steps={seconds:.1f}"
+            f" rate={rate(events, seconds):.0f}/s"
+            f" ratio={rate(events, seconds) / ceiling_rate:.2f}"
+            f" cpu_python={cpu:.1f}s cpu_postgres={db_cpu:.1f}s",
+            flush=True,
+        )
+    ok = rebuilt["indexed"] == events and rebuilt["errors"] == 0
+    print(
+        f"rebuild {tag} ceiling={ceiling_rate:.0f}/s rebuild={rebuild_rate:.0f}/s"
+        f" ratio={rebuild_rate / ceiling_rate:.2f} peak_rss_mb={rebuilt['peak_rss_mb']:.0f}"
+        f" base_rss_mb={rebuilt['base_rss_mb']:.0f} seconds={rebuilt['seconds']:.1f}"
+        f" cpu_python={rebuilt['cpu']:.1f}s"
+        # In processes, the backends exit with them, before their CPU can be read.
+        + (f" cpu_postgres={rebuilt['db_cpu']:.1f}s" if len(rebuilt["groups"]) == 1 else "")
+        + f" cpu_other={rebuilt['other_cpu']:.1f}s"
+        f" processes={'|'.join(','.join(group) for group in rebuilt['groups'])}"
+        f" batch={batch} indexed={rebuilt['indexed']} errors={rebuilt['errors']}"
+        f" states={','.join(rebuilt['states'])} load1={os.getloadavg()[0]:.1f}"
+        f" {'ok' if ok else 'FAILED'}",
+        flush=True,
+    )
+    return ok
+
+
 def run_size(args: argparse.Namespace, events: int) -> dict[str, Any]:
     database, url, leftover = fresh_store(args.backend, args.postgres)
     tag = f"backend={args.backend} events={events}"
@@ -236,26 +309,10 @@ def run_size(args: argparse.Namespace, events: int) -> dict[str, Any]:
             flush=True,
         )
         rebuilt = run_child("rebuild", args.backend, url, args.batch)
-        rebuild_rate = rate(events, rebuilt["seconds"])
-        for name, (seconds, cpu, db_cpu) in rebuilt["per_projection"].items():
-            print(
-                f"projection {tag} name={name} seconds_in_steps={seconds:.1f}"
-                f" rate={rate(events, seconds):.0f}/s"
-                f" ratio={rate(events, seconds) / ceiling_rate:.2f}"
-                f" cpu_python={cpu:.1f}s cpu_postgres={db_cpu:.1f}s",
-                flush=True,
-            )
-        ok = rebuilt["indexed"] == events and rebuilt["errors"] == 0
-        print(
-            f"rebuild {tag} ceiling={ceiling_rate:.0f}/s rebuild={rebuild_rate:.0f}/s"
-            f" ratio={rebuild_rate / ceiling_rate:.2f} peak_rss_mb={rebuilt['peak_rss_mb']:.0f}"
-            f" base_rss_mb={rebuilt['base_rss_mb']:.0f} seconds={rebuilt['seconds']:.1f}"
-            f" cpu_python={rebuilt['cpu']:.1f}s cpu_postgres={rebuilt['db_cpu']:.1f}s"
-            f" batch={args.batch} indexed={rebuilt['indexed']} errors={rebuilt['errors']}"
-            f" states={','.join(rebuilt['states'])} load1={os.getloadavg()[0]:.1f}"
-            f" {'ok' if ok else 'FAILED'}",
-            flush=True,
-        )
+        ok = report_rebuild(tag, events, ceiling_rate, rebuilt, args.batch)
+        if args.rounds:  # the same store rebuilt again, in one process (per-projection figures)
+            rounds = run_child("rounds", args.backend, url, args.batch)
+            ok = report_rebuild(tag, events, ceiling_rate, rounds, args.batch) and ok
         if args.profile:
             profiled = run_child("rebuild", args.backend, url, args.batch, args.profile)
             print(f"# cProfile of a second rebuild ({profiled['seconds']:.1f}s under the profiler)")
@@ -281,7 +338,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--keep", action="store_true", help="keep the store (prints its URL)")
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="server and database URL")
-    parser.add_argument("--child", choices=["ceiling", "rebuild"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--rounds",
+        action="store_true",
+        help="then rebuild again in one process, in rounds, with per-projection figures",
+    )
+    parser.add_argument("--child", choices=["ceiling", "rebuild", "rounds"], help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -292,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         database = parse_database_url(args.database_url)
         if args.child == "ceiling":
             result = child_ceiling(database, args.batch)
+        elif args.child == "rounds":
+            result = child_rebuild_in_rounds(database, args.batch, args.profile)
         else:
             result = child_rebuild(database, args.batch, args.profile)
         print(json.dumps(result))

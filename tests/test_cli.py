@@ -12,8 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from audit.application import AuditLog
+from audit.projections.runner import Projector, active_tables
 from audit.samples import sample_bodies
 from tests.conftest import new_secret
+from tests.test_projections import ARRIVAL_COLUMNS, all_rows, sample_deliveries
 
 AUDIT = [sys.executable, "-m", "audit.cli"]
 
@@ -99,3 +102,22 @@ def test_serve_then_send_samples_twice_records_then_duplicates(tmp_path) -> None
     rebuilt = run_audit("rebuild", "--all", env=env)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert "reads switched" in rebuilt.stdout
+
+
+def test_rebuild_all_switches_every_projection_and_loses_nothing(
+    tmp_path: Path, log: AuditLog
+) -> None:
+    """On PostgreSQL the projections are rebuilt in processes; on SQLite in this one."""
+    log.record(sample_deliveries())
+    projector = Projector(log)
+    projector.run_once()
+    before = all_rows(log.db, drop=ARRIVAL_COLUMNS)
+    generations = {name: active_tables(log.db, name).generation for name in projector.projections}
+    env = base_env(tmp_path)
+    env["AUDIT_DATABASE_URL"] = log.database.url
+    rebuilt = run_audit("rebuild", "--all", env=env)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    for name, generation in generations.items():
+        assert f"{name}: reads switched to generation {generation + 1}" in rebuilt.stdout
+        assert active_tables(log.db, name).generation == generation + 1
+    assert all_rows(log.db, drop=ARRIVAL_COLUMNS) == before

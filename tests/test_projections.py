@@ -25,6 +25,7 @@ from audit.application import AuditLog
 from audit.config import Database, SqliteDatabase
 from audit.projections.base import StoredDelivery, Tables
 from audit.projections.events import EventIndex
+from audit.projections.parallel import CatchUpFailed, catch_up_in_processes, groups
 from audit.projections.runner import Projector, active_tables, all_projections, tracking_key
 from audit.storage import Cursor, Db
 from tests.conftest import drop_postgres_schema, new_postgres_database
@@ -381,3 +382,31 @@ def test_a_poison_event_is_reported_counted_and_skipped(log: AuditLog) -> None:
     assert "role.created" not in {r["type"] for r in rows}
     errors = log.db.fetchall("SELECT error FROM " + log.db.table("projection_errors"))
     assert "cannot handle roles" in errors[0]["error"]
+
+
+def test_a_rebuild_in_a_process_per_projection_equals_the_live_generation(log: AuditLog) -> None:
+    """`audit rebuild --all` on PostgreSQL: groups of projections catch up in processes."""
+    projector = Projector(log)
+    log.record(sample_deliveries())
+    projector.run_once()
+    live = all_rows(log.db, drop=ARRIVAL_COLUMNS)
+    assert live["objects"]["changes"] and live["timelines"]["session_events"]
+    built = {name: projector.rebuild(name) for name in projector.projections}
+    heard: dict[str, int] = {}
+
+    def progress(name: str, count: int) -> None:
+        heard[name] = heard.get(name, 0) + count
+
+    split = groups(list(projector.projections.values()), cores=2)
+    assert split == [["objects"], ["events", "timelines"]]  # balanced by rebuild_seconds
+    catch_up_in_processes(log.database, split, progress)
+    assert {name: active_tables(log.db, name).generation for name in built} == built
+    assert all(row["lag"] == 0 and row["errors"] == 0 for row in projector.status())
+    assert all_rows(log.db, drop=ARRIVAL_COLUMNS) == live
+    stored = log.recorder.max_notification_id()
+    assert heard == dict.fromkeys(built, stored)  # each process read the whole store
+
+
+def test_a_failed_process_is_named_with_its_error(log: AuditLog) -> None:
+    with pytest.raises(CatchUpFailed, match=r"(?s)events,no_such: exited with status 1.*KeyError"):
+        catch_up_in_processes(log.database, [["events", "no_such"]])

@@ -42,6 +42,9 @@ class Projection(ABC):
     name: ClassVar[str]
     version: ClassVar[int]
     table_names: ClassVar[tuple[str, ...]]
+    # How much work a rebuild of it is, relative to the others: seconds of its steps per
+    # 1,000,000 events (bench/rebuild.py). Rebuilds in processes balance by it.
+    rebuild_seconds: ClassVar[float] = 1.0
 
     @abstractmethod
     def schema(self, t: Tables, db: Db) -> list[str]:

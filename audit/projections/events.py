@@ -28,6 +28,7 @@ SUBJECT_COLUMNS = (("clerk_id", "text"), ("position", "bigint"))
 class EventIndex(Projection):
     name = "events"
     version = 1
+    rebuild_seconds = 125.8
     table_names = ("events", "event_subjects")
 
     def schema(self, t: Tables, db: Db) -> list[str]:

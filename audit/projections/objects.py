@@ -123,6 +123,7 @@ VIEW_OF_TABLE = {
 class ObjectsProjection(Projection):
     name = "objects"
     version = 1
+    rebuild_seconds = 233.5
     table_names = ("versions", "history", "changes", *VIEW_OF_TABLE)
 
     def schema(self, t: Tables, db: Db) -> list[str]:

@@ -26,6 +26,7 @@ COLUMNS = (
 class SessionTimelines(Projection):
     name = "timelines"
     version = 1
+    rebuild_seconds = 23.2
     table_names = ("session_events",)
 
     def schema(self, t: Tables, db: Db) -> list[str]:
