@@ -120,7 +120,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from audit.projections import parallel
-    from audit.projections.runner import Projector, UnknownProjection
+    from audit.projections.runner import Projector, UnknownProjection, active_tables
 
     log = open_log(database_from_env())
     try:
@@ -138,14 +138,22 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         # each projection.
         total = (log.recorder.max_notification_id() or 0) * len(names)
         desc = ", ".join(f"{name} g{generation}" for name, generation in generations.items())
+        groups = [names]
+        if len(names) > 1 and parallel.worth_processes(log.database):
+            chosen = [projector.projections[name] for name in names]
+            groups = parallel.groups(chosen, parallel.usable_cores())
+            print(f"in {len(groups)} processes: {' | '.join(', '.join(g) for g in groups)}")
         with tqdm(total=total, desc=desc, unit=" records") as bar:
-            if len(names) > 1 and parallel.worth_processes(log.database):
-                chosen = [projector.projections[name] for name in names]
-                groups = parallel.groups(chosen, os.cpu_count() or 1)
+            if len(groups) > 1:
                 try:
                     parallel.catch_up_in_processes(log.database, groups, lambda _, n: bar.update(n))
                 except parallel.CatchUpFailed as exc:
+                    bar.close()
                     print(f"rebuild failed:\n{exc}", file=sys.stderr)
+                    for name, generation in generations.items():
+                        serving = active_tables(log.db, name).generation
+                        state = "switched" if serving == generation else "not switched"
+                        print(f"{name}: {state}; reads use generation {serving}", file=sys.stderr)
                     return 1
             else:  # the builds step in turn, sharing each batch's decoding
                 projector.catch_up(

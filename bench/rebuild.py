@@ -134,7 +134,7 @@ def child_rebuild(database: Database, batch: int, profile_top: int) -> dict[str,
     log = AuditLog(database)
     try:
         projector = Projector(log, batch_size=batch)
-        groups = parallel.groups(list(projector.projections.values()), os.cpu_count() or 1)
+        groups = parallel.groups(list(projector.projections.values()), parallel.usable_cores())
         usage = Usage()
         for name in projector.projections:
             projector.rebuild(name)

@@ -410,3 +410,40 @@ def test_a_rebuild_in_a_process_per_projection_equals_the_live_generation(log: A
 def test_a_failed_process_is_named_with_its_error(log: AuditLog) -> None:
     with pytest.raises(CatchUpFailed, match=r"(?s)events,no_such: exited with status 1.*KeyError"):
         catch_up_in_processes(log.database, [["events", "no_such"]])
+
+
+def test_a_rebuild_in_processes_interrupted_here_stops_them_and_can_be_finished(
+    log: AuditLog,
+) -> None:
+    """An interrupt (or a failing progress callback) in this process must stop the processes
+    at once, not wait on them: with a shared queue nobody read any more, they could not even
+    exit once its pipe had filled (about 1,400 messages), and this process waited for ever."""
+    deliveries = sample_deliveries()
+    log.record([d for i in range(25) for d in renamed(deliveries, f"r{i}")])
+    projector = Projector(log)
+    projector.run_once()
+    live = all_rows(log.db, drop=ARRIVAL_COLUMNS)
+    for name in projector.projections:
+        projector.rebuild(name)
+    raised: list[BaseException] = []
+
+    def interrupted(name: str, count: int) -> None:
+        raise KeyboardInterrupt
+
+    def rebuild() -> None:
+        try:  # one step a message: several thousand, far more than a pipe holds
+            catch_up_in_processes(
+                log.database, [["objects"], ["events", "timelines"]], interrupted, batch_size=1
+            )
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=rebuild, daemon=True)
+    thread.start()
+    thread.join(60)  # a guard against hanging, not a timing
+    assert not thread.is_alive(), "the interrupted rebuild did not return"
+    assert [type(exc) for exc in raised] == [KeyboardInterrupt]
+    # What the processes committed stands; the next catch-up finishes the builds.
+    projector.run_once()
+    assert {row["state"] for row in projector.status()} == {"live"}
+    assert all_rows(log.db, drop=ARRIVAL_COLUMNS) == live
