@@ -141,14 +141,7 @@ class AuditPostgresRecorder(PostgresApplicationRecorder):
         owners: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> Sequence[int] | None:
-        # PostgreSQL text cannot hold a NUL, and an id with U+FFFD in its place would name
-        # another object: such a (hostile) id is left out, so a stub of it stays in a stream
-        # of its own, as a stub of an unknown owner does.
-        owners = {
-            owned: owner
-            for owned, owner in (owners or {}).items()
-            if "\x00" not in owned and "\x00" not in owner
-        }
+        owners = owners or {}  # never an id with a NUL (application._owners_named)
         with self.datastore.get_connection() as conn, conn.cursor() as cursor:
             cursor.execute(
                 self.append_statement,
@@ -419,8 +412,8 @@ class Db:
         return {UUID(str(row["stream"])): row["version"] for row in rows}
 
     def owner_of(self, object_id: str) -> str | None:
-        if self.dialect == "postgresql" and "\x00" in object_id:
-            return None  # never written (AuditPostgresRecorder.insert_events)
+        if "\x00" in object_id:
+            return None  # never written (application._owners_named); PostgreSQL would refuse it
         row = self.fetchone(
             f"SELECT organization_id FROM {self.table(OWNER_INDEX)} WHERE object_id = %s",
             (object_id,),
