@@ -84,6 +84,8 @@ def _settle(answers: Sequence[_Answer]) -> None:
     for waiter, answer in answers:
         if waiter.done():  # its handler was cancelled (the client went away)
             continue
+        if isinstance(answer, StopIteration):  # which a future refuses to hold
+            answer = RuntimeError(f"recording failed: {answer!r}")
         if isinstance(answer, BaseException):
             waiter.set_exception(answer)
         else:
