@@ -407,9 +407,23 @@ def test_a_rebuild_in_a_process_per_projection_equals_the_live_generation(log: A
     assert heard == dict.fromkeys(built, stored)  # each process read the whole store
 
 
-def test_a_failed_process_is_named_with_its_error(log: AuditLog) -> None:
+def test_a_failed_process_is_named_and_the_others_still_switch(log: AuditLog) -> None:
+    """One group fails; the other's build still goes live, and the failed group's build is
+    left as it was, for the next catch-up to finish."""
+    projector = Projector(log)
+    log.record(sample_deliveries())
+    projector.run_once()
+    live = all_rows(log.db, drop=ARRIVAL_COLUMNS)
+    built = {name: projector.rebuild(name) for name in ("objects", "events")}
     with pytest.raises(CatchUpFailed, match=r"(?s)events,no_such: exited with status 1.*KeyError"):
-        catch_up_in_processes(log.database, [["events", "no_such"]])
+        catch_up_in_processes(log.database, [["objects"], ["events", "no_such"]])
+    assert active_tables(log.db, "objects").generation == built["objects"]
+    assert active_tables(log.db, "events").generation != built["events"]
+    [events] = [row for row in projector.status() if row["name"] == "events"]
+    assert events["state"] == "rebuilding"
+    projector.run_once()
+    assert active_tables(log.db, "events").generation == built["events"]
+    assert all_rows(log.db, drop=ARRIVAL_COLUMNS) == live
 
 
 def test_a_rebuild_in_processes_interrupted_here_stops_them_and_can_be_finished(
