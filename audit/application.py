@@ -45,6 +45,7 @@ from audit.storage import (
     dialect_of,
     events_table_name,
     eventsourcing_env,
+    owner_index_holds,
     prepare_database,
     setup_lock,
 )
@@ -314,17 +315,13 @@ class AuditLog(Application[UUID]):
 
 
 def _owners_named(deliveries: Iterable[Delivery]) -> dict[str, str]:
-    """The organization each sub-object whose deletion stub names none is said to belong to.
-
-    Ids with a NUL are left out, on every backend: PostgreSQL text cannot hold one, and U+FFFD
-    in its place would name another object. A stub of such an object then stays in a stream of
-    its own, as a stub of an unknown owner does, however the deliveries were batched.
-    """
+    """The organization each sub-object whose deletion stub names none is said to belong to
+    (only ids the owner index holds)."""
     return {
         delivery.subject_id: organization
         for delivery in deliveries
         if delivery.type.startswith(SUB_OBJECTS_WITH_STUBS)
         and delivery.subject_id
         and (organization := organization_id_of(delivery.type, delivery.data))
-        and "\x00" not in delivery.subject_id + organization
+        and owner_index_holds(delivery.subject_id, organization)
     }

@@ -138,10 +138,9 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         # each projection.
         total = (log.recorder.max_notification_id() or 0) * len(names)
         desc = ", ".join(f"{name} g{generation}" for name, generation in generations.items())
-        groups = [names]
-        if len(names) > 1 and parallel.worth_processes(log.database):
-            chosen = [projector.projections[name] for name in names]
-            groups = parallel.groups(chosen, parallel.usable_cores())
+        chosen = [projector.projections[name] for name in names]
+        groups = parallel.rebuild_groups(log.database, chosen)
+        if len(groups) > 1:
             print(f"in {len(groups)} processes: {' | '.join(', '.join(g) for g in groups)}")
         with tqdm(total=total, desc=desc, unit=" records") as bar:
             if len(groups) > 1:

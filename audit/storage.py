@@ -33,6 +33,13 @@ OWNER_INDEX = "owner_index"
 OWNER_INDEX_COLUMNS = "(object_id TEXT PRIMARY KEY, organization_id TEXT NOT NULL)"
 
 
+def owner_index_holds(*ids: str) -> bool:
+    """Whether these ids go in the owner index: not with a NUL, on any backend. PostgreSQL text
+    cannot hold one, and U+FFFD in its place would name another object; so a stub of such an
+    object stays in a stream of its own, however the deliveries were batched."""
+    return not any("\x00" in clerk_id for clerk_id in ids)
+
+
 class StoreUnavailable(Exception):
     """The database cannot be reached or cannot take the write now; a retry may succeed."""
 
@@ -141,7 +148,7 @@ class AuditPostgresRecorder(PostgresApplicationRecorder):
         owners: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> Sequence[int] | None:
-        owners = owners or {}  # never an id with a NUL (application._owners_named)
+        owners = owners or {}  # only ids `owner_index_holds`
         with self.datastore.get_connection() as conn, conn.cursor() as cursor:
             cursor.execute(
                 self.append_statement,
@@ -412,8 +419,8 @@ class Db:
         return {UUID(str(row["stream"])): row["version"] for row in rows}
 
     def owner_of(self, object_id: str) -> str | None:
-        if "\x00" in object_id:
-            return None  # never written (application._owners_named); PostgreSQL would refuse it
+        if not owner_index_holds(object_id):
+            return None  # never written, and PostgreSQL would refuse to look for it
         row = self.fetchone(
             f"SELECT organization_id FROM {self.table(OWNER_INDEX)} WHERE object_id = %s",
             (object_id,),

@@ -129,12 +129,12 @@ def child_ceiling(database: Database, batch: int) -> dict[str, Any]:
 def child_rebuild(database: Database, batch: int, profile_top: int) -> dict[str, Any]:
     """`audit rebuild --all`: on PostgreSQL with several cores, groups of projections rebuilt
     in processes of their own; else, and when profiling, in this process, in rounds."""
-    if profile_top or not parallel.worth_processes(database):
-        return child_rebuild_in_rounds(database, batch, profile_top)
     log = AuditLog(database)
     try:
         projector = Projector(log, batch_size=batch)
-        groups = parallel.groups(list(projector.projections.values()), parallel.usable_cores())
+        groups = parallel.rebuild_groups(database, list(projector.projections.values()))
+        if profile_top or len(groups) == 1:
+            return child_rebuild_in_rounds(database, batch, profile_top)
         usage = Usage()
         for name in projector.projections:
             projector.rebuild(name)

@@ -48,10 +48,13 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def worth_processes(database: Database) -> bool:
-    """Whether projections catch up faster in processes here: with more than one core, on
-    PostgreSQL. (SQLite lets one writer in at a time, and a step writes throughout.)"""
-    return isinstance(database, PostgresDatabase) and usable_cores() > 1
+def rebuild_groups(database: Database, projections: Sequence[Projection]) -> list[list[str]]:
+    """How `audit rebuild` splits these projections: one group per core on PostgreSQL, where
+    processes catch up faster; else all in one. (SQLite lets one writer in at a time, and a
+    step writes throughout.)"""
+    if isinstance(database, PostgresDatabase):
+        return groups(projections, usable_cores())
+    return [[projection.name for projection in projections]]
 
 
 class CatchUpFailed(RuntimeError):

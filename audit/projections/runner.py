@@ -258,25 +258,20 @@ class Projector:
         a rebuild of all three, two reads in three fetch no stored event.
         """
         column = self.db.position_column
-        table = self.db.table(self.db.events_table)
         newest_decoded = next(reversed(self._decoded), None)
-        if newest_decoded is None or newest_decoded <= position:  # the first to read these
-            cursor.execute(
-                self.db.sql(
-                    f"SELECT {column} AS position, originator_id, originator_version, topic,"
-                    f" state FROM {table} WHERE {column} > %s ORDER BY {column} LIMIT %s"
-                ),
-                [position, limit],
-            )
-            return [dict(row) for row in cursor.fetchall()]
+        first_reader = newest_decoded is None or newest_decoded <= position
+        stored = ", originator_id, originator_version, state" if first_reader else ""
         cursor.execute(
             self.db.sql(
-                f"SELECT {column} AS position, topic FROM {table}"
+                f"SELECT {column} AS position, topic{stored}"
+                f" FROM {self.db.table(self.db.events_table)}"
                 f" WHERE {column} > %s ORDER BY {column} LIMIT %s"
             ),
             [position, limit],
         )
         rows = [dict(row) for row in cursor.fetchall()]
+        if first_reader:
+            return rows
         missing = []
         for row in rows:
             if row["topic"] == MARKER_TOPIC:
