@@ -312,6 +312,36 @@ def test_a_rebuild_does_not_also_step_a_live_generation_that_is_behind_it(log: A
     assert active_tables(log.db, "events").generation == built
 
 
+def test_a_follower_carries_on_a_build_left_part_way_though_nothing_new_arrives(
+    log: AuditLog,
+) -> None:
+    """`audit rebuild` interrupted (Ctrl-C) leaves its build registered and part-way; the
+    projector of a running `audit serve` must finish it without waiting for a delivery."""
+    log.record(sample_deliveries())
+    follower = Projector(log)
+    follower.run_once()
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=follower.run_forever,
+        args=(stop,),
+        kwargs={"poll_seconds": 0.05, "recheck_seconds": 0.1},
+    )
+    thread.start()
+    try:
+        interrupted = Projector(log, batch_size=5)  # as in another process
+        built = interrupted.rebuild("events")
+        interrupted.step(interrupted.projections["events"], built)
+        deadline = time.monotonic() + 30
+        while active_tables(log.db, "events").generation != built:
+            assert time.monotonic() < deadline, "the follower never carried on the build"
+            stop.wait(0.05)
+    finally:
+        stop.set()
+        thread.join()
+    [status] = [row for row in follower.status() if row["name"] == "events"]
+    assert status["state"] == "live" and status["lag"] == 0
+
+
 class PausingIndex(EventIndex):
     """Holds its step (and so the tracking row's lock) open until `go` is set."""
 

@@ -38,6 +38,9 @@ log = logging.getLogger("audit.projections")
 BATCH_SIZE = 500
 DECODED_CACHE_SIZE = 4 * BATCH_SIZE
 COALESCE_SECONDS = 0.25
+# How often a follower steps its projections though nothing new was stored: a build that another
+# process registered or left part-way (an interrupted `audit rebuild`) is then carried on.
+RECHECK_SECONDS = 30.0
 MARKER_TOPIC = DeliveryMarker.Created.TOPIC
 
 
@@ -475,11 +478,18 @@ class Projector:
             assert registration is not None
             return self._start_build(cursor, projection, registration)
 
-    def run_forever(self, stop: threading.Event, *, poll_seconds: float = 0.5) -> None:
+    def run_forever(
+        self,
+        stop: threading.Event,
+        *,
+        poll_seconds: float = 0.5,
+        recheck_seconds: float = RECHECK_SECONDS,
+    ) -> None:
         """Follow the store until `stop` is set: LISTEN/NOTIFY on PostgreSQL, polling always.
         During a burst of deliveries the catching up waits a little (FollowingPace)."""
         waiter = EventWaiter(self.log.database, self.db.events_table.replace(".", "_"))
         caught_up_to: int | None = None
+        caught_up_at = time.monotonic()
         pace = FollowingPace()
         try:
             while not stop.is_set():
@@ -487,14 +497,15 @@ class Projector:
                     # One cheap query instead of a locking transaction per projection when
                     # nothing has arrived since the last catch-up.
                     head = self.log.recorder.max_notification_id()
-                    if head != caught_up_to:
-                        pause = pace.wait_before_catching_up(time.monotonic(), head or 0)
+                    now = time.monotonic()
+                    if head != caught_up_to or now - caught_up_at >= recheck_seconds:
+                        pause = pace.wait_before_catching_up(now, head or 0)
                         if pause:
                             stop.wait(pause)
                             continue
                         applied = self.run_once()
                         pace.caught_up()
-                        caught_up_to = head
+                        caught_up_to, caught_up_at = head, time.monotonic()
                         if applied < self.batch_size:
                             # A trickle, not a backlog: let the next burst gather, so that it
                             # is applied as one batch rather than event by event.
