@@ -167,12 +167,14 @@ def _select(
     after: Sequence[Any] | None,
     limit: int,
     overlapping: bool = False,
+    joined: tuple[str, str] | None = None,
 ) -> list[Any]:
     """Rows after `after` in key order: one index-driven SELECT per branch, merged by key.
 
     `branches` are alternative driving conditions (OR-ed); `where` applies to all. Each branch is
     limited on its own, so each reads at most `limit` rows of its index. Branches that may match
-    the same row are `overlapping`, and their union drops the copies.
+    the same row are `overlapping`, and their union drops the copies. `joined` is a JOIN clause
+    and its columns, joined to the page's rows (as `page`) once they are found.
     """
     key_where, key_params = _keyset(key, after)
     order = ", ".join(key)
@@ -183,13 +185,22 @@ def _select(
         clause = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         selects.append(f"SELECT {columns} FROM {source}{clause} ORDER BY {order} LIMIT %s")
         all_params += [*branch_params, *params, *key_params, limit]
-    if len(selects) == 1:
-        return db.fetchall(selects[0], all_params)
-    merged = (" UNION " if overlapping else " UNION ALL ").join(
-        f"SELECT * FROM ({s}) b{i}" for i, s in enumerate(selects)
-    )
     outer = ", ".join(_alias(column) for column in key)
-    return db.fetchall(f"{merged} ORDER BY {outer} LIMIT %s", [*all_params, limit])
+    if len(selects) == 1:
+        statement = selects[0]
+    else:
+        merged = (" UNION " if overlapping else " UNION ALL ").join(
+            f"SELECT * FROM ({s}) b{i}" for i, s in enumerate(selects)
+        )
+        statement = f"{merged} ORDER BY {outer} LIMIT %s"
+        all_params.append(limit)
+    if joined is not None:
+        clause, joined_columns = joined
+        page_key = ", ".join(f"page.{_alias(column)}" for column in key)
+        statement = (
+            f"SELECT page.*, {joined_columns} FROM ({statement}) page {clause} ORDER BY {page_key}"
+        )
+    return db.fetchall(statement, all_params)
 
 
 def _page(rows: list[Any], limit: int, key: Callable[[Any], tuple[Any, ...]], render) -> Page:
@@ -489,9 +500,10 @@ def history_page(
     return _with_tables(db, "objects", query)
 
 
-_CHANGE_COLUMNS = (
-    "position, object_id, field, from_value, to_value, object_type, owner_id, event_id, type,"
-    " occurred_at, received_at, actor, actor_ip, stale"
+# A change row holds what changes are filtered by; the rest is in its event's history row.
+_CHANGE_COLUMNS = "position, object_id, field, from_value, to_value, owner_id, type, occurred_at"
+_CHANGE_HISTORY_COLUMNS = (
+    "hist.object_type, hist.event_id, hist.received_at, hist.actor, hist.stale"
 )
 
 
@@ -552,6 +564,11 @@ def changes_page(
             after=after,
             limit=limit + 1,
             overlapping=filters.subject is not None and driving is candidates[0],
+            joined=(
+                f"JOIN {t['history']} hist"
+                " ON hist.position = page.position AND hist.object_id = page.object_id",
+                _CHANGE_HISTORY_COLUMNS,
+            ),
         )
         return _page(
             rows, limit, lambda row: (row["position"], row["object_id"], row["field"]), _change

@@ -802,11 +802,10 @@ def _fill(log: AuditLog) -> None:
         f"{prefix}INSERT INTO {events['event_subjects']} (clerk_id, position)"
         f" SELECT 'user_syn_' || (g % 3000), 1000000 + g FROM {series}",
         f"{prefix}INSERT INTO {objects['changes']} (position, object_id, field, from_value,"
-        " to_value, object_type, owner_id, event_id, type, occurred_at, received_at, actor,"
-        " actor_ip, stale)"
-        " SELECT 1000000 + g, 'user_syn_' || (g % 3000), 'field_' || (g % 50), '1', '2', 'user',"
-        " 'user_syn_' || (g % 3000), 'msg_syn_' || g, 'syn.t' || (g % 30),"
-        " 1800000000000 + g * 1000, 1800000000000 + g * 1000, '{}', '10.0.0.' || (g % 200), 0"
+        " to_value, owner_id, type, occurred_at, actor_ip)"
+        " SELECT 1000000 + g, 'user_syn_' || (g % 3000), 'field_' || (g % 50), '1', '2',"
+        " 'user_syn_' || (g % 3000), 'syn.t' || (g % 30), 1800000000000 + g * 1000,"
+        " '10.0.0.' || (g % 200)"
         f" FROM {series}",
         f"{prefix}INSERT INTO {objects['history']} (position, object_id, object_type, owner_id,"
         " event_id, type, occurred_at, received_at, actor, stale, changes)"
@@ -928,7 +927,9 @@ def test_documented_filters_use_indexes(world: World, monkeypatch: pytest.Monkey
                 details = [
                     row["detail"] for row in original(f"EXPLAIN QUERY PLAN {statement}", params)
                 ]
-                full_scans = [d for d in details if re.fullmatch(r"SCAN (?!c\b|t\b|b\d+\b)\S+", d)]
+                full_scans = [
+                    d for d in details if re.fullmatch(r"SCAN (?!c\b|t\b|b\d+\b|page\b)\S+", d)
+                ]
                 assert not full_scans, (statement, details)
 
 
