@@ -80,7 +80,12 @@ def _diff_mappings(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str) 
     for key in old.keys() | new.keys():
         if key in IGNORED_KEYS:
             continue
-        yield from _diff_values(old.get(key), new.get(key), _join(prefix, key))
+        old_value, new_value = old.get(key), new.get(key)
+        # Most of an update is unchanged: one comparison in C skips a whole equal subtree, which
+        # the walk below would find yields nothing (it compares leaves with == too).
+        if old_value == new_value:
+            continue
+        yield from _diff_values(old_value, new_value, _join(prefix, key))
 
 
 def _diff_values(old: Any, new: Any, path: str) -> Iterator[Change]:

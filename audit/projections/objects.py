@@ -443,7 +443,9 @@ class _Batch:
         gathered = self.current[table].get(object_id)
         if gathered is not None:
             return gathered[1]
-        cursor, t, db = self.flush()
+        # Nothing gathered for this object: its stored row is up to date, so no flush (a third
+        # of a rebuild's flushes were these, each splitting the batch's COPYs).
+        cursor, t, db = self.cursor, self.t, self.db
         cursor.execute(db.sql(f"SELECT owner_id FROM {t[table]} WHERE id = %s"), [object_id])
         found = cursor.fetchone()
         return found["owner_id"] if found else None
