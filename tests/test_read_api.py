@@ -390,6 +390,38 @@ def test_changes_and_filters(world: World) -> None:
     assert world.walk("/v1/changes", {"field": "first_name", "actor_ip": "10.9.9.9"}) == []
 
 
+def test_a_late_snapshot_is_stale_in_history_and_changes_and_leaves_state_alone(
+    world: World,
+) -> None:
+    """SPEC 3 (Order): an older snapshot arriving late is recorded, marked stale, and never
+    overwrites newer state; the version after it has its changes taken against it."""
+    [created] = [c for c in fresh_deliveries() if c["type"] == "user.created"]
+    first_last_name = created["data"]["last_name"]
+    late_ip = "192.0.2.9"
+    late = dict(created["data"], last_name="Late", updated_at=T_CREATED + 1000)
+    world.deliver(_envelope("user.updated", late, T_CREATED + 1000, late_ip))
+    world.projector.run_once()
+
+    assert world.ok(f"/v1/users/{FRESH_USER}")["data"]["first_name"] == "Grace"
+    assert world.ok(f"/v1/users/{FRESH_USER}")["data"]["last_name"] == first_last_name
+    _, renamed, stale = world.walk(f"/v1/users/{FRESH_USER}/history")
+    assert (stale["stale"], stale["actor"]["ip"]) == (True, late_ip)
+    assert stale["changes"] == [{"field": "last_name", "from": first_last_name, "to": "Late"}]
+    assert renamed["stale"] is False and renamed["changes"] == [
+        {"field": "first_name", "from": "Ada", "to": "Grace"},
+        {"field": "last_name", "from": "Late", "to": first_last_name},
+    ]
+    changes = world.walk("/v1/changes", {"subject": FRESH_USER, "since": T_CREATED + 1})
+    assert [
+        (c["event_id"], c["field"], c["from"], c["to"], c["stale"], c["actor"]["ip"])
+        for c in changes
+    ] == [
+        (renamed["event_id"], "first_name", "Ada", "Grace", False, UPDATE_IP),
+        (renamed["event_id"], "last_name", "Late", first_last_name, False, UPDATE_IP),
+        (stale["event_id"], "last_name", first_last_name, "Late", True, late_ip),
+    ]
+
+
 def test_projections_status(world: World, settings: Settings, log: AuditLog) -> None:
     status = world.ok("/v1/projections")["data"]
     assert {p["name"] for p in status} == {"events", "objects", "timelines"}
