@@ -274,8 +274,14 @@ class Db:
         return stream.hex if self.dialect == "sqlite" else stream
 
     @contextmanager
-    def transaction(self) -> Iterator[Cursor]:
-        """A write transaction, committed on success. SQLite takes the write lock up front."""
+    def transaction(self, *, wait_for_flush: bool = True) -> Iterator[Cursor]:
+        """A write transaction, committed on success. SQLite takes the write lock up front.
+
+        `wait_for_flush=False` is for rows derived from the store and committed with the
+        position they were derived up to (projection steps). On PostgreSQL the commit then
+        returns before its WAL reaches disk (asynchronous commit): a server crash can lose the
+        last such commits whole, rows and position together, and they are derived again.
+        """
         try:
             if self.dialect == "sqlite":
                 with self.datastore.get_connection(commit=True) as conn:
@@ -289,6 +295,8 @@ class Db:
                     conn.commit()
             else:
                 with self.datastore.transaction(commit=True) as cursor:
+                    if not wait_for_flush:
+                        cursor.execute("SET LOCAL synchronous_commit = off")
                     yield cursor
         except UNAVAILABLE_ERRORS as exc:
             self.heal()

@@ -223,7 +223,8 @@ class Projector:
     ) -> int:
         tables = Tables(self.db, projection.name, generation)
         key = tracking_key(projection.name, generation)
-        with self.db.transaction() as cursor:
+        # A step's rows commit with its position: a step lost in a crash is applied again.
+        with self.db.transaction(wait_for_flush=False) as cursor:
             suffix = " FOR UPDATE" if self.db.dialect == "postgresql" else ""
             cursor.execute(
                 self.db.sql(
