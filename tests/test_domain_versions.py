@@ -108,7 +108,8 @@ def test_a_late_update_before_a_deletion_is_stale_and_keeps_the_deletion_final()
     versions.add(version("d", 9, deletion=True))
     placement = versions.add(version("b", 2, first_name="Bea"))
     assert placement.stale
-    assert placement.successor_changes == DELETED
+    assert placement.successor_id == "d"
+    assert placement.successor_changes is None  # the deletion's change stands
     assert versions.deleted
     assert versions.current is not None and versions.current.event_id == "d"
     assert versions.as_data() == {"id": "user_1", "first_name": "Bea", "deleted": True}
@@ -174,9 +175,8 @@ def _record(order: list[Version]) -> tuple[dict[str, list[Change]], ObjectVersio
         changes[item.event_id] = placement.changes
         if placement.stale:
             stale.add(item.event_id)
-        if placement.successor_id is not None:
-            assert placement.successor_changes is not None
-            changes[placement.successor_id] = placement.successor_changes
+        if placement.successor_changes is not None:  # else the successor's changes stand
+            changes[placement.successor_id or ""] = placement.successor_changes
     return changes, versions, stale
 
 

@@ -110,6 +110,8 @@ class Placement:
     `changes` is the new version against its predecessor in key order. When the new version lands
     before an existing one, that successor now follows it instead of the old predecessor, so its
     changes are recomputed: `successor_changes` (and `successor_id`, which version they belong to).
+    They are None when they cannot have changed: a deletion's one change, `deleted`, is the same
+    whatever version precedes it, as long as that is not a deletion too.
     """
 
     stale: bool
@@ -134,10 +136,11 @@ def changes_between(predecessor: Version | None, version: Version) -> list[Chang
 def place(new: Version, predecessor: Version | None, successor: Version | None) -> Placement:
     """Place `new` between its neighbours in key order (either may be None)."""
     second_deletion = new.deletion and predecessor is not None and predecessor.deletion
+    retaken = successor is not None and not (successor.deletion and not new.deletion)
     return Placement(
         stale=successor is not None or second_deletion,
         changes=changes_between(predecessor, new),
-        successor_changes=changes_between(new, successor) if successor is not None else None,
+        successor_changes=changes_between(new, successor) if retaken else None,
         becomes_current=successor is None,
         successor_id=successor.event_id if successor is not None else None,
     )
