@@ -220,17 +220,7 @@ class ObjectsProjection(Projection):
         else:
             predecessor, successor = self._neighbours(batch, object_id, new)
         placement = place(new, predecessor, successor)
-        batch.versions.append(
-            (
-                object_id,
-                new.event_id,
-                new.type,
-                *_key(new),
-                new.occurred_at,
-                int(new.deletion),
-                to_json(new.data),
-            )
-        )
+        batch.add_version(object_id, new)
 
         actor = actor_of(delivery)
         row = {
@@ -276,7 +266,7 @@ class ObjectsProjection(Projection):
     @staticmethod
     def _adopt_orphans(batch: _Batch, table: str, object_id: str, owner_id: str) -> None:
         """Rows written from a stub that arrived before any version naming its owner."""
-        cursor, t, db = batch.flush()
+        cursor, t, db = batch.settle(object_id)
         # `changes` is reached through its key, from the object's history rows: a build
         # indexes `changes` by object only when it goes live.
         cursor.execute(
@@ -307,7 +297,7 @@ class ObjectsProjection(Projection):
         batch: _Batch, object_id: str, new: Version
     ) -> tuple[Version | None, Version | None]:
         """A late arrival: the recorded versions just before and just after it."""
-        cursor, t, db = batch.flush()
+        cursor, t, db = batch.settle(object_id)
         key = _key(new)
         sides = [
             f"SELECT * FROM (SELECT '{side}' AS side, {_VERSION_FIELDS} FROM {t['versions']}"
@@ -323,8 +313,11 @@ class ObjectsProjection(Projection):
     def _rewrite_successor(
         batch: _Batch, object_id: str, successor: Version, changes: list[Change]
     ) -> None:
-        """The successor now follows the new version: its changes are taken against it."""
-        cursor, t, db = batch.flush()
+        """The successor now follows the new version: its changes are taken against it.
+
+        No flush: the successor's rows are stored (`_neighbours`, which found it, flushed the
+        object's gathered rows; since then only the new version's were gathered)."""
+        cursor, t, db = batch.cursor, batch.t, batch.db
         position = successor.key[2]
         cursor.execute(
             db.sql(
@@ -351,8 +344,8 @@ class _Batch:
 
     `load` reads, in one query, the latest recorded version of every object in the batch, so a
     version newer than all of them (nearly every one) is placed without a query of its own.
-    Anything that reads the tables (a late arrival's neighbours, a successor's history, a
-    stub's owner) first flushes what has been gathered.
+    Anything that reads or changes an object's stored rows (a late arrival's neighbours, adopted
+    orphans) first flushes what has been gathered, if any of it is that object's (`settle`).
     """
 
     def __init__(self, cursor: Cursor, t: Tables, db: Db) -> None:
@@ -363,6 +356,7 @@ class _Batch:
         self.history: list[tuple[Any, ...]] = []
         self.changes: list[tuple[Any, ...]] = []
         self.current: dict[str, dict[str, tuple[Any, ...]]] = {table: {} for table in VIEW_OF_TABLE}
+        self.gathered_objects: set[str] = set()  # whose rows are among those gathered
 
     def load(self, object_ids: set[str], owned_ids: set[str]) -> None:
         cursor, t, db = self.cursor, self.t, self.db
@@ -400,7 +394,22 @@ class _Batch:
             )
             self.orphans = {row["object_id"] for row in cursor.fetchall()}
 
+    def add_version(self, object_id: str, version: Version) -> None:
+        self.gathered_objects.add(object_id)
+        self.versions.append(
+            (
+                object_id,
+                version.event_id,
+                version.type,
+                *_key(version),
+                version.occurred_at,
+                int(version.deletion),
+                to_json(version.data),
+            )
+        )
+
     def add_history(self, row: dict[str, Any], changes: list[Change]) -> None:
+        self.gathered_objects.add(row["object_id"])
         self.history.append((*(row[name] for name in _HISTORY_FIELD_NAMES), to_json(changes)))
         facts = [row[name] for name, _ in _CHANGE_EVENT_FACTS]
         for change in changes:
@@ -426,6 +435,7 @@ class _Batch:
         user_id = view.get("user_id") if table == "memberships" else None
         if table in ("users", "sessions"):
             user_id = owner_id
+        self.gathered_objects.add(object_id)
         self.current[table][object_id] = (
             object_id,
             owner_id,
@@ -450,6 +460,15 @@ class _Batch:
         found = cursor.fetchone()
         return found["owner_id"] if found else None
 
+    def settle(self, object_id: str) -> tuple[Cursor, Tables, Db]:
+        """Before reading or changing an object's stored rows: send what has been gathered if
+        any of it is that object's; returns the cursor, tables and db to go on with. (Else its
+        stored rows are up to date: flushing anyway split the batch's COPYs at every late
+        arrival, and following a stream with many, most of `objects`' time went to them.)"""
+        if object_id in self.gathered_objects:
+            return self.flush()
+        return self.cursor, self.t, self.db
+
     def flush(self) -> tuple[Cursor, Tables, Db]:
         """Send what has been gathered; returns the cursor, tables and db to go on with."""
         cursor, t, db = self.cursor, self.t, self.db
@@ -462,6 +481,7 @@ class _Batch:
             )
             rows.clear()
         self.versions, self.history, self.changes = [], [], []
+        self.gathered_objects.clear()
         return cursor, t, db
 
 
