@@ -110,8 +110,8 @@ class Placement:
     `changes` is the new version against its predecessor in key order. When the new version lands
     before an existing one, that successor now follows it instead of the old predecessor, so its
     changes are recomputed: `successor_changes` (and `successor_id`, which version they belong to).
-    They are None when they cannot have changed: a deletion's one change, `deleted`, is the same
-    whatever version precedes it, as long as that is not a deletion too.
+    `successor_changes` is None when there is no successor, or when its changes cannot differ: a
+    deletion's one change, `deleted`, is the same whatever precedes it, unless that is a deletion.
     """
 
     stale: bool
