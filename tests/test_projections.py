@@ -418,8 +418,9 @@ def test_a_step_commits_without_waiting_for_the_flush_and_other_transactions_wai
     witness = CommitSettingWitness()
     Projector(log, [witness], batch_size=8).run_once()
     assert len(witness.seen) > 1 and set(witness.seen) == {"off"}
-    for _ in range(8):  # the pool's connections in turn: the setting did not outlive a step
-        with log.db.transaction() as cursor:
+    with contextlib.ExitStack() as held:  # every pooled connection at once, the step's included
+        for _ in range(4):  # POSTGRES_POOL_SIZE
+            cursor = held.enter_context(log.db.transaction())
             cursor.execute("SELECT current_setting('synchronous_commit') AS setting")
             assert cursor.fetchone()["setting"] == "on"
 

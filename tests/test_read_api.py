@@ -422,6 +422,40 @@ def test_a_late_snapshot_is_stale_in_history_and_changes_and_leaves_state_alone(
     ]
 
 
+def test_a_late_update_after_a_deletion_is_stale_and_does_not_resurrect(world: World) -> None:
+    """SPEC 3 (Order): a deletion is final. An update arriving after it is recorded, stale, and
+    taken against the version before it; the deletion keeps its one change and the user stays
+    deleted."""
+    [created, renamed] = [c for c in fresh_deliveries() if c["type"].startswith("user.")]
+    deletion = {"id": FRESH_USER, "object": "user", "deleted": True}
+    world.deliver(_envelope("user.deleted", deletion, T_UPDATED + 5000, UPDATE_IP))
+    world.projector.run_once()
+    late_ip = "192.0.2.10"
+    late = dict(renamed["data"], last_name="Late", updated_at=T_UPDATED + 1000)
+    world.deliver(_envelope("user.updated", late, T_UPDATED + 1000, late_ip))
+    world.projector.run_once()
+
+    assert world.ok(f"/v1/users/{FRESH_USER}")["deleted"] is True
+    history = world.walk(f"/v1/users/{FRESH_USER}/history")
+    assert [h["type"] for h in history] == [
+        "user.created",
+        "user.updated",
+        "user.deleted",
+        "user.updated",
+    ]
+    deleted, stale = history[2:]
+    assert deleted["stale"] is False
+    assert deleted["changes"] == [{"field": "deleted", "from": None, "to": True}]
+    assert (stale["stale"], stale["actor"]["ip"]) == (True, late_ip)
+    last_name = created["data"]["last_name"]
+    assert stale["changes"] == [{"field": "last_name", "from": last_name, "to": "Late"}]
+    changes = world.walk("/v1/changes", {"subject": FRESH_USER, "since": T_UPDATED + 1})
+    assert [(c["event_id"], c["field"], c["to"], c["stale"]) for c in changes] == [
+        (deleted["event_id"], "deleted", True, False),
+        (stale["event_id"], "last_name", "Late", True),
+    ]
+
+
 def test_projections_status(world: World, settings: Settings, log: AuditLog) -> None:
     status = world.ok("/v1/projections")["data"]
     assert {p["name"] for p in status} == {"events", "objects", "timelines"}
