@@ -8,7 +8,8 @@ position: positions only grow). Each query is driven by one index:
   `type` through `events (type, position)`, one index range per type merged by position;
 - changes: by `(position, object_id, field)` (primary key); `subject` through the object and owner
   indexes, `field`, `actor_ip` and `type` through their `(column, position)` indexes;
-- histories through `history (object_id, position)` and `(owner_id, position)`;
+- histories through `history (object_id, position)` and `(owner_id, position)`, a page's changes
+  through the `changes` primary key;
 - current-state lists through `(owner_id | user_id, created_at, id)`;
 - timelines through the primary key `(session_id, occurred_at, position)`.
 
@@ -444,7 +445,7 @@ def owned_objects(
 
 _HISTORY_COLUMNS = (
     "position, object_id, object_type, owner_id, event_id, type, occurred_at, received_at,"
-    " actor, stale, changes"
+    " actor, stale"
 )
 
 
@@ -462,10 +463,6 @@ def _versioned_event(row: Any) -> dict[str, Any]:
         "actor": from_json(row["actor"]),
         "stale": bool(row["stale"]),
     }
-
-
-def _history(row: Any) -> dict[str, Any]:
-    return {**_versioned_event(row), "changes": from_json(row["changes"])}
 
 
 def history_page(
@@ -495,9 +492,38 @@ def history_page(
             after=after,
             limit=limit + 1,
         )
-        return _page(rows, limit, lambda row: (row["position"], row["object_id"]), _history)
+        page = _page(rows, limit, lambda row: (row["position"], row["object_id"]), _versioned_event)
+        changes = _changes_of(db, t, page.items)
+        for entry in page.items:
+            entry["changes"] = changes.get((entry["position"], entry["object_id"]), [])
+        return page
 
     return _with_tables(db, "objects", query)
+
+
+def _changes_of(
+    db: Db, t: Tables, entries: Sequence[dict[str, Any]]
+) -> dict[tuple[int, str], list[dict[str, Any]]]:
+    """The changes of these history entries, by entry key, each entry's sorted by field (as
+    its version's diff sorted them), in one query through the primary key."""
+    if not entries:
+        return {}
+    where, params = _in("position", sorted({entry["position"] for entry in entries}))
+    rows = db.fetchall(
+        f"SELECT position, object_id, field, from_value, to_value FROM {t['changes']}"
+        f" WHERE {where}",
+        params,
+    )
+    changes: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for row in sorted(rows, key=lambda row: row["field"]):
+        changes.setdefault((row["position"], row["object_id"]), []).append(
+            {
+                "field": row["field"],
+                "from": from_json(row["from_value"]),
+                "to": from_json(row["to_value"]),
+            }
+        )
+    return changes
 
 
 # A change row holds what changes are filtered by; the rest is in its event's history row.

@@ -874,10 +874,10 @@ def _fill(log: AuditLog) -> None:
         " '10.0.0.' || (g % 200)"
         f" FROM {series}",
         f"{prefix}INSERT INTO {objects['history']} (position, object_id, object_type, owner_id,"
-        " event_id, type, occurred_at, received_at, actor, stale, changes)"
+        " event_id, type, occurred_at, received_at, actor, stale)"
         " SELECT 1000000 + g, 'user_syn_' || (g % 3000), 'user', 'org_syn_' || (g % 100),"
         " 'msg_syn_' || g, 'syn.updated', 1800000000000 + g * 1000, 1800000000000 + g * 1000,"
-        " '{}', 0, '[]'"
+        " '{}', 0"
         f" FROM {series}",
     ]
     with db.transaction() as cursor:
