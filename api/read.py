@@ -24,6 +24,7 @@ from api.auth import BearerAuth
 from api.errors import RETRY_AFTER_SECONDS, ApiError
 from api.responses import JSONResponse
 from audit import queries
+from audit.application import AuditLog
 from audit.cursors import CursorError, decode_cursor, encode_cursor
 from audit.jsontext import dumps
 from audit.queries import ChangeFilters, EventFilters, Page, ProjectionNotReady, TypeFilter
@@ -370,8 +371,12 @@ def render_state(object_id: str, deleted: bool, data: Any, as_of: int | None) ->
 # -- responses ----------------------------------------------------------------------------------
 
 
+def log_of(request: Request) -> AuditLog:
+    return request.app.state.log
+
+
 def db_of(request: Request) -> Db:
-    return request.app.state.log.db
+    return log_of(request).db
 
 
 def list_response(
@@ -485,7 +490,8 @@ CHANGE_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
 
 
 def list_events(request: Request, args: Args) -> Response:
-    db = db_of(request)
+    log = log_of(request)
+    db = log.db
     filters = EventFilters(
         types=TypeFilter.parse(args.many("type")),
         subject=args.one("subject"),
@@ -497,14 +503,14 @@ def list_events(request: Request, args: Args) -> Response:
     limit = args.limit()
     if fmt is None:
         return list_response(
-            queries.events_page(db, filters, after=after, limit=limit), "events", render_event
+            queries.events_page(log, filters, after=after, limit=limit), "events", render_event
         )
     upto = queries.last_event_position(db)
     return export(
         request,
         fmt,
         "events",
-        lambda key, n: queries.events_page(db, filters, after=key, limit=n, upto=upto),
+        lambda key, n: queries.events_page(log, filters, after=key, limit=n, upto=upto),
         after,
         render_event,
         EVENT_COLUMNS,
@@ -513,7 +519,7 @@ def list_events(request: Request, args: Args) -> Response:
 
 def get_event(request: Request, args: Args) -> Response:
     svix_id = args.path("svix_id")
-    event = queries.event_by_id(db_of(request), svix_id)
+    event = queries.event_by_id(log_of(request), svix_id)
     if event is None:
         raise not_found(f"No event {svix_id[:80]!r}.")
     return JSONResponse(render_event(event))
@@ -523,7 +529,7 @@ def _state(request: Request, args: Args, kind: str) -> Response:
     object_id = args.path("user_id" if kind == "user" else "org_id")
     label = "user" if kind == "user" else "organization"
     as_of = args.time("as_of")
-    log = request.app.state.log
+    log = log_of(request)
     if as_of is not None:
         try:
             if kind == "user":

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Snapshot
-from eventsourcing.persistence import IntegrityError, JSONTranscoder, Transcoding
+from eventsourcing.persistence import IntegrityError, JSONTranscoder, StoredEvent, Transcoding
 
 from audit.aggregates.delivery import Delivery
 from audit.aggregates.routing import (
@@ -274,6 +274,19 @@ class AuditLog(Application[UUID]):
         return Duplicate(delivery.svix_id, position)
 
     # -- reading ---------------------------------------------------------------------------
+
+    def stored_delivery(self, row: Mapping[str, Any]) -> Delivery:
+        """The delivery a row of the events table holds (its `topic`, `originator_id`,
+        `originator_version` and `state`), through the application's mapper (upcasting)."""
+        stored = StoredEvent(
+            originator_id=row["originator_id"],
+            originator_version=row["originator_version"],
+            topic=row["topic"],
+            state=bytes(row["state"]),
+        )
+        event = self.mapper.to_domain_event(stored)
+        assert isinstance(event, RecordedDelivery)
+        return event.delivery()
 
     def stream_events(self, stream: UUID) -> list[RecordedDelivery]:
         return list(self.events.get(stream))  # type: ignore[arg-type]

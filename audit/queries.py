@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
+from audit.application import AuditLog
 from audit.projections.base import Tables, from_json
 from audit.projections.runner import UnknownProjection, active_tables
 from audit.storage import Db, StoreUnavailable
@@ -256,12 +257,20 @@ def _resolve_types(db: Db, table: str, types: TypeFilter) -> list[str]:
 _EVENT_COLUMNS = (
     "e.position AS position, e.svix_id AS svix_id, e.type AS type, e.subject_id AS subject_id,"
     " e.subject_object AS subject_object, e.occurred_at AS occurred_at,"
-    " e.received_at AS received_at, e.instance_id AS instance_id, e.actor AS actor, e.body AS body"
+    " e.received_at AS received_at, e.instance_id AS instance_id, e.actor AS actor"
+)
+_STORED_COLUMNS = (
+    "st.topic AS topic, st.originator_id AS originator_id,"
+    " st.originator_version AS originator_version, st.state AS state"
 )
 
 
-def _event(row: Any) -> dict[str, Any]:
-    body = from_json(row["body"])
+def _stored_join(db: Db, position: str) -> str:
+    """The event store's row of each event: its payload is read from there, not copied."""
+    return f"JOIN {db.table(db.events_table)} st ON st.{db.position_column} = {position}"
+
+
+def _event(log: AuditLog, row: Any) -> dict[str, Any]:
     return {
         "id": row["svix_id"],
         "position": row["position"],
@@ -272,12 +281,12 @@ def _event(row: Any) -> dict[str, Any]:
         "received_at": row["received_at"],
         "instance_id": row["instance_id"],
         "actor": from_json(row["actor"]),
-        "data": body.get("data") if isinstance(body, dict) else None,
+        "data": log.stored_delivery(row).data,
     }
 
 
 def events_page(
-    db: Db,
+    log: AuditLog,
     filters: EventFilters,
     *,
     after: tuple[int] | None,
@@ -285,6 +294,7 @@ def events_page(
     upto: int | None = None,
 ) -> Page:
     """Stored events by position, filtered; `upto` bounds an export to what existed at its start."""
+    db = log.db
 
     def query(t: Tables) -> Page:
         where, params = _time_where("e.occurred_at", filters.since, filters.until)
@@ -321,18 +331,23 @@ def events_page(
             params=params,
             after=after,
             limit=limit + 1,
+            joined=(_stored_join(db, "page.position"), _STORED_COLUMNS),
         )
-        return _page(rows, limit, lambda row: (row["position"],), _event)
+        return _page(rows, limit, lambda row: (row["position"],), lambda row: _event(log, row))
 
     return _with_tables(db, "events", query)
 
 
-def event_by_id(db: Db, svix_id: str) -> dict[str, Any] | None:
+def event_by_id(log: AuditLog, svix_id: str) -> dict[str, Any] | None:
+    db = log.db
+
     def query(t: Tables) -> dict[str, Any] | None:
         row = db.fetchone(
-            f"SELECT {_EVENT_COLUMNS} FROM {t['events']} e WHERE e.svix_id = %s", [svix_id]
+            f"SELECT {_EVENT_COLUMNS}, {_STORED_COLUMNS} FROM {t['events']} e"
+            f" {_stored_join(db, 'e.position')} WHERE e.svix_id = %s",
+            [svix_id],
         )
-        return _event(row) if row else None
+        return _event(log, row) if row else None
 
     return _with_tables(db, "events", query)
 

@@ -473,6 +473,17 @@ class RecordingDb:
         return self.db.fetchone(statement, params)
 
 
+class RecordingLog:
+    """The application with a `RecordingDb` (the events routes also decode stored payloads)."""
+
+    def __init__(self, log: AuditLog, db: RecordingDb) -> None:
+        self.log = log
+        self.db = db
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.log, name)
+
+
 def explain_routes(url: str, ids: Ids) -> None:
     """EXPLAIN (ANALYZE, BUFFERS) of the statements each route runs, for one sampled id."""
     database = parse_database_url(url)
@@ -503,7 +514,9 @@ def explain_routes(url: str, ids: Ids) -> None:
         ),
         (
             "/v1/events?subject={user}",
-            lambda db: queries.events_page(db, EventFilters(subject=user), after=None, limit=50),
+            lambda db: queries.events_page(
+                RecordingLog(log, db), EventFilters(subject=user), after=None, limit=50
+            ),
         ),
         (
             "/v1/organizations/{id}/members",

@@ -119,6 +119,11 @@ def test_nul_bytes_and_huge_numbers_in_a_real_payload(
         response = client.get("/v1/events", params=params, headers=auth)
         assert response.status_code == 200, response.text
         assert '"updated_at":1180591620717411303424' in response.text
+    # An event's data is read from the event store, which keeps what was signed: the NUL too.
+    response = client.get("/v1/events", params={"type": "user.updated"}, headers=auth)
+    [event] = response.json()["data"]
+    assert event["data"]["id"] == "user_\u0000nul" and event["data"]["first_name"] == "a\u0000b"
+    assert client.get(f"/v1/events/{event['id']}", headers=auth).json()["data"] == event["data"]
     # PostgreSQL text cannot hold NUL: the read models keep U+FFFD in its place (JSON values
     # keep their escaped \u0000). SQLite keeps the NUL.
     response = client.get("/v1/changes", params={"field": "first_name"}, headers=auth)

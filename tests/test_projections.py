@@ -238,8 +238,8 @@ def test_a_crash_between_batches_resumes_exactly_once(log: AuditLog) -> None:
     assert sorted(r["svix_id"] for r in rows) == sorted(d.svix_id for d in deliveries)
 
 
-class EventIndexV2(EventIndex):
-    version = 2
+class EventIndexRaised(EventIndex):
+    version = EventIndex.version + 1
 
 
 def test_a_version_bump_builds_beside_the_live_one_and_switches_atomically(log: AuditLog) -> None:
@@ -249,10 +249,11 @@ def test_a_version_bump_builds_beside_the_live_one_and_switches_atomically(log: 
     v1_rows = table_rows(log.db, "events")
     assert len(v1_rows["events"]) == 10
 
-    upgraded = Projector(log, [EventIndexV2()], batch_size=4)
+    old, new = EventIndex.version, EventIndexRaised.version
+    upgraded = Projector(log, [EventIndexRaised()], batch_size=4)
     (status,) = upgraded.status()
-    assert status["state"] == "rebuilding" and status["version"] == 2
-    assert status["serving_version"] == 1
+    assert status["state"] == "rebuilding" and status["version"] == new
+    assert status["serving_version"] == old
     # Part-way through the build, reads still use v1 and see everything.
     upgraded.step(upgraded.projections["events"], 2)
     log.record(sample_deliveries()[10:12])
@@ -261,7 +262,7 @@ def test_a_version_bump_builds_beside_the_live_one_and_switches_atomically(log: 
 
     upgraded.run_once()
     (status,) = upgraded.status()
-    assert status == status | {"state": "live", "version": 2, "lag": 0, "serving_version": 2}
+    assert status == status | {"state": "live", "version": new, "lag": 0, "serving_version": new}
     assert active_tables(log.db, "events").prefix != v1_tables.prefix
     assert len(table_rows(log.db, "events")["events"]) == 12
     with pytest.raises(Exception):  # noqa: B017 - the old generation's tables are gone
@@ -284,13 +285,13 @@ def test_a_forced_rebuild_leaves_the_live_generation_following_the_store(log: Au
         if not served_by_live:
             log.record([arriving])  # a webhook arrives while the build is under way
         assert active_tables(log.db, "events").generation == live  # reads not switched yet
-        served_by_live.append(queries.event_by_id(log.db, arriving.svix_id) is not None)
+        served_by_live.append(queries.event_by_id(log, arriving.svix_id) is not None)
 
     projector.catch_up(projector.projections["events"], progress=progress)
     assert len(served_by_live) > 3, "the build must take several rounds"
     assert served_by_live[-1], "the live generation did not apply what arrived during the build"
     assert active_tables(log.db, "events").generation == built
-    assert queries.event_by_id(log.db, arriving.svix_id) is not None
+    assert queries.event_by_id(log, arriving.svix_id) is not None
     [status] = [row for row in projector.status() if row["name"] == "events"]
     assert status["lag"] == 0 and status["state"] == "live"
 

@@ -26,7 +26,7 @@ from audit import queries
 from audit.application import AuditLog
 from audit.config import Settings
 from audit.cursors import CursorError, decode_cursor, encode_cursor
-from audit.projections.runner import Projector, active_tables
+from audit.projections.runner import MARKER_TOPIC, Projector, active_tables
 from audit.redaction import REDACTED, redact, redact_change
 from audit.timeparse import format_time, parse_time
 from tests.conftest import API_TOKEN
@@ -845,25 +845,38 @@ SYNTHETIC = 20_000
 
 
 def _fill(log: AuditLog) -> None:
-    """Many synthetic rows in the events and changes tables, so that planners prefer indexes."""
+    """Many synthetic rows in the events and changes tables, so that planners prefer indexes.
+
+    The event index's synthetic rows get rows in the event store too (copies of the first
+    stored delivery under new stream ids), where reads take each event's payload from."""
     db = log.db
     events = active_tables(db, "events")
     objects = active_tables(db, "objects")
+    store = db.table(db.events_table)
     if db.dialect == "postgresql":
         series = f"generate_series(1, {SYNTHETIC}) AS c(g)"
         prefix = ""
+        stream = "('00000000-0000-4000-8000-' || lpad(g::text, 12, '0'))::uuid"
     else:
         series = "c"
         prefix = (
             f"WITH RECURSIVE c(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM c "
             f"WHERE g < {SYNTHETIC}) "
         )
+        stream = "printf('00000000-0000-4000-8000-%012d', g)"
+    first_delivery = (
+        f"(SELECT topic, state FROM {store} WHERE topic <> '{MARKER_TOPIC}'"
+        f" ORDER BY {db.position_column} LIMIT 1) AS d"
+    )
     statements = [
+        f"{prefix}INSERT INTO {store}"
+        f" ({db.position_column}, originator_id, originator_version, topic, state)"
+        f" SELECT 1000000 + g, {stream}, 1, d.topic, d.state FROM {series}, {first_delivery}",
         f"{prefix}INSERT INTO {events['events']} (position, svix_id, type, subject_id,"
-        " subject_object, occurred_at, received_at, instance_id, actor, actor_ip, body)"
+        " subject_object, occurred_at, received_at, instance_id, actor, actor_ip)"
         " SELECT 1000000 + g, 'msg_syn_' || g, 'syn.t' || (g % 30),"
         " 'user_syn_' || (g % 3000), 'user', 1800000000000 + g * 1000, 1800000000000 + g * 1000,"
-        " 'ins_x', '{}', '10.0.0.' || (g % 200), '{\"data\": {}}'"
+        " 'ins_x', '{}', '10.0.0.' || (g % 200)"
         f" FROM {series}",
         f"{prefix}INSERT INTO {events['event_subjects']} (clerk_id, position)"
         f" SELECT 'user_syn_' || (g % 3000), 1000000 + g FROM {series}",
@@ -885,6 +898,7 @@ def _fill(log: AuditLog) -> None:
             cursor.execute(statement)
         if db.dialect == "postgresql":
             for table in (
+                store,
                 events["events"],
                 events["event_subjects"],
                 objects["changes"],
@@ -909,35 +923,39 @@ def test_documented_filters_use_indexes(world: World, monkeypatch: pytest.Monkey
     mid = 1_800_000_000_000 + SYNTHETIC * 500
     tf = queries.TypeFilter.parse
     calls = [
-        lambda: queries.events_page(db, queries.EventFilters(), after=None, limit=50),
-        lambda: queries.events_page(db, queries.EventFilters(), after=(1_010_000,), limit=50),
+        lambda: queries.events_page(world.log, queries.EventFilters(), after=None, limit=50),
         lambda: queries.events_page(
-            db, queries.EventFilters(types=tf(["syn.t7"])), after=(1_005_000,), limit=50
+            world.log, queries.EventFilters(), after=(1_010_000,), limit=50
         ),
         lambda: queries.events_page(
-            db, queries.EventFilters(types=tf(["syn.t7", "syn.t8"])), after=None, limit=50
+            world.log, queries.EventFilters(types=tf(["syn.t7"])), after=(1_005_000,), limit=50
         ),
         lambda: queries.events_page(
-            db, queries.EventFilters(types=tf(["syn.t1", "nothing.*"])), after=None, limit=50
+            world.log, queries.EventFilters(types=tf(["syn.t7", "syn.t8"])), after=None, limit=50
         ),
         lambda: queries.events_page(
-            db, queries.EventFilters(types=tf(["syn.*"])), after=None, limit=50
+            world.log, queries.EventFilters(types=tf(["syn.t1", "nothing.*"])), after=None, limit=50
         ),
         lambda: queries.events_page(
-            db, queries.EventFilters(subject="user_syn_17"), after=(1_000_100,), limit=50
+            world.log, queries.EventFilters(types=tf(["syn.*"])), after=None, limit=50
         ),
         lambda: queries.events_page(
-            db,
+            world.log, queries.EventFilters(subject="user_syn_17"), after=(1_000_100,), limit=50
+        ),
+        lambda: queries.events_page(
+            world.log,
             queries.EventFilters(subject="user_syn_17", types=tf(["syn.t17"]), since=mid),
             after=None,
             limit=50,
         ),
         lambda: queries.events_page(
-            db, queries.EventFilters(since=mid, until=mid + 60_000), after=None, limit=50
+            world.log, queries.EventFilters(since=mid, until=mid + 60_000), after=None, limit=50
         ),
-        lambda: queries.events_page(db, queries.EventFilters(since=mid), after=None, limit=50),
         lambda: queries.events_page(
-            db, queries.EventFilters(until=mid), after=None, limit=50, upto=1_015_000
+            world.log, queries.EventFilters(since=mid), after=None, limit=50
+        ),
+        lambda: queries.events_page(
+            world.log, queries.EventFilters(until=mid), after=None, limit=50, upto=1_015_000
         ),
         lambda: queries.changes_page(db, queries.ChangeFilters(), after=None, limit=50),
         lambda: queries.changes_page(

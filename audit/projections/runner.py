@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from eventsourcing.persistence import StoredEvent, Tracking
+from eventsourcing.persistence import Tracking
 
-from audit.aggregates.streams import DeliveryMarker, RecordedDelivery
+from audit.aggregates.streams import DeliveryMarker
 from audit.application import AuditLog
 from audit.projections.base import Projection, StoredDelivery, Tables
 from audit.projections.events import EventIndex
@@ -312,15 +312,7 @@ class Projector:
         if decoded is not None:
             return decoded
         position = row["position"]
-        stored = StoredEvent(
-            originator_id=row["originator_id"],
-            originator_version=row["originator_version"],
-            topic=row["topic"],
-            state=bytes(row["state"]),
-        )
-        event = self.log.mapper.to_domain_event(stored)
-        assert isinstance(event, RecordedDelivery)
-        decoded = StoredDelivery(position=position, delivery=event.delivery())
+        decoded = StoredDelivery(position=position, delivery=self.log.stored_delivery(row))
         self._decoded[position] = decoded
         while len(self._decoded) > DECODED_CACHE_SIZE:
             self._decoded.popitem(last=False)
