@@ -265,12 +265,23 @@ _STORED_COLUMNS = (
 )
 
 
+class StoreMismatch(RuntimeError):
+    """The event index names a stored event the store does not hold at that position."""
+
+
 def _stored_join(db: Db, position: str) -> str:
-    """The event store's row of each event: its payload is read from there, not copied."""
-    return f"JOIN {db.table(db.events_table)} st ON st.{db.position_column} = {position}"
+    """The event store's row of each event: its payload is read from there, not copied. (LEFT:
+    an index row without its stored event must fail loudly, not vanish from a page.)"""
+    return f"LEFT JOIN {db.table(db.events_table)} st ON st.{db.position_column} = {position}"
 
 
 def _event(log: AuditLog, row: Any) -> dict[str, Any]:
+    delivery = log.stored_delivery(row) if row["state"] is not None else None
+    if delivery is None or delivery.svix_id != row["svix_id"]:
+        raise StoreMismatch(
+            f"event {row['svix_id']!r}: the store holds"
+            f" {delivery.svix_id if delivery else 'nothing'!r} at position {row['position']}"
+        )
     return {
         "id": row["svix_id"],
         "position": row["position"],
@@ -281,7 +292,7 @@ def _event(log: AuditLog, row: Any) -> dict[str, Any]:
         "received_at": row["received_at"],
         "instance_id": row["instance_id"],
         "actor": from_json(row["actor"]),
-        "data": log.stored_delivery(row).data,
+        "data": delivery.data,
     }
 
 

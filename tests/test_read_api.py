@@ -26,7 +26,7 @@ from audit import queries
 from audit.application import AuditLog
 from audit.config import Settings
 from audit.cursors import CursorError, decode_cursor, encode_cursor
-from audit.projections.runner import MARKER_TOPIC, Projector, active_tables
+from audit.projections.runner import Projector, active_tables
 from audit.redaction import REDACTED, redact, redact_change
 from audit.timeparse import format_time, parse_time
 from tests.conftest import API_TOKEN
@@ -140,6 +140,31 @@ def _ids(items: list[dict[str, Any]]) -> list[str]:
 
 
 # -- routes ---------------------------------------------------------------------------------------
+
+
+def test_an_index_row_that_does_not_match_the_store_fails_loudly(world: World) -> None:
+    """An event's payload is read from the event store by position: an index row the store does
+    not back (tampered with, or from elsewhere) must be an error, never another event's data or
+    a silently shorter page."""
+    db = world.log.db
+    events = active_tables(db, "events")["events"]
+    first = world.ok("/v1/events", {"limit": 1})["data"][0]
+    with db.transaction() as cursor:
+        cursor.execute(
+            db.sql(f"UPDATE {events} SET svix_id = %s WHERE position = %s"),
+            ["msg_misplaced", first["position"]],
+        )
+        cursor.execute(
+            db.sql(
+                f"INSERT INTO {events} (position, svix_id, type, received_at, actor)"
+                " VALUES (%s, %s, %s, %s, %s)"
+            ),
+            [10**12, "msg_nowhere", "user.created", 0, "{}"],
+        )
+    for path in ("/v1/events/msg_misplaced", "/v1/events/msg_nowhere", "/v1/events"):
+        response = world.get(path)
+        assert response.status_code == 500, (path, response.text)
+        assert response.json()["error"]["code"] == "internal_error"
 
 
 def test_events_list_and_one_event(world: World) -> None:
@@ -848,7 +873,8 @@ def _fill(log: AuditLog) -> None:
     """Many synthetic rows in the events and changes tables, so that planners prefer indexes.
 
     The event index's synthetic rows get rows in the event store too (copies of the first
-    stored delivery under new stream ids), where reads take each event's payload from."""
+    stored delivery under new stream ids and svix-ids), where reads take each event's payload
+    from."""
     db = log.db
     events = active_tables(db, "events")
     objects = active_tables(db, "objects")
@@ -857,6 +883,9 @@ def _fill(log: AuditLog) -> None:
         series = f"generate_series(1, {SYNTHETIC}) AS c(g)"
         prefix = ""
         stream = "('00000000-0000-4000-8000-' || lpad(g::text, 12, '0'))::uuid"
+        state = (
+            "convert_to(replace(convert_from(d.state, 'UTF8'), d.svix_id, 'msg_syn_' || g), 'UTF8')"
+        )
     else:
         series = "c"
         prefix = (
@@ -864,14 +893,16 @@ def _fill(log: AuditLog) -> None:
             f"WHERE g < {SYNTHETIC}) "
         )
         stream = "printf('00000000-0000-4000-8000-%012d', g)"
+        state = "CAST(replace(CAST(d.state AS TEXT), d.svix_id, 'msg_syn_' || g) AS BLOB)"
     first_delivery = (
-        f"(SELECT topic, state FROM {store} WHERE topic <> '{MARKER_TOPIC}'"
-        f" ORDER BY {db.position_column} LIMIT 1) AS d"
+        f"(SELECT st.topic AS topic, st.state AS state, e.svix_id AS svix_id FROM {store} st"
+        f" JOIN {events['events']} e ON e.position = st.{db.position_column}"
+        f" ORDER BY e.position LIMIT 1) AS d"
     )
     statements = [
         f"{prefix}INSERT INTO {store}"
         f" ({db.position_column}, originator_id, originator_version, topic, state)"
-        f" SELECT 1000000 + g, {stream}, 1, d.topic, d.state FROM {series}, {first_delivery}",
+        f" SELECT 1000000 + g, {stream}, 1, d.topic, {state} FROM {series}, {first_delivery}",
         f"{prefix}INSERT INTO {events['events']} (position, svix_id, type, subject_id,"
         " subject_object, occurred_at, received_at, instance_id, actor, actor_ip)"
         " SELECT 1000000 + g, 'msg_syn_' || g, 'syn.t' || (g % 30),"
