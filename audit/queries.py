@@ -6,8 +6,9 @@ position: positions only grow). Each query is driven by one index:
 
 - events: by position (primary key); `subject` through `event_subjects (clerk_id, position)`;
   `type` through `events (type, position)`, one index range per type merged by position;
-- changes: by `(position, object_id, field)` (primary key); `subject` through the object and owner
-  indexes, `field`, `actor_ip` and `type` through their `(column, position)` indexes;
+- changes: by `(position, object_id, field)` (primary key); `field` through `(field, position)`;
+  `subject`, `actor_ip` and `type` through the history indexes by object, owner, IP and type,
+  each joined to its changes by the `changes` primary key;
 - histories through `history (object_id, position)` and `(owner_id, position)`, a page's changes
   through the `changes` primary key;
 - current-state lists through `(owner_id | user_id, created_at, id)`;
@@ -552,11 +553,20 @@ def _changes_of(
     return changes
 
 
-# A change row holds what changes are filtered by; the rest is in its event's history row.
-_CHANGE_COLUMNS = "position, object_id, field, from_value, to_value, owner_id, type, occurred_at"
-_CHANGE_HISTORY_COLUMNS = (
-    "hist.object_type, hist.event_id, hist.received_at, hist.actor, hist.stale"
+# A change row holds only what changed: the rest, and what changes are filtered by besides the
+# field, is its event's history row, joined by key.
+_CHANGES_SOURCE = "{history} hist JOIN {changes} chg ON chg.position = hist.position"
+_CHANGE_COLUMNS = (
+    "chg.position AS position, chg.object_id AS object_id, chg.field AS field,"
+    " chg.from_value AS from_value, chg.to_value AS to_value, hist.owner_id AS owner_id,"
+    " hist.type AS type, hist.occurred_at AS occurred_at, hist.object_type AS object_type,"
+    " hist.event_id AS event_id, hist.received_at AS received_at, hist.actor AS actor,"
+    " hist.stale AS stale"
 )
+# A page driven by a history index walks history rows in key order, and each one's changes in
+# field order; one driven by the field index walks the changes.
+_KEY_BY_HISTORY = ["hist.position", "hist.object_id", "chg.field"]
+_KEY_BY_CHANGES = ["chg.position", "chg.object_id", "chg.field"]
 
 
 def _change(row: Any) -> dict[str, Any]:
@@ -579,27 +589,33 @@ def changes_page(
     """Field-level changes by (position, object_id, field), filtered."""
 
     def query(t: Tables) -> Page:
-        where, params = _time_where("occurred_at", filters.since, filters.until)
-        if upto is not None:
-            where.append("position <= %s")
-            params.append(upto)
-        types = _resolve_types(db, t["changes"], filters.types) if filters.types else []
+        where, params = _time_where("hist.occurred_at", filters.since, filters.until)
+        types = _resolve_types(db, t["history"], filters.types) if filters.types else []
         if filters.types and not types:
             return Page([], None)
-        candidates: list[list[tuple[str, list[Any]]]] = []
+        # Each candidate: its alternative conditions, and the key order its index gives.
+        candidates: list[tuple[list[tuple[str, list[Any]]], list[str]]] = []
         if filters.subject is not None:
-            candidates.append(
-                [("object_id = %s", [filters.subject]), ("owner_id = %s", [filters.subject])]
-            )
+            subject = [
+                ("hist.object_id = %s", [filters.subject]),
+                ("hist.owner_id = %s", [filters.subject]),
+            ]
+            candidates.append((subject, _KEY_BY_HISTORY))
         if filters.fields:
-            candidates.append([("field = %s", [name]) for name in filters.fields])
+            fields = [("chg.field = %s", [name]) for name in filters.fields]
+            candidates.append((fields, _KEY_BY_CHANGES))
         if filters.actor_ip is not None:
-            candidates.append([("actor_ip = %s", [filters.actor_ip])])
+            candidates.append(([("hist.actor_ip = %s", [filters.actor_ip])], _KEY_BY_HISTORY))
         if types:
-            candidates.append([("type = %s", [name]) for name in types])
+            candidates.append(([("hist.type = %s", [name]) for name in types], _KEY_BY_HISTORY))
         # The first filter that can drive drives; the others filter what it finds.
-        driving = next((c for c in candidates if len(c) <= MAX_BRANCHES), [])
-        for candidate in candidates:
+        driving, key = next(
+            ((c, key) for c, key in candidates if len(c) <= MAX_BRANCHES), ([], _KEY_BY_CHANGES)
+        )
+        if upto is not None:
+            where.append(f"{key[0]} <= %s")
+            params.append(upto)
+        for candidate, _ in candidates:
             if candidate is driving:
                 continue
             alternatives = [sql for sql, _ in candidate]
@@ -607,20 +623,15 @@ def changes_page(
             params += [value for _, values in candidate for value in values]
         rows = _select(
             db,
-            source=t["changes"],
+            source=_CHANGES_SOURCE.format(history=t["history"], changes=t["changes"]),
             columns=_CHANGE_COLUMNS,
-            key=["position", "object_id", "field"],
+            key=key,
             branches=driving,
             where=where,
             params=params,
             after=after,
             limit=limit + 1,
-            overlapping=filters.subject is not None and driving is candidates[0],
-            joined=(
-                f"JOIN {t['history']} hist"
-                " ON hist.position = page.position AND hist.object_id = page.object_id",
-                _CHANGE_HISTORY_COLUMNS,
-            ),
+            overlapping=filters.subject is not None and driving is candidates[0][0],
         )
         return _page(
             rows, limit, lambda row: (row["position"], row["object_id"], row["field"]), _change

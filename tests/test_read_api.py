@@ -12,7 +12,7 @@ import io
 import json
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -413,6 +413,39 @@ def test_changes_and_filters(world: World) -> None:
     timed = world.walk("/v1/changes", {"since": format_time(T_UPDATED), "until": T_UPDATED + 1})
     assert timed == rename
     assert world.walk("/v1/changes", {"field": "first_name", "actor_ip": "10.9.9.9"}) == []
+
+
+def test_filtered_changes_are_exactly_the_matching_changes_in_order(world: World) -> None:
+    """Each filter drives through a different index (the field's, or the history's by object,
+    owner, IP or type); in pages of 3, which end inside an event's changes, each must still
+    give exactly the unfiltered walk's matching changes, in its order."""
+    everything = world.walk("/v1/changes", limit=500)
+    ip = everything[0]["actor"]["ip"]
+    # Times are rendered alike (RFC 3339, UTC, milliseconds), so they sort as strings.
+    since = sorted({c["occurred_at"] for c in everything if c["owner_id"] == SAMPLE_ORG})[1]
+    filters: list[tuple[dict[str, Any], Callable[[dict[str, Any]], bool]]] = [
+        ({"subject": SAMPLE_ORG}, lambda c: SAMPLE_ORG in (c["owner_id"], c["subject"]["id"])),
+        ({"subject": FRESH_USER}, lambda c: FRESH_USER in (c["owner_id"], c["subject"]["id"])),
+        ({"field": "first_name"}, lambda c: c["field"] == "first_name"),
+        ({"actor_ip": ip}, lambda c: c["actor"]["ip"] == ip),
+        ({"type": "user.*"}, lambda c: c["type"].startswith("user.")),
+        (
+            {"subject": SAMPLE_ORG, "type": "organizationMembership.*", "since": since},
+            lambda c: (
+                SAMPLE_ORG in (c["owner_id"], c["subject"]["id"])
+                and c["type"].startswith("organizationMembership.")
+                and c["occurred_at"] >= since
+            ),
+        ),
+        (
+            {"field": "first_name", "actor_ip": ip},
+            lambda c: c["field"] == "first_name" and c["actor"]["ip"] == ip,
+        ),
+    ]
+    for params, matches in filters:
+        expected = [c for c in everything if matches(c)]
+        assert expected, params
+        assert world.walk("/v1/changes", params, limit=3) == expected, params
 
 
 def test_a_late_snapshot_is_stale_in_history_and_changes_and_leaves_state_alone(
@@ -912,16 +945,14 @@ def _fill(log: AuditLog) -> None:
         f"{prefix}INSERT INTO {events['event_subjects']} (clerk_id, position)"
         f" SELECT 'user_syn_' || (g % 3000), 1000000 + g FROM {series}",
         f"{prefix}INSERT INTO {objects['changes']} (position, object_id, field, from_value,"
-        " to_value, owner_id, type, occurred_at, actor_ip)"
-        " SELECT 1000000 + g, 'user_syn_' || (g % 3000), 'field_' || (g % 50), '1', '2',"
-        " 'user_syn_' || (g % 3000), 'syn.t' || (g % 30), 1800000000000 + g * 1000,"
-        " '10.0.0.' || (g % 200)"
+        " to_value)"
+        " SELECT 1000000 + g, 'user_syn_' || (g % 3000), 'field_' || (g % 50), '1', '2'"
         f" FROM {series}",
         f"{prefix}INSERT INTO {objects['history']} (position, object_id, object_type, owner_id,"
-        " event_id, type, occurred_at, received_at, actor, stale)"
+        " event_id, type, occurred_at, received_at, actor, actor_ip, stale)"
         " SELECT 1000000 + g, 'user_syn_' || (g % 3000), 'user', 'org_syn_' || (g % 100),"
-        " 'msg_syn_' || g, 'syn.updated', 1800000000000 + g * 1000, 1800000000000 + g * 1000,"
-        " '{}', 0"
+        " 'msg_syn_' || g, 'syn.t' || (g % 30), 1800000000000 + g * 1000,"
+        " 1800000000000 + g * 1000, '{}', '10.0.0.' || (g % 200), 0"
         f" FROM {series}",
     ]
     with db.transaction() as cursor:
@@ -1005,7 +1036,20 @@ def test_documented_filters_use_indexes(world: World, monkeypatch: pytest.Monkey
             db, queries.ChangeFilters(fields=("field_3", "field_4")), after=None, limit=50
         ),
         lambda: queries.changes_page(
+            db,
+            queries.ChangeFilters(fields=("field_3",)),
+            after=(1_010_000, "user_syn_1", "field_3"),
+            limit=50,
+            upto=1_015_000,
+        ),
+        lambda: queries.changes_page(
             db, queries.ChangeFilters(actor_ip="10.0.0.9"), after=None, limit=50
+        ),
+        lambda: queries.changes_page(
+            db,
+            queries.ChangeFilters(actor_ip="10.0.0.9"),
+            after=(1_010_000, "user_syn_1", "field_3"),
+            limit=50,
         ),
         lambda: queries.changes_page(
             db, queries.ChangeFilters(types=tf(["syn.*", "syn.t3"])), after=None, limit=50
