@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.sto
 from audit import queries
 from audit.application import AuditLog
 from audit.config import PostgresDatabase, parse_database_url
-from audit.queries import ChangeFilters, EventFilters
+from audit.queries import ChangeFilters, EventFilters, TypeFilter
 from audit.storage import events_table_name
 from bench.procstat import machine_busy_seconds, read_stat
 from bench.serverproc import ServerProcess, audit_command, free_port
@@ -98,6 +98,7 @@ ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec(
         "/v1/changes?subject={user}", lambda r, i: f"/v1/changes?subject={_pick(r, i.users)}"
     ),
+    RouteSpec("/v1/changes?type=user.updated", lambda r, i: "/v1/changes?type=user.updated"),
     RouteSpec("/v1/events?subject={user}", lambda r, i: f"/v1/events?subject={_pick(r, i.users)}"),
     RouteSpec(
         "/v1/organizations/{id}/members",
@@ -511,6 +512,12 @@ def explain_routes(url: str, ids: Ids) -> None:
         (
             "/v1/changes?subject={user}",
             lambda db: queries.changes_page(db, ChangeFilters(subject=user), after=None, limit=50),
+        ),
+        (
+            "/v1/changes?type=user.updated",
+            lambda db: queries.changes_page(
+                db, ChangeFilters(types=TypeFilter.parse(["user.updated"])), after=None, limit=50
+            ),
         ),
         (
             "/v1/events?subject={user}",
