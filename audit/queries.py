@@ -6,9 +6,10 @@ position: positions only grow). Each query is driven by one index:
 
 - events: by position (primary key); `subject` through `event_subjects (clerk_id, position)`;
   `type` through `events (type, position)`, one index range per type merged by position;
-- changes: by `(position, object_id, field)` (primary key); `field` through `(field, position)`;
-  `subject`, `actor_ip` and `type` through the history indexes by object, owner, IP and type,
-  each joined to its changes by the `changes` primary key;
+- changes: in `(position, object_id, field)` order. `field` through `changes (field, position)`,
+  each change's history row then by position; otherwise history drives (`subject`, `actor_ip`,
+  `type` and `since`/`until` through its indexes, none through its primary key), each history
+  row's changes then through the `changes` primary key;
 - histories through `history (object_id, position)` and `(owner_id, position)`, a page's changes
   through the `changes` primary key;
 - current-state lists through `(owner_id | user_id, created_at, id)`;

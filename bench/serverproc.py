@@ -18,6 +18,11 @@ import httpx
 
 from bench.procstat import tree_cpu_seconds
 
+# The tree this benchmark runs from. A server (and the projections' child it starts) must import
+# `audit` from here too: the virtualenv's `audit` script would import the checkout it was
+# installed from, so a benchmark run from another worktree compared that checkout's server with
+# its own projections.
+TREE = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 # An exception's last traceback line, an ERROR log line, or an access-log line for a 5xx.
@@ -47,8 +52,13 @@ class ServerProcess:
             # Killed (kill, timeout), the benchmark still runs its `finally`s: the server it
             # started, in a session of its own, is stopped, and its schema dropped.
             signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+        path = os.pathsep.join(filter(None, [str(TREE), env.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env={**env, "PYTHONPATH": path},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def wait_ready(self, path: str = "/healthz") -> float:
