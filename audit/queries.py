@@ -111,16 +111,16 @@ def _missing_table(exc: BaseException) -> bool:
 # The live generation of each projection, per database, so that a read costs one query, not two.
 # A switch drops the old generation's tables in the same transaction that changes the registry,
 # so a stale entry shows itself as a missing table and is then looked up again.
-_live_generations: weakref.WeakKeyDictionary[Db, dict[str, int]] = weakref.WeakKeyDictionary()
+_live_generations: weakref.WeakKeyDictionary[Db, dict[str, Tables]] = weakref.WeakKeyDictionary()
 
 
 def _with_tables(db: Db, projection: str, query: Callable[[Tables], T]) -> T:
     """Run `query` against the live generation; look it up again if a rebuild switched it."""
     known = _live_generations.setdefault(db, {})
     for attempt in (1, 2):
-        generation = known.get(projection) if attempt == 1 else None
-        if generation is not None:
-            tables = Tables(db, projection, generation)
+        cached = known.get(projection) if attempt == 1 else None
+        if cached is not None:
+            tables = cached
         else:
             try:
                 tables = active_tables(db, projection)
@@ -130,7 +130,7 @@ def _with_tables(db: Db, projection: str, query: Callable[[Tables], T]) -> T:
                 if _missing_table(exc):
                     raise ProjectionNotReady(projection) from None
                 raise
-            known[projection] = tables.generation
+            known[projection] = tables
         try:
             return query(tables)
         except Exception as exc:
@@ -617,8 +617,12 @@ def changes_page(
 
     def query(t: Tables) -> Page:
         history, changes = _Side(), _Side()
-        history.where, history.params = _time_where("occurred_at", filters.since, filters.until)
-        types = _resolve_types(db, t["history"], filters.types) if filters.types else []
+        # Which side holds each event's type, time and IP: `objects` v3 kept them (indexed) on
+        # every change row. It is read while v4 is being built beside it.
+        facts = changes if t.version is not None and t.version < 4 else history
+        facts.where, facts.params = _time_where("occurred_at", filters.since, filters.until)
+        facts_table = t["changes"] if facts is changes else t["history"]
+        types = _resolve_types(db, facts_table, filters.types) if filters.types else []
         if filters.types and not types:
             return Page([], None)
         # Each candidate: its alternative conditions, and the side they are on.
@@ -629,13 +633,13 @@ def changes_page(
         if filters.fields:
             candidates.append(([("field = %s", [name]) for name in filters.fields], changes))
         if filters.actor_ip is not None:
-            candidates.append(([("actor_ip = %s", [filters.actor_ip])], history))
+            candidates.append(([("actor_ip = %s", [filters.actor_ip])], facts))
         if types:
-            candidates.append(([("type = %s", [name]) for name in types], history))
+            candidates.append(([("type = %s", [name]) for name in types], facts))
         # The first filter that can drive drives; the others filter what it finds. Without
-        # one, history drives, by position: it is a tenth the size of `changes`.
+        # one, the side with the time drives, by position (history: a tenth the size).
         driving, driver = next(
-            ((c, side) for c, side in candidates if len(c) <= MAX_BRANCHES), ([], history)
+            ((c, side) for c, side in candidates if len(c) <= MAX_BRANCHES), ([], facts)
         )
         for candidate, side in candidates:
             if candidate is not driving:
@@ -645,11 +649,11 @@ def changes_page(
         if driver is history:
             # An event is both its object's and its owner's: those branches find it twice.
             overlapping = filters.subject is not None and driving is candidates[0][0]
-            rows = _changes_by_history(
+            rows = _walk_from_history(
                 db, t, (driving, overlapping), history, changes, after, limit + 1
             )
         else:
-            rows = _changes_by_field(db, t, driving, history, changes, after, limit + 1)
+            rows = _walk_from_changes(db, t, driving, history, changes, after, limit + 1)
         return _page(
             rows, limit, lambda row: (row["position"], row["object_id"], row["field"]), _change
         )
@@ -661,7 +665,7 @@ def _values(candidate: list[tuple[str, list[Any]]]) -> list[Any]:
     return [value for _, values in candidate for value in values]
 
 
-def _changes_by_history(
+def _walk_from_history(
     db: Db,
     t: Tables,
     driving: tuple[list[tuple[str, list[Any]]], bool],
@@ -700,7 +704,7 @@ def _changes_by_history(
         history_after, count = (events[-1]["position"],), count * 2
 
 
-def _changes_by_field(
+def _walk_from_changes(
     db: Db,
     t: Tables,
     driving: list[tuple[str, list[Any]]],
@@ -709,7 +713,8 @@ def _changes_by_field(
     after: tuple[int, str, str] | None,
     wanted: int,
 ) -> list[dict[str, Any]]:
-    """Changes in key order through the field index, then their events' history rows."""
+    """Changes in key order through their index (the field's), then their events' history
+    rows."""
     found: list[dict[str, Any]] = []
     count = wanted
     while True:

@@ -21,11 +21,16 @@ class StoredDelivery:
 
 
 class Tables:
-    """Physical names of one generation of a projection's tables."""
+    """Physical names of one generation of a projection's tables, and, where known (reads), the
+    projection version that made them: a live generation may be older than the code reading it
+    while its successor is being built."""
 
-    def __init__(self, db: Db, projection: str, generation: int) -> None:
+    def __init__(
+        self, db: Db, projection: str, generation: int, version: int | None = None
+    ) -> None:
         self.db = db
         self.generation = generation
+        self.version = version
         self.prefix = f"p_{projection}_g{generation}_"
 
     def __getitem__(self, logical: str) -> str:

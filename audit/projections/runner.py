@@ -566,8 +566,9 @@ def tracking_key(name: str, generation: int) -> str:
 def active_tables(db: Db, name: str) -> Tables:
     """The tables reads should use for projection `name` right now."""
     row = db.fetchone(
-        f"SELECT generation FROM {db.table('projection_registry')} WHERE name = %s", (name,)
+        f"SELECT generation, version FROM {db.table('projection_registry')} WHERE name = %s",
+        (name,),
     )
     if row is None:
         raise UnknownProjection(name)
-    return Tables(db, name, row["generation"])
+    return Tables(db, name, row["generation"], row["version"])
