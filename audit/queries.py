@@ -562,6 +562,9 @@ def _changes_of(
 # it wanted were not spread evenly over the positions: 12 ms for one page of `type=`.)
 _CHANGE_COLUMNS = "position, object_id, field, from_value, to_value"
 _FIRST_ROUND_ROWS = 16  # history rows; a version has ten or so changes
+# Rounds double up to this many rows, whose positions are the next statement's parameters
+# (PostgreSQL takes at most 65,535 a statement, SQLite's default build 32,766).
+_MAX_ROUND_ROWS = 1000
 
 
 def _change(row: Any) -> dict[str, Any]:
@@ -701,7 +704,7 @@ def _walk_from_history(
             found += _joined(rows, by_position)
         if len(found) >= wanted or len(events) < count:
             return found
-        history_after, count = (events[-1]["position"],), count * 2
+        history_after, count = (events[-1]["position"],), min(count * 2, _MAX_ROUND_ROWS)
 
 
 def _walk_from_changes(
@@ -716,7 +719,7 @@ def _walk_from_changes(
     """Changes in key order through their index (the field's), then their events' history
     rows."""
     found: list[dict[str, Any]] = []
-    count = wanted
+    count = min(wanted, _MAX_ROUND_ROWS)
     while True:
         rows = _select(
             db,
@@ -736,7 +739,8 @@ def _walk_from_changes(
         if len(found) >= wanted or len(rows) < count:
             return found[:wanted]
         last = rows[-1]
-        after, count = (last["position"], last["object_id"], last["field"]), count * 2
+        last_key = (last["position"], last["object_id"], last["field"])
+        after, count = last_key, min(count * 2, _MAX_ROUND_ROWS)
 
 
 def _joined(changes: list[Any], events: dict[int, Any]) -> list[dict[str, Any]]:

@@ -416,16 +416,27 @@ def test_changes_and_filters(world: World) -> None:
     assert world.walk("/v1/changes", {"field": "first_name", "actor_ip": "10.9.9.9"}) == []
 
 
-@pytest.mark.parametrize("first_round", [None, 1])
+@pytest.mark.parametrize("small_rounds", [False, True])
 def test_filtered_changes_are_exactly_the_matching_changes_in_order(
-    world: World, first_round: int | None, monkeypatch: pytest.MonkeyPatch
+    world: World, small_rounds: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each filter drives through a different index (the field's, or the history's by object,
     owner, IP or type); in pages of 1 and 3, which end inside an event's changes, each must still
-    give exactly the unfiltered walk's matching changes, in its order. (A first round of one
-    history row, or pages of one, make a page take several rounds.)"""
-    if first_round is not None:
-        monkeypatch.setattr(queries, "_FIRST_ROUND_ROWS", first_round)
+    give exactly the unfiltered walk's matching changes, in its order. (Pages of one, or
+    rounds of one history row doubling to at most two rows, make a page take several rounds.)"""
+    widest = [0]  # the most positions one statement looked up
+    if small_rounds:
+        monkeypatch.setattr(queries, "_FIRST_ROUND_ROWS", 1)
+        monkeypatch.setattr(queries, "_MAX_ROUND_ROWS", 2)
+        db = world.log.db
+        fetchall = db.fetchall
+
+        def counting(statement: str, params: Any = ()) -> list[Any]:
+            for marks in re.findall(r"position IN \(([^)]*)\)", statement):
+                widest[0] = max(widest[0], marks.count("%s"))
+            return fetchall(statement, params)
+
+        monkeypatch.setattr(db, "fetchall", counting)
     everything = world.walk("/v1/changes", limit=500)
     owned = [c for c in everything if SAMPLE_ORG in (c["owner_id"], c["subject"]["id"])]
     ip = everything[0]["actor"]["ip"]
@@ -464,6 +475,8 @@ def test_filtered_changes_are_exactly_the_matching_changes_in_order(
         assert expected, params
         for limit in (1, 3):
             assert world.walk("/v1/changes", params, limit=limit) == expected, (params, limit)
+    if small_rounds:
+        assert widest[0] == 2, "rounds must be capped at _MAX_ROUND_ROWS positions"
 
 
 def test_changes_and_history_read_a_live_objects_v3_generation_alike(world: World) -> None:
