@@ -424,7 +424,7 @@ def test_filtered_changes_are_exactly_the_matching_changes_in_order(
     owner, IP or type); in pages of 1 and 3, which end inside an event's changes, each must still
     give exactly the unfiltered walk's matching changes, in its order. (Pages of one, or
     rounds of one history row doubling to at most two rows, make a page take several rounds.)"""
-    widest = [0]  # the most positions one statement looked up
+    widest = [0]  # the most history rows' changes one statement looked up
     if small_rounds:
         monkeypatch.setattr(queries, "_FIRST_ROUND_ROWS", 1)
         monkeypatch.setattr(queries, "_MAX_ROUND_ROWS", 2)
@@ -432,7 +432,7 @@ def test_filtered_changes_are_exactly_the_matching_changes_in_order(
         fetchall = db.fetchall
 
         def counting(statement: str, params: Any = ()) -> list[Any]:
-            for marks in re.findall(r"position IN \(([^)]*)\)", statement):
+            for marks in re.findall(r'_changes" WHERE position IN \(([^)]*)\)', statement):
                 widest[0] = max(widest[0], marks.count("%s"))
             return fetchall(statement, params)
 
