@@ -753,9 +753,9 @@ def _walk_from_changes(
 
 
 def _joined(changes: list[Any], events: dict[int, Any]) -> list[dict[str, Any]]:
-    """Each change (in key order) with its event's history row; a change whose row is not
-    there (filtered out) is dropped."""
-    return [{**events[row["position"]], **row} for row in changes if row["position"] in events]
+    """Each change (in key order) with its event's history row. Every change has one, written
+    and rewritten with it in one transaction: a missing one fails the read, not shortens it."""
+    return [{**events[row["position"]], **row} for row in changes]
 
 
 def last_change_position(db: Db) -> int:
