@@ -637,7 +637,8 @@ def changes_page(
         # Which side holds each event's type, time and IP: `objects` v3 kept them (indexed) on
         # every change row. It is read while v4 is being built beside it.
         facts = changes if t.version is not None and t.version < 4 else history
-        facts.where, facts.params = _time_where("occurred_at", filters.since, filters.until)
+        time_where, time_params = _time_where("occurred_at", filters.since, filters.until)
+        facts.where, facts.params = list(time_where), list(time_params)
         facts_table = t["changes"] if facts is changes else t["history"]
         types = _resolve_types(db, facts_table, filters.types) if filters.types else []
         if filters.types and not types:
@@ -663,6 +664,14 @@ def changes_page(
                 side.add(f"({' OR '.join(sql for sql, _ in candidate)})", _values(candidate))
         if upto is not None:
             driver.add("position <= %s", [upto])
+        if after is None and filters.since is not None:
+            # A first page from `since` starts at the first event that late, not at position 0:
+            # times rise with positions, and a planner expecting late events spread evenly
+            # walked the whole earlier stream to find them (318 ms at 1,000,000 events).
+            first = _first_position(db, facts_table, time_where, time_params)
+            if first is None:
+                return Page([], None)
+            driver.add("position >= %s", [first])
         if driver is history:
             # An event is both its object's and its owner's: those branches find it twice.
             overlapping = filters.subject is not None and driving is candidates[0][0]
@@ -676,6 +685,16 @@ def changes_page(
         )
 
     return _with_tables(db, "objects", query)
+
+
+def _first_position(db: Db, table: str, where: list[str], params: list[Any]) -> int | None:
+    """The first position whose row in `table` meets these time conditions, found through the
+    time index. (`+ 0`: for `MIN(position)` a planner would walk the primary key until a row
+    met them, the walk this is meant to save.)"""
+    row = db.fetchone(
+        f"SELECT MIN(position + 0) AS first FROM {table} WHERE {' AND '.join(where)}", params
+    )
+    return None if row is None else row["first"]
 
 
 def _values(candidate: list[tuple[str, list[Any]]]) -> list[Any]:

@@ -466,6 +466,10 @@ def test_filtered_changes_are_exactly_the_matching_changes_in_order(
         ),
         ({"since": since}, lambda c: c["occurred_at"] >= since),
         (
+            {"field": "first_name", "since": since},
+            lambda c: c["field"] == "first_name" and c["occurred_at"] >= since,
+        ),
+        (
             {"field": "first_name", "type": "user.updated"},
             lambda c: c["field"] == "first_name" and c["type"] == "user.updated",
         ),
