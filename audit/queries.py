@@ -536,12 +536,8 @@ def _changes_of(
     its version's diff sorted them), in one query through the primary key."""
     if not entries:
         return {}
-    where, params = _in("position", sorted({entry["position"] for entry in entries}))
-    rows = db.fetchall(
-        f"SELECT position, object_id, field, from_value, to_value FROM {t['changes']}"
-        f" WHERE {where}",
-        params,
-    )
+    positions = sorted({entry["position"] for entry in entries})
+    rows = _Side().rows_at(db, t["changes"], _CHANGE_COLUMNS, positions)
     changes: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for row in sorted(rows, key=lambda row: row["field"]):
         changes.setdefault((row["position"], row["object_id"]), []).append(
