@@ -29,6 +29,7 @@ class Tables:
         self, db: Db, projection: str, generation: int, version: int | None = None
     ) -> None:
         self.db = db
+        self.projection = projection
         self.generation = generation
         self.version = version
         self.prefix = f"p_{projection}_g{generation}_"
@@ -66,6 +67,62 @@ class Projection(ABC):
         """Apply deliveries in position order: a whole batch, or one at a time when a batch
         has failed. Runs inside the transaction that also advances the position, so a
         projection may gather its writes and send them at the end."""
+
+
+# Time marks. A delivery's `occurred_at` mostly rises with its store position, but not always (late
+# arrivals), so a time index cannot say where in position order the deliveries from a time on
+# begin: PostgreSQL walked the whole earlier stream to find them, or the time index's whole
+# range. A projection that keeps marks records, for each run of TIME_MARK_POSITIONS positions,
+# the latest `occurred_at` of the deliveries it has applied up to that run's end. Marks never
+# fall as runs go on, so one index probe finds the first run whose mark reaches a time, and no
+# delivery before that run is that late.
+TIME_MARK_POSITIONS = 1024
+_TIME_MARK_COLUMNS = (("run", "bigint"), ("latest", "bigint"))
+
+
+def time_marks_schema(t: Tables) -> str:
+    return f"CREATE TABLE {t['time_marks']} (run BIGINT PRIMARY KEY, latest BIGINT NOT NULL)"
+
+
+def time_marks_index(t: Tables) -> str:
+    return (
+        f"CREATE INDEX IF NOT EXISTS {t.index('time_marks_latest')}"
+        f" ON {t['time_marks']} (latest, run)"
+    )
+
+
+def mark_times(cursor: Cursor, t: Tables, db: Db, events: Sequence[StoredDelivery]) -> None:
+    """Raise the time marks of the runs these deliveries (in position order, after every
+    delivery applied before them) fall in."""
+    times = [(e.position, e.delivery.occurred_at) for e in events]
+    if all(occurred_at is None for _, occurred_at in times):
+        return
+    cursor.execute(db.sql(f"SELECT latest FROM {t['time_marks']} ORDER BY run DESC LIMIT 1"))
+    last = cursor.fetchone()
+    latest: int | None = None if last is None else last["latest"]
+    marks: dict[int, int] = {}
+    for position, occurred_at in times:
+        if occurred_at is not None:
+            latest = occurred_at if latest is None else max(latest, occurred_at)
+        if latest is not None:
+            marks[position // TIME_MARK_POSITIONS] = latest
+    db.insert_rows(
+        cursor,
+        t["time_marks"],
+        _TIME_MARK_COLUMNS,
+        list(marks.items()),
+        on_conflict="ON CONFLICT (run) DO UPDATE SET latest = excluded.latest",
+    )
+
+
+def marked_start(db: Db, t: Tables, since: int) -> int | None:
+    """The first position of the first run whose mark reaches `since`: no delivery this
+    generation applied before it occurred at `since` or later (None: none did)."""
+    row = db.fetchone(
+        f"SELECT run FROM {t['time_marks']} WHERE latest >= %s ORDER BY latest, run LIMIT 1",
+        [since],
+    )
+    return None if row is None else int(row["run"]) * TIME_MARK_POSITIONS
 
 
 def to_json(value: Any) -> str:

@@ -11,7 +11,15 @@ from collections.abc import Sequence
 
 from audit.aggregates.actor import actor_of
 from audit.aggregates.routing import related_ids
-from audit.projections.base import Projection, StoredDelivery, Tables, to_json
+from audit.projections.base import (
+    Projection,
+    StoredDelivery,
+    Tables,
+    mark_times,
+    time_marks_index,
+    time_marks_schema,
+    to_json,
+)
 from audit.storage import Cursor, Db
 
 EVENT_COLUMNS = (
@@ -31,9 +39,9 @@ SUBJECT_COLUMNS = (("clerk_id", "text"), ("position", "bigint"))
 
 class EventIndex(Projection):
     name = "events"
-    version = 2
+    version = 3
     rebuild_seconds = 125.8
-    table_names = ("events", "event_subjects")
+    table_names = ("events", "event_subjects", "time_marks")
 
     def schema(self, t: Tables, db: Db) -> list[str]:
         return [
@@ -54,6 +62,7 @@ class EventIndex(Projection):
             f"CREATE TABLE {t['event_subjects']} ("
             " clerk_id TEXT NOT NULL,"
             " position BIGINT NOT NULL)",
+            time_marks_schema(t),
         ]
 
     def read_indexes(self, t: Tables) -> list[str]:
@@ -64,9 +73,11 @@ class EventIndex(Projection):
             f" ON {t['events']} (type, position)",
             f"CREATE INDEX IF NOT EXISTS {t.index('events_occurred')}"
             f" ON {t['events']} (occurred_at, position)",
+            time_marks_index(t),
         ]
 
     def apply(self, cursor: Cursor, t: Tables, db: Db, events: Sequence[StoredDelivery]) -> None:
+        mark_times(cursor, t, db, events)
         indexed = []
         subjects = []
         for event in events:

@@ -23,7 +23,16 @@ from audit.aggregates.state import (
     session_view,
 )
 from audit.aggregates.versions import ObjectVersions, Version, place
-from audit.projections.base import Projection, StoredDelivery, Tables, from_json, to_json
+from audit.projections.base import (
+    Projection,
+    StoredDelivery,
+    Tables,
+    from_json,
+    mark_times,
+    time_marks_index,
+    time_marks_schema,
+    to_json,
+)
 from audit.storage import Cursor, Db
 from audit.timeparse import epoch_ms
 
@@ -120,9 +129,9 @@ VIEW_OF_TABLE = {
 
 class ObjectsProjection(Projection):
     name = "objects"
-    version = 4
+    version = 5
     rebuild_seconds = 233.5
-    table_names = ("versions", "history", "changes", *VIEW_OF_TABLE)
+    table_names = ("versions", "history", "changes", "time_marks", *VIEW_OF_TABLE)
 
     def schema(self, t: Tables, db: Db) -> list[str]:
         # The indexes here are the ones `apply` itself reads by (a batch's latest versions and
@@ -147,6 +156,7 @@ class ObjectsProjection(Projection):
             " position BIGINT NOT NULL, object_id TEXT NOT NULL, field TEXT NOT NULL,"
             " from_value TEXT, to_value TEXT,"
             " PRIMARY KEY (position, object_id, field))",
+            time_marks_schema(t),
         ]
         for table in VIEW_OF_TABLE:
             statements += [
@@ -170,10 +180,11 @@ class ObjectsProjection(Projection):
                 ("occurred", "occurred_at"),
             )
         ]
-        statements.append(
+        statements += [
             f"CREATE INDEX IF NOT EXISTS {t.index('changes_field')}"
-            f" ON {t['changes']} (field, position)"
-        )
+            f" ON {t['changes']} (field, position)",
+            time_marks_index(t),
+        ]
         for table in VIEW_OF_TABLE:
             statements += [
                 f"CREATE INDEX IF NOT EXISTS {t.index(f'{table}_{column}')}"
@@ -183,6 +194,7 @@ class ObjectsProjection(Projection):
         return statements
 
     def apply(self, cursor: Cursor, t: Tables, db: Db, events: Sequence[StoredDelivery]) -> None:
+        mark_times(cursor, t, db, events)
         versioned = []
         for event in events:
             family = event.delivery.type.split(".", 1)[0]
