@@ -67,6 +67,7 @@ class Ids:
     sessions: list[str]
     orgs: list[str]
     as_of: list[tuple[str, int]]  # a user and a time between its first and last version
+    times: list[int]  # between the stream's first and last occurred_at
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,11 @@ ROUTES: tuple[RouteSpec, ...] = (
         lambda r, i: f"/v1/organizations/{_pick(r, i.orgs)}/members",
     ),
     RouteSpec("/v1/users/{id}?as_of={time}", lambda r, i: _as_of_path(_pick(r, i.as_of))),
+    RouteSpec("/v1/events?since={time}", lambda r, i: f"/v1/events?since={_pick(r, i.times)}"),
+    RouteSpec(
+        "/v1/changes?field=first_name&since={time}",
+        lambda r, i: f"/v1/changes?field=first_name&since={_pick(r, i.times)}",
+    ),
 )
 
 
@@ -231,9 +237,12 @@ def sample_ids(database: PostgresDatabase, seed: int) -> Ids:
             " WHERE object_id = ANY(%s) GROUP BY object_id",
             [users],
         ).fetchall()
+        span = conn.execute(f"SELECT MIN(occurred_at), MAX(occurred_at) FROM {history}")
+        earliest, latest = span.fetchone() or (0, 0)
     rng = random.Random(seed)
     as_of = [(user, rng.randint(first, last)) for user, first, last in spans if first is not None]
-    return Ids(users, sessions, orgs, as_of)
+    times = [rng.randint(earliest, latest) for _ in range(SAMPLE_SIZE)]
+    return Ids(users, sessions, orgs, as_of, times)
 
 
 def drop_schema(url: str, schema: str) -> None:
@@ -523,6 +532,18 @@ def explain_routes(url: str, ids: Ids) -> None:
             "/v1/events?subject={user}",
             lambda db: queries.events_page(
                 RecordingLog(log, db), EventFilters(subject=user), after=None, limit=50
+            ),
+        ),
+        (
+            "/v1/events?since={time}",
+            lambda db: queries.events_page(
+                RecordingLog(log, db), EventFilters(since=ids.times[0]), after=None, limit=50
+            ),
+        ),
+        (
+            "/v1/changes?field=first_name&since={time}",
+            lambda db: queries.changes_page(
+                db, ChangeFilters(fields=("first_name",), since=ids.times[0]), after=None, limit=50
             ),
         ),
         (
