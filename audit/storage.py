@@ -262,6 +262,16 @@ class Db:
             return f'"{self.schema}"."{name}"'
         return f'"{name}"'
 
+    def table_names(self, cursor: Cursor) -> list[str]:
+        """The unqualified names of every table in the store's schema (or SQLite file)."""
+        if self.dialect == "postgresql":
+            cursor.execute(
+                "SELECT tablename AS name FROM pg_tables WHERE schemaname = %s", [self.schema]
+            )
+        else:
+            cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        return [row["name"] for row in cursor.fetchall()]
+
     def analyze(self, cursor: Cursor, table: str) -> None:
         """Gather the planner's statistics for a table (on SQLite from a sample, as PostgreSQL
         does, rather than by reading every row)."""

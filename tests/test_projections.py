@@ -248,6 +248,8 @@ def test_a_version_bump_builds_beside_the_live_one_and_switches_atomically(log: 
     v1_tables = active_tables(log.db, "events")
     v1_rows = table_rows(log.db, "events")
     assert len(v1_rows["events"]) == 10
+    with log.db.transaction() as cursor:  # a table that only the old version had
+        cursor.execute(f"CREATE TABLE {v1_tables['retired']} (x INTEGER)")
 
     old, new = EventIndex.version, EventIndexRaised.version
     upgraded = Projector(log, [EventIndexRaised()], batch_size=4)
@@ -267,6 +269,9 @@ def test_a_version_bump_builds_beside_the_live_one_and_switches_atomically(log: 
     assert len(table_rows(log.db, "events")["events"]) == 12
     with pytest.raises(Exception):  # noqa: B017 - the old generation's tables are gone
         log.db.fetchall(f"SELECT * FROM {v1_tables['events']}")
+    with log.db.reader() as cursor:
+        left = [name for name in log.db.table_names(cursor) if name.startswith(v1_tables.prefix)]
+    assert left == [], "every table of the old generation is dropped, known to this version or not"
 
 
 def test_a_forced_rebuild_leaves_the_live_generation_following_the_store(log: AuditLog) -> None:

@@ -154,8 +154,7 @@ class Projector:
         self, cursor: Cursor, projection: Projection, generation: int, *, live: bool
     ) -> None:
         tables = Tables(self.db, projection.name, generation)
-        for logical in projection.table_names:
-            cursor.execute(f"DROP TABLE IF EXISTS {tables[logical]}")
+        self._drop_tables(cursor, tables)  # a build left part-way under this number
         statements = projection.schema(tables, self.db)
         if live:  # serving reads from the start; a build gets its read indexes at the switch
             statements += projection.read_indexes(tables)
@@ -192,13 +191,18 @@ class Projector:
         return generation
 
     def _drop_generation(self, cursor: Cursor, projection: Projection, generation: int) -> None:
-        tables = Tables(self.db, projection.name, generation)
-        for logical in projection.table_names:
-            cursor.execute(f"DROP TABLE IF EXISTS {tables[logical]}")
+        self._drop_tables(cursor, Tables(self.db, projection.name, generation))
         cursor.execute(
             self.db.sql(f"DELETE FROM {self._tracking()} WHERE application_name = %s"),
             [tracking_key(projection.name, generation)],
         )
+
+    def _drop_tables(self, cursor: Cursor, tables: Tables) -> None:
+        """Every table of a generation, not only those this version makes: the generation may
+        be another version's, with tables this one no longer has (or does not know yet)."""
+        for name in self.db.table_names(cursor):
+            if name.startswith(tables.prefix):
+                cursor.execute(f"DROP TABLE IF EXISTS {self.db.table(name)}")
 
     def _tracking(self) -> str:
         return self.db.table(self.tracking_table)
