@@ -7,9 +7,11 @@ position: positions only grow). Each query is driven by one index:
 - events: by position (primary key); `subject` through `event_subjects (clerk_id, position)`;
   `type` through `events (type, position)`, one index range per type merged by position;
 - changes: in `(position, object_id, field)` order. `field` through `changes (field, position)`,
-  each change's history row then by position; otherwise history drives (`subject`, `actor_ip`,
-  `type` and `since`/`until` through its indexes, none through its primary key), each history
-  row's changes then through the `changes` primary key;
+  each change's history row then by position; otherwise history drives (`subject`, `actor_ip`
+  and `type` through its indexes, else by position), each history row's changes then through
+  the `changes` primary key;
+- a first page from `since` (events and changes) starts at the position its generation's time
+  marks give (`audit.projections.base`), not at position 0;
 - histories through `history (object_id, position)` and `(owner_id, position)`, a page's changes
   through the `changes` primary key;
 - current-state lists through `(owner_id | user_id, created_at, id)`;
@@ -641,7 +643,7 @@ def changes_page(
     def query(t: Tables) -> Page:
         history, changes = _Side(), _Side()
         # Which side holds each event's type, time and IP: `objects` v3 kept them (indexed) on
-        # every change row. It is read while v4 is being built beside it.
+        # every change row. It is read while a newer version is being built beside it.
         facts = changes if t.version is not None and t.version < 4 else history
         time_where, time_params = _time_where("occurred_at", filters.since, filters.until)
         facts.where, facts.params = list(time_where), list(time_params)
@@ -691,8 +693,12 @@ def changes_page(
             # taking position and time as independent, expected few and hashed the whole range
             # (11 ms at 200,000 events, against 1.5). With any other condition on the events,
             # matches may be sparse, and its choice stands.
-            since_alone = filters.since is not None and filters.until is None
-            since_alone = since_alone and filters.actor_ip is None and not types
+            since_alone = (
+                filters.since is not None
+                and filters.until is None
+                and filters.actor_ip is None
+                and not types
+            )
             per_row = since_alone and facts is history and db.dialect == "postgresql"
             rows = _walk_from_changes(
                 db, t, driving, history, changes, after, limit + 1, per_row=per_row

@@ -581,9 +581,9 @@ def test_since_reads_a_live_generation_from_before_the_time_marks_alike(
 
 
 def test_changes_and_history_read_a_live_objects_v3_generation_alike(world: World) -> None:
-    """Upgrading: while `objects` v4 is built beside it, reads use the live v3 generation, whose
-    change rows carry their event's owner, type, time and IP (and whose history rows have no
-    IP). Every filter must answer from it exactly what it answers from v4."""
+    """Upgrading: while a newer `objects` is built beside it, reads use the live v3 generation,
+    whose change rows carry their event's owner, type, time and IP (and whose history rows have
+    no IP). Every filter must answer from it exactly what it answers from the current version."""
     everything = world.walk("/v1/changes", limit=500)
     ip = everything[0]["actor"]["ip"]
     since = sorted({c["occurred_at"] for c in everything})[1]
