@@ -44,6 +44,15 @@ class StoreUnavailable(Exception):
     """The database cannot be reached or cannot take the write now; a retry may succeed."""
 
 
+# How long a request waits for a pooled PostgreSQL connection, and a new one takes to connect.
+CONNECTION_WAIT_SECONDS = 3
+# How long the pool keeps retrying one lost connection before it gives up and leaves the next
+# request to start afresh. psycopg_pool doubles its delay between tries (1, 2, 4, 8 s ...) for
+# up to 300 s by default: after a long outage its next try could be a minute away, and every
+# delivery meanwhile would get 503 although the database was back. Shorter than the wait, so
+# the first request after the database returns gets a connection.
+RECONNECT_GIVE_UP_SECONDS = 2.0
+
 # What a lost connection, a refused connect, a pool timeout or a busy SQLite file raise.
 UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
     sqlite3.OperationalError,
@@ -184,7 +193,7 @@ def eventsourcing_env(database: Database) -> dict[str, str]:
         "POSTGRES_SCHEMA": database.schema,
         "POSTGRES_POOL_SIZE": "4",
         "POSTGRES_MAX_OVERFLOW": "8",
-        "POSTGRES_CONNECT_TIMEOUT": "3",
+        "POSTGRES_CONNECT_TIMEOUT": str(CONNECTION_WAIT_SECONDS),
         "POSTGRES_LOCK_TIMEOUT": "10",
         "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "30",
         "APPLICATION_RECORDER_TOPIC": f"{__name__}:AuditPostgresRecorder",
@@ -227,7 +236,7 @@ def postgres_connect_args(database: PostgresDatabase) -> dict[str, Any]:
         "user": database.user,
         "password": database.password,
         "dbname": database.dbname,
-        "connect_timeout": 3,
+        "connect_timeout": CONNECTION_WAIT_SECONDS,
     }
 
 
@@ -249,6 +258,9 @@ class Db:
         self.dialect = dialect
         self.events_table = events_table
         self.schema = schema
+        if dialect == "postgresql":
+            # eventsourcing builds the pool without this setting; the pool reads it per retry.
+            datastore.pool.reconnect_timeout = RECONNECT_GIVE_UP_SECONDS
 
     def sql(self, statement: str) -> str:
         """Adapt a `%s`-placeholder statement to the dialect."""

@@ -53,3 +53,35 @@ def test_store_outage_answers_503_then_recovers() -> None:
         log.close()
         proxy.stop()
         drop_postgres_schema(database)
+
+
+@pytest.mark.postgres
+def test_first_delivery_after_a_long_outage_records() -> None:
+    """The pool retries a lost database with a doubling delay (1, 2, 4, 8 s ...). Left
+    unbounded, after nine seconds down its next try would come some fifteen seconds in, and the
+    first deliveries after the database returned would wait out the backoff and get 503."""
+    database = new_postgres_database()
+    proxy = TcpProxy(database.host, database.port)
+    proxy.start()
+    behind_proxy = replace(database, host="127.0.0.1", port=proxy.port)
+    secret = new_secret()
+    settings = Settings((secret,), behind_proxy, (API_TOKEN,), 1_048_576)
+    log = AuditLog(behind_proxy)
+    try:
+        with TestClient(create_app(settings, log), raise_server_exceptions=False) as client:
+            assert post(client, secret, payload("user.created")).status_code == 200
+
+            proxy.stop()
+            # A load balancer polls readiness through the outage; each poll after the first
+            # waits out the pool's 3 s before answering, so four span about nine seconds.
+            for _ in range(4):
+                assert client.get("/readyz").status_code == 503
+
+            proxy.start()
+            back = post(client, secret, payload("user.updated"))
+            assert back.status_code == 200, back.text
+            assert back.json()["status"] == "recorded"
+    finally:
+        log.close()
+        proxy.stop()
+        drop_postgres_schema(database)
