@@ -215,9 +215,15 @@ def _page(rows: list[Any], limit: int, key: Callable[[Any], tuple[Any, ...]], re
     return Page(items, next_key)
 
 
-def _in(column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+def _in(db: Db, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+    """`column` is one of `values`. On PostgreSQL one array parameter: the statement's text is
+    then the same whatever the count, so psycopg parses it once and the server can keep its
+    plan (an `IN` list of 50 positions was parsed anew on every page: 8% of a changes page's
+    CPU)."""
     if len(values) == 1:
         return f"{column} = %s", [values[0]]
+    if db.dialect == "postgresql":
+        return f"{column} = ANY(%s)", [list(values)]
     return f"{column} IN ({', '.join(['%s'] * len(values))})", list(values)
 
 
@@ -332,13 +338,13 @@ def events_page(
             source = f"{t['event_subjects']} s JOIN {t['events']} e ON e.position = s.position"
             branches = [("s.clerk_id = %s", [filters.subject])]
             if types:
-                sql, values = _in("e.type", types)
+                sql, values = _in(db, "e.type", types)
                 where.append(sql)
                 params += values
         elif types and len(types) <= MAX_BRANCHES:
             branches = [("e.type = %s", [name]) for name in types]
         elif types:
-            sql, values = _in("e.type", types)
+            sql, values = _in(db, "e.type", types)
             where.append(sql)
             params += values
         rows = _select(
@@ -620,7 +626,7 @@ class _Side:
     ) -> list[Any]:
         """The rows at these positions that meet this side's conditions; with `limit`, the
         first in key order after `after`."""
-        where, params = _in("position", positions)
+        where, params = _in(db, "position", positions)
         key_where, key_params = _keyset(["position", "object_id", "field"], after)
         conditions = " AND ".join([where, *self.where, *key_where])
         tail = "" if limit is None else " ORDER BY position, object_id, field LIMIT %s"

@@ -434,8 +434,11 @@ def test_filtered_changes_are_exactly_the_matching_changes_in_order(
         fetchall = db.fetchall
 
         def counting(statement: str, params: Any = ()) -> list[Any]:
-            for marks in re.findall(r'_changes" WHERE position IN \(([^)]*)\)', statement):
-                widest[0] = max(widest[0], marks.count("%s"))
+            # `IN (%s, ...)` on SQLite; one array on PostgreSQL, its first parameter.
+            looked_up = re.search(r'_changes" WHERE position (?:IN \(([^)]*)\)|= ANY)', statement)
+            if looked_up:
+                count = len(params[0]) if looked_up[1] is None else looked_up[1].count("%s")
+                widest[0] = max(widest[0], count)
             return fetchall(statement, params)
 
         monkeypatch.setattr(db, "fetchall", counting)
