@@ -13,6 +13,7 @@ store keeps what was signed; only what leaves through the API is redacted.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 REDACTED = "[redacted]"
@@ -60,23 +61,27 @@ def redact(value: Any, kind: str | None = None) -> Any:
 
 
 def redact_change(object_type: str | None, field: str, value: Any) -> Any:
-    """A `from`/`to` value of a change to `field` (a dotted path) of an object of `object_type`."""
-    path = field.split(".")
-    if not all(path):
-        return redact(value)
-    if not isinstance(value, dict | list):  # most changes: a scalar is secret only by its key
-        kind = kind_of(object_type) if len(path) == 1 else None
-        secret = path[-1] in SECRET_ANYWHERE or path[-1] in SECRET_BY_OBJECT.get(kind or "", ())
-        return REDACTED if secret and value is not None else value
-    nested: dict[str, Any] = {}
-    node = nested
-    for key in path[:-1]:
-        node = node.setdefault(key, {})
-    node[path[-1]] = value
-    redacted = redact(nested, object_type)
-    for key in path:
-        redacted = redacted[key]
-    return redacted
+    """A `from`/`to` value of a change to `field` (a dotted path) of an object of `object_type`.
+
+    Under a secret key (`private_metadata.otp_code.x`) the value is part of the secret, whatever
+    it is; at one (`otp_code`) it is hidden unless there is none. Elsewhere only what the value
+    holds can be secret.
+    """
+    depth = _secret_depth(object_type, field)
+    if depth is None:
+        return redact(value) if isinstance(value, dict | list) else value
+    inside = depth < field.count(".")
+    return REDACTED if inside or value is not None else value
+
+
+@functools.lru_cache(maxsize=4096)  # a page asks about the same few fields over and over
+def _secret_depth(object_type: str | None, field: str) -> int | None:
+    """Where along `field`'s path the first secret key is (0: the first key), or None."""
+    kind = kind_of(object_type)
+    for depth, key in enumerate(field.split(".")):
+        if key in SECRET_ANYWHERE or (depth == 0 and key in SECRET_BY_OBJECT.get(kind or "", ())):
+            return depth
+    return None
 
 
 def _redact(value: Any, kind: str | None, codes: set[str]) -> Any:

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 from httpx import Response
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from api import read
@@ -30,7 +32,7 @@ from audit.cursors import CursorError, decode_cursor, encode_cursor
 from audit.projections import base
 from audit.projections.base import Tables
 from audit.projections.runner import Projector, active_tables
-from audit.redaction import REDACTED, redact, redact_change
+from audit.redaction import REDACTED, SECRET_BY_OBJECT, kind_of, redact, redact_change
 from audit.timeparse import format_time, parse_time
 from tests.conftest import API_TOKEN
 from tests.webhook_helpers import new_svix_id, payload, payload_files, post
@@ -1066,6 +1068,71 @@ def test_redaction_rules() -> None:
     assert redact_change("user", "url", "https://x") == "https://x"
     assert redact_change("user", "private_metadata.otp_code", "1") == REDACTED
     assert redact_change("user", "private_metadata", {"otp_code": "1"}) == {"otp_code": REDACTED}
+    assert redact_change("sms", "message", None) is None  # nothing there to hide
+    assert redact_change("email", ".body", "b") == "b"  # no key `body` of the e-mail
+
+
+@given(
+    object_type=st.sampled_from([None, "user", "email", "sms", "organization_invitation", "x"]),
+    field=st.lists(
+        st.sampled_from(["", "body", "url", "message", "otp_code", "name"]), min_size=1, max_size=3
+    ).map(".".join),
+    value=st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.text(max_size=5),
+        st.dictionaries(st.sampled_from(["otp_code", "name"]), st.text(max_size=5), max_size=2),
+    ),
+)
+def test_a_changed_value_is_redacted_as_it_would_be_in_its_place(
+    object_type: str | None, field: str, value: Any
+) -> None:
+    """A change's value is redacted as the object holding it at `field` would be: through
+    `redact` where the path leads to it, and whole when the path goes through a secret."""
+    path = field.split(".")
+    secret_above = any(key == "otp_code" for key in path[:-1]) or (
+        len(path) > 1 and path[0] in SECRET_BY_OBJECT.get(kind_of(object_type) or "", ())
+    )
+    if secret_above:
+        assert redact_change(object_type, field, value) == REDACTED
+        return
+    if all(path):
+        nested: Any = value
+        for key in reversed(path):
+            nested = {key: nested}
+        expected = redact(nested, object_type)
+        for key in path:
+            expected = expected[key]
+    else:  # not a path into an object: the value alone
+        expected = redact(value)
+    assert redact_change(object_type, field, value) == expected
+
+
+def test_a_code_under_an_otp_code_object_is_never_shown(world: World) -> None:
+    """`otp_code` is secret wherever it is (SPEC 3), also when a customer's metadata makes it an
+    object: the changes beneath it are redacted too, and the pages that show them answer."""
+    codes = ["918273", "564738", "192837"]
+    user = copy.deepcopy(payload("user.created")["data"])
+    user.update(id="user_nested_otp", created_at=T_CREATED, updated_at=T_CREATED)
+    user["private_metadata"] = {"otp_code": {"x": codes[0]}}
+    updated = dict(user, updated_at=T_UPDATED)
+    updated["private_metadata"] = {"otp_code": {"x": codes[1], "y": {"a": codes[2]}}}
+    world.deliver(_envelope("user.created", user, T_CREATED, "198.51.100.1"))
+    world.deliver(_envelope("user.updated", updated, T_UPDATED, UPDATE_IP))
+    world.projector.run_once()
+    history = world.walk("/v1/users/user_nested_otp/history")
+    changes = world.walk("/v1/changes", {"subject": "user_nested_otp"})
+    shown = [
+        (change["field"], change["from"], change["to"])
+        for change in changes + [c for entry in history for c in entry["changes"]]
+        if "otp_code" in change["field"]
+    ]
+    assert shown and all(to == REDACTED for _, _, to in shown), shown
+    export = world.get("/v1/changes", {"subject": "user_nested_otp", "format": "csv"})
+    assert export.status_code == 200
+    for body in (json.dumps(history), json.dumps(changes), export.text):
+        assert not any(code in body for code in codes), body
 
 
 def test_cursor_codec() -> None:
