@@ -42,7 +42,10 @@ def loads(text: str, **fallback: Any) -> Any:
     `json` stops a little short of 1,000; text from outside is first read by `json` (see
     `parse_delivery`), so what is stored never nests deeper than `json` reads.
     """
-    if text.encode(errors="surrogatepass").translate(_DIGITS_AS_ZERO).find(_LONG_DIGIT_RUN) < 0:
+    if (
+        len(text) < len(_LONG_DIGIT_RUN)  # most values in a page: too short to hold one
+        or text.encode(errors="surrogatepass").translate(_DIGITS_AS_ZERO).find(_LONG_DIGIT_RUN) < 0
+    ):
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
