@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
@@ -86,6 +86,78 @@ def test_signed_odd_envelopes_record_and_project(
     projector = Projector(log)
     projector.run_once()
     assert all(row["errors"] == 0 and row["lag"] == 0 for row in projector.status())
+
+
+# Metadata is the customer's JSON: any shape, keys that look like secrets or like paths.
+_KEYS = st.sampled_from(["otp_code", "a", "url", "a.b", "", "id"])
+_metadata = st.dictionaries(
+    _KEYS,
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(alphabet="ab", max_size=3),
+        lambda children: st.lists(children, max_size=3) | st.dictionaries(_KEYS, children),
+        max_leaves=8,
+    ),
+)
+
+
+def _with_codes(value: Any, codes: list[str]) -> Any:
+    """`value` with a fresh code at every otp_code key (kept in `codes`): the code itself where
+    a scalar was, inside an object where an object or a list was."""
+    if isinstance(value, dict):
+        result = {}
+        for key, item in value.items():
+            if key == "otp_code":
+                codes.append(f"7{len(codes):07d}")  # 8 digits: no sample holds such a run
+                item = {"code": codes[-1]} if isinstance(item, dict | list) else codes[-1]
+            result[key] = _with_codes(item, codes)
+        return result
+    if isinstance(value, list):
+        return [_with_codes(item, codes) for item in value]
+    return value
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(before=_metadata, after=_metadata)
+@example(before={"otp_code": {}}, after={"a": [{"otp_code": 1}]})
+def test_any_metadata_reads_back_without_a_5xx_or_a_code(
+    client: TestClient, log: AuditLog, secret: str, before: Any, after: Any
+) -> None:
+    """A user's private metadata changes from one random shape to another: every page about
+    that user answers, and no code put under an otp_code key, at any depth, is in any of them
+    (SPEC 3)."""
+    codes: list[str] = []
+    user = payload("user.created")["data"]
+    user_id = f"user_{new_svix_id()}"
+    bodies = []
+    created = 1716883200000  # 2024-05-28T08:00:00Z
+    for event_type, metadata, at in (
+        ("user.created", before, created),
+        ("user.updated", after, created + 1),
+    ):
+        envelope = payload(event_type)
+        envelope["timestamp"] = at
+        envelope["data"] = dict(user, id=user_id, updated_at=at)
+        envelope["data"]["private_metadata"] = _with_codes(metadata, codes)
+        assert post(client, secret, envelope).status_code == 200
+    Projector(log).run_once()
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    for path, params in (
+        (f"/v1/users/{user_id}", {}),
+        (f"/v1/users/{user_id}", {"as_of": "2024-05-28T08:00:00.000Z"}),
+        (f"/v1/users/{user_id}/history", {}),
+        ("/v1/changes", {"subject": user_id}),
+        ("/v1/changes", {"subject": user_id, "format": "csv"}),
+        ("/v1/events", {"subject": user_id}),
+        ("/v1/events", {"subject": user_id, "format": "ndjson"}),
+    ):
+        response = client.get(path, params=params, headers=auth)
+        assert response.status_code == 200, (path, params, response.text)
+        bodies.append(response.text)
+    assert not [code for code in codes if any(code in body for body in bodies)], bodies
 
 
 def test_deeply_nested_json_is_400(client: TestClient, secret: str) -> None:
