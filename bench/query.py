@@ -4,8 +4,9 @@
 
 Set-up builds a PostgreSQL store of N generated deliveries (bench/store_fill.py: COPY of the rows
 `AuditLog.record` would write, then the service's own `Projector.run_once`), starts `audit serve`
-as users would, and from this process (C threads, each with its own keep-alive httpx.Client)
-requests each route R times with ids sampled from the store. One `query ...` line per route.
+as users would, and from this process (C threads, each with its own keep-alive httpx.Client, or
+with `--client raw` a bare socket) requests each route R times with ids sampled from the store.
+One `query ...` line per route.
 `--explain` prints EXPLAIN ANALYZE of the SQL each route runs (captured from `audit.queries`);
 `--py-spy DIR` profiles the server during each route. See bench/README.md.
 """
@@ -20,6 +21,7 @@ import random
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import psycopg
@@ -316,12 +318,95 @@ class Result:
         return 1000 * ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def client_loop(client: httpx.Client, paths: Iterator[str], result: Result) -> None:
+@dataclass(frozen=True)
+class RawResponse:
+    status_code: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+
+class RawClient:
+    """GET over one keep-alive HTTP/1.1 connection on a bare socket.
+
+    The client's threads share the machine's two cores with the server and PostgreSQL, and one
+    GIL among themselves: httpx spends about 0.5 ms of this process's CPU a request, and a
+    response that arrives while another thread holds the GIL waits, which the latency then
+    counts. This client does no more than the server needs (the answers must carry a
+    Content-Length, as the JSON routes' do).
+    """
+
+    def __init__(self, base: str, headers: dict[str, str], timeout: float = 30) -> None:
+        url = urlsplit(base)
+        self.address = (url.hostname or "127.0.0.1", url.port or 80)
+        fields = {"Host": url.netloc, **headers}
+        self.head = "".join(f"{name}: {value}\r\n" for name, value in fields.items())
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self.buffer = b""
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock, self.buffer = None, b""
+
+    def get(self, path: str) -> RawResponse:
+        try:
+            return self._get(path)
+        except BaseException:
+            self.close()  # the connection's state is unknown: start the next request afresh
+            raise
+
+    def _get(self, path: str) -> RawResponse:
+        if self.sock is None:
+            self.sock = socket.create_connection(self.address, timeout=self.timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\n{self.head}\r\n".encode())
+        head = self._read_until(b"\r\n\r\n")
+        status_line, *header_lines = head.split(b"\r\n")
+        length = None
+        for line in header_lines:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if length is None:
+            raise OSError(f"no Content-Length in the answer to {path}")
+        return RawResponse(int(status_line.split()[1]), self._read_exactly(length))
+
+    def _read_until(self, end: bytes) -> bytes:
+        while (found := self.buffer.find(end)) < 0:
+            self._receive()
+        head, self.buffer = self.buffer[:found], self.buffer[found + len(end) :]
+        return head
+
+    def _read_exactly(self, count: int) -> bytes:
+        while len(self.buffer) < count:
+            self._receive()
+        body, self.buffer = self.buffer[:count], self.buffer[count:]
+        return body
+
+    def _receive(self) -> None:
+        assert self.sock is not None
+        chunk = self.sock.recv(262144)
+        if not chunk:
+            raise OSError("the server closed the connection")
+        self.buffer += chunk
+
+
+def client_loop(client: httpx.Client | RawClient, paths: Iterator[str], result: Result) -> None:
     for path in paths:
         started = time.perf_counter()
         try:
             response = client.get(path)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, OSError) as exc:
             result.statuses[type(exc).__name__] += 1
             if len(result.errors) < 3:
                 result.errors.append(f"{path}: {type(exc).__name__}: {exc}")
@@ -334,7 +419,7 @@ def client_loop(client: httpx.Client, paths: Iterator[str], result: Result) -> N
 
 
 def run_route(
-    clients: Sequence[httpx.Client],
+    clients: Sequence[httpx.Client | RawClient],
     paths: list[str],
     server: ServerProcess,
     backends: PostgresBackends,
@@ -380,11 +465,14 @@ def format_statuses(counts: Counter[Any]) -> str:
     return "{" + ", ".join(f"{key}: {counts[key]}" for key in sorted(counts, key=str)) + "}"
 
 
-def report_line(route: RouteSpec, events: int, clients: int, result: Result) -> str:
+def report_line(
+    route: RouteSpec, events: int, clients: int, result: Result, client: str = "httpx"
+) -> str:
     count = len(result.latencies) or 1
+    client_note = "" if client == "httpx" else f" http_client={client}"
     p99 = result.percentile_ms(0.99)
     line = (
-        f"query route={route.name} events={events} clients={clients}"
+        f"query route={route.name} events={events} clients={clients}{client_note}"
         f" requests={sum(result.statuses.values())}"
         f" p50={result.percentile_ms(0.50):.1f}ms p99={p99:.1f}ms"
         f" max={1000 * max(result.latencies, default=float('nan')):.1f}ms"
@@ -595,6 +683,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--requests", type=int, default=2_000, help="per route")
     parser.add_argument("--workers", type=int, default=1, help="`audit serve --workers`")
+    parser.add_argument(
+        "--client",
+        choices=["httpx", "raw"],
+        default="httpx",
+        help="each client thread's HTTP client: httpx, or a bare keep-alive socket (cheaper)",
+    )
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES)
     parser.add_argument("--schema", help="use (and keep) this schema; built when missing")
     parser.add_argument("--keep", action="store_true", help="keep the schema afterwards")
@@ -669,8 +763,12 @@ def _run_all(
     failures = 0
     for count in args.clients:
         with contextlib.ExitStack() as stack:
-            clients = [
-                stack.enter_context(httpx.Client(base_url=server.base, headers=headers, timeout=30))
+            clients: list[httpx.Client | RawClient] = [
+                stack.enter_context(
+                    RawClient(server.base, headers)
+                    if args.client == "raw"
+                    else httpx.Client(base_url=server.base, headers=headers, timeout=30)
+                )
                 for _ in range(count)
             ]
             warmup = [route.make(rng, ids) for route in routes for _ in range(WARMUP_PER_ROUTE)]
@@ -681,7 +779,7 @@ def _run_all(
                 if args.py_spy:
                     spy = PySpy(args.py_spy / f"c{count}", route.name, server.process.pid)
                 result = run_route(clients, paths, server, backends)
-                print(report_line(route, args.events, count, result), flush=True)
+                print(report_line(route, args.events, count, result, args.client), flush=True)
                 if spy is not None:
                     for line in spy.stop():
                         print(line)
