@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import pytest
 from starlette.testclient import TestClient
@@ -18,8 +19,16 @@ from tests.tcp_proxy import TcpProxy
 from tests.webhook_helpers import payload, post
 
 
-@pytest.mark.postgres
-def test_store_outage_answers_503_then_recovers() -> None:
+@dataclass
+class BehindProxy:
+    client: TestClient
+    proxy: TcpProxy  # stop() is the outage, start() its end
+    secret: str
+
+
+@pytest.fixture
+def served() -> Iterator[BehindProxy]:
+    """The app on a fresh PostgreSQL schema reached through a proxy that can be cut."""
     database = new_postgres_database()
     proxy = TcpProxy(database.host, database.port)
     proxy.start()
@@ -29,26 +38,7 @@ def test_store_outage_answers_503_then_recovers() -> None:
     log = AuditLog(behind_proxy)
     try:
         with TestClient(create_app(settings, log), raise_server_exceptions=False) as client:
-            assert post(client, secret, payload("user.created")).status_code == 200
-
-            proxy.stop()
-            raw = json.dumps(payload("user.updated")).encode()
-            started = time.monotonic()
-            down = post(client, secret, raw, svix_id="msg_during_outage")
-            assert down.status_code == 503, down.text
-            assert down.headers["Retry-After"].isdigit()
-            assert down.json()["error"]["code"] == "store_unavailable"
-            assert time.monotonic() - started < 14, "Svix gives up on a delivery after 15 s"
-            assert client.get("/readyz").status_code == 503
-            assert client.get("/healthz").status_code == 200
-
-            proxy.start()
-            back = post(client, secret, raw, svix_id="msg_during_outage")
-            assert back.status_code == 200, back.text
-            assert back.json()["status"] == "recorded"
-            assert client.get("/readyz").status_code == 200
-            again = post(client, secret, raw, svix_id="msg_during_outage")
-            assert again.json()["status"] == "duplicate"
+            yield BehindProxy(client, proxy, secret)
     finally:
         log.close()
         proxy.stop()
@@ -56,32 +46,45 @@ def test_store_outage_answers_503_then_recovers() -> None:
 
 
 @pytest.mark.postgres
-def test_first_delivery_after_a_long_outage_records() -> None:
+def test_store_outage_answers_503_then_recovers(served: BehindProxy) -> None:
+    client, proxy, secret = served.client, served.proxy, served.secret
+    assert post(client, secret, payload("user.created")).status_code == 200
+
+    proxy.stop()
+    raw = json.dumps(payload("user.updated")).encode()
+    started = time.monotonic()
+    down = post(client, secret, raw, svix_id="msg_during_outage")
+    assert down.status_code == 503, down.text
+    assert down.headers["Retry-After"].isdigit()
+    assert down.json()["error"]["code"] == "store_unavailable"
+    assert time.monotonic() - started < 14, "Svix gives up on a delivery after 15 s"
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/healthz").status_code == 200
+
+    proxy.start()
+    back = post(client, secret, raw, svix_id="msg_during_outage")
+    assert back.status_code == 200, back.text
+    assert back.json()["status"] == "recorded"
+    assert client.get("/readyz").status_code == 200
+    again = post(client, secret, raw, svix_id="msg_during_outage")
+    assert again.json()["status"] == "duplicate"
+
+
+@pytest.mark.postgres
+def test_first_delivery_after_a_long_outage_records(served: BehindProxy) -> None:
     """The pool retries a lost database with a doubling delay (1, 2, 4, 8 s ...). Left
     unbounded, after nine seconds down its next try would come some fifteen seconds in, and the
     first deliveries after the database returned would wait out the backoff and get 503."""
-    database = new_postgres_database()
-    proxy = TcpProxy(database.host, database.port)
+    client, proxy, secret = served.client, served.proxy, served.secret
+    assert post(client, secret, payload("user.created")).status_code == 200
+
+    proxy.stop()
+    # A load balancer polls readiness through the outage; each poll after the first waits out
+    # the pool's 3 s before answering, so four span about nine seconds.
+    for _ in range(4):
+        assert client.get("/readyz").status_code == 503
+
     proxy.start()
-    behind_proxy = replace(database, host="127.0.0.1", port=proxy.port)
-    secret = new_secret()
-    settings = Settings((secret,), behind_proxy, (API_TOKEN,), 1_048_576)
-    log = AuditLog(behind_proxy)
-    try:
-        with TestClient(create_app(settings, log), raise_server_exceptions=False) as client:
-            assert post(client, secret, payload("user.created")).status_code == 200
-
-            proxy.stop()
-            # A load balancer polls readiness through the outage; each poll after the first
-            # waits out the pool's 3 s before answering, so four span about nine seconds.
-            for _ in range(4):
-                assert client.get("/readyz").status_code == 503
-
-            proxy.start()
-            back = post(client, secret, payload("user.updated"))
-            assert back.status_code == 200, back.text
-            assert back.json()["status"] == "recorded"
-    finally:
-        log.close()
-        proxy.stop()
-        drop_postgres_schema(database)
+    back = post(client, secret, payload("user.updated"))
+    assert back.status_code == 200, back.text
+    assert back.json()["status"] == "recorded"
