@@ -35,7 +35,7 @@ import psycopg
 
 from audit.application import AuditLog
 from audit.projections.base import Tables, from_json, marked_start
-from audit.projections.runner import UnknownProjection, active_tables
+from audit.projections.runner import UnknownProjection, active_tables, all_projections
 from audit.storage import Db, StoreUnavailable
 
 T = TypeVar("T")
@@ -716,8 +716,12 @@ def changes_page(
     return _with_tables(db, "objects", query)
 
 
-# From these versions on, a projection's generations keep time marks (`audit.projections.base`).
-_TIME_MARKS_FROM = {"objects": 5, "events": 3}
+# From which version each projection's generations keep time marks, as the projections say.
+_TIME_MARKS_FROM = {
+    projection.name: projection.time_marks_from
+    for projection in all_projections()
+    if projection.time_marks_from is not None
+}
 
 
 def _start_since(db: Db, t: Tables, table: str, since: int) -> int | None:

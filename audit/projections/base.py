@@ -51,6 +51,9 @@ class Projection(ABC):
     # How much work a rebuild of it is, relative to the others: seconds of its steps per
     # 1,000,000 events (bench/rebuild.py). Rebuilds in processes balance by it.
     rebuild_seconds: ClassVar[float] = 1.0
+    # The version from which its generations keep time marks (below), if it keeps them: a live
+    # generation of an older version is read without them while its successor is built.
+    time_marks_from: ClassVar[int | None] = None
 
     @abstractmethod
     def schema(self, t: Tables, db: Db) -> list[str]:

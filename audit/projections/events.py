@@ -40,6 +40,7 @@ SUBJECT_COLUMNS = (("clerk_id", "text"), ("position", "bigint"))
 class EventIndex(Projection):
     name = "events"
     version = 3
+    time_marks_from = 3
     rebuild_seconds = 125.8
     table_names = ("events", "event_subjects", "time_marks")
 
