@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from api.app import create_app
     from audit.projections.runner import Projector
-    from audit.serving import ProjectionProcess, run_workers
+    from audit.serving import ProjectionProcess
 
     settings = load_settings()
     log = open_log(settings.database)
@@ -59,16 +59,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with ProjectionProcess(settings.database):
         if args.workers > 1:
             log.close()
-            run_workers(
-                uvicorn.Config(
-                    "api.app:app_from_env",
-                    factory=True,
-                    host=args.host,
-                    port=args.port,
-                    workers=args.workers,
-                    log_level="info",
-                    access_log=False,  # api.access_log writes one without query strings
-                )
+            uvicorn.run(
+                "api.app:app_from_env",
+                factory=True,
+                host=args.host,
+                port=args.port,
+                workers=args.workers,
+                log_level="info",
+                access_log=False,  # api.access_log writes one without query strings
             )
         else:
             app = create_app(settings, log, projector=Projector(log), own_log=True)

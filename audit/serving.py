@@ -1,5 +1,4 @@
-"""How `audit serve` runs: the projections in a process of their own, and uvicorn's workers
-with Nagle's algorithm off.
+"""How `audit serve` runs: the projections in a process of their own beside uvicorn.
 
 Projections run beside the API as `audit project`, a child process, rather than as a thread of
 the API process, where they held the GIL the webhook handlers wait for (bench/ingest.py, 32
@@ -11,12 +10,6 @@ write lock, and a slowed holder would hold up the webhooks' appends.)
 
 The child has a session of its own, so a Ctrl-C meant for the server reaches only the server,
 which then stops the child; and the child exits by itself if the server dies without stopping it.
-
-uvicorn binds the shared listening socket as `socket.socket(AF_INET)`, whose `proto` is 0, and
-asyncio turns TCP_NODELAY on only for accepted sockets whose `proto` is IPPROTO_TCP. With one
-worker asyncio binds the socket itself and all is well; with several, each keep-alive response
-waited for the client's delayed ACK, about 40 ms a request (found by bench/query.py). Here the
-same socket is rebound with its protocol named, and the workers inherit that.
 """
 
 from __future__ import annotations
@@ -25,15 +18,11 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from types import TracebackType
-
-import uvicorn
-from uvicorn.supervisors import Multiprocess
 
 from audit.config import Database, PostgresDatabase
 
@@ -43,20 +32,6 @@ PROJECTOR_NICENESS = 10  # on PostgreSQL only (see above)
 PARENT_CHECK_SECONDS = 1.0
 RESTART_DELAYS_SECONDS = (1.0, 10.0)  # the first, and the most after repeated failures
 STOP_TIMEOUT_SECONDS = 15.0
-
-
-def tcp_listening_socket(sock: socket.socket) -> socket.socket:
-    """The same bound socket, as one that says it is TCP (so asyncio sets TCP_NODELAY)."""
-    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.proto == 0:
-        return socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
-    return sock
-
-
-def run_workers(config: uvicorn.Config) -> None:
-    """What `uvicorn.run(..., workers=N)` does, on a socket whose accepted connections are
-    TCP_NODELAY."""
-    sock = tcp_listening_socket(config.bind_socket())
-    Multiprocess(config, sockets=[sock]).run()
 
 
 class ProjectionProcess:

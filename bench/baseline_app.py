@@ -8,9 +8,7 @@ One table (`id text primary key, body text, received_at`), one autocommit INSERT
     uvicorn --app-dir bench baseline_app:app --host 127.0.0.1 --port 8001
 
 `bench/ingest.py` starts it as `python bench/baseline_app.py --host H --port P --workers N`, which
-starts uvicorn the way `audit serve` does: with N > 1, on the listening socket that gives
-accepted connections TCP_NODELAY (audit.serving). Under plain `uvicorn --workers 2` every
-response waited about 40 ms for a delayed ACK, which would have made the baseline look slow.
+starts uvicorn the way `audit serve` does.
 
 `BASELINE_DATABASE` is a libpq URI (PostgreSQL, through a psycopg connection pool per worker) or
 `sqlite:///path.db` (sqlite3, one connection per thread, WAL like the service's own store).
@@ -160,20 +158,12 @@ app = create_app()
 def main() -> None:
     import uvicorn
 
-    from audit.serving import run_workers
-
     parser = argparse.ArgumentParser(description="the baseline receiver under uvicorn")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    if args.workers > 1:
-        config = uvicorn.Config(
-            "baseline_app:app", host=args.host, port=args.port, workers=args.workers
-        )
-        run_workers(config)
-    else:
-        uvicorn.run(app, host=args.host, port=args.port)
+    uvicorn.run("baseline_app:app", host=args.host, port=args.port, workers=args.workers)
 
 
 if __name__ == "__main__":

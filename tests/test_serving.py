@@ -21,16 +21,17 @@ import uvicorn
 
 from audit.config import Database
 from audit.samples import signed_headers
-from audit.serving import tcp_listening_socket
 from tests.conftest import API_TOKEN, new_secret
 from tests.soak.scenario import PROJECT, live_processes, processes, projector_children
 from tests.webhook_helpers import payload
 
 
 def test_the_workers_listening_socket_gives_connections_tcp_nodelay() -> None:
+    """asyncio sets TCP_NODELAY only on connections accepted from a socket whose `proto` is
+    IPPROTO_TCP; uvicorn before 0.55 bound its workers' socket with `proto` 0, and each
+    keep-alive response then waited ~40 ms for the client's delayed ACK (bench/query.py)."""
     config = uvicorn.Config("api.app:app_from_env", host="127.0.0.1", port=0, workers=2)
-    listening = tcp_listening_socket(config.bind_socket())
-    assert listening.proto == socket.IPPROTO_TCP
+    listening = config.bind_socket()
 
     async def accepted_nodelay() -> int:
         accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -49,16 +50,6 @@ def test_the_workers_listening_socket_gives_connections_tcp_nodelay() -> None:
         return nodelay
 
     assert asyncio.run(accepted_nodelay()) != 0
-
-
-def test_uvicorns_own_socket_would_not() -> None:
-    """The reason for tcp_listening_socket: without it, asyncio leaves Nagle on."""
-    config = uvicorn.Config("api.app:app_from_env", host="127.0.0.1", port=0, workers=2)
-    sock = config.bind_socket()
-    try:
-        assert sock.proto == 0
-    finally:
-        sock.close()
 
 
 # -- the projections' process ------------------------------------------------------------------
