@@ -8,7 +8,6 @@ transaction (see `audit.intake`).
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,7 +17,7 @@ from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Snapshot
-from eventsourcing.persistence import IntegrityError, JSONTranscoder, StoredEvent, Transcoding
+from eventsourcing.persistence import IntegrityError, JSONTranscoder, StoredEvent
 
 from audit.aggregates.delivery import Delivery
 from audit.aggregates.routing import (
@@ -49,6 +48,7 @@ from audit.storage import (
     prepare_database,
     setup_lock,
 )
+from audit.transcoding import StateAsJson, StoreTranscoder
 
 # How often one delivery is retried after losing an optimistic-concurrency race on its stream.
 MAX_STREAM_CONFLICT_RETRIES = 20
@@ -84,24 +84,6 @@ class Conflict:
 Outcome = Recorded | Duplicate | Conflict
 
 
-class StateAsJson(Transcoding):
-    """Snapshots hold a UserState or OrganizationState, as one JSON string of its JSON-safe form.
-
-    A string, not nested dicts: the transcoder runs a Python hook on every dict it decodes,
-    which made reading a large snapshot as slow as folding the stream it replaces.
-    """
-
-    def __init__(self, state_class: type[UserState] | type[OrganizationState], name: str) -> None:
-        self.type = state_class
-        self.name = name
-
-    def encode(self, obj: UserState | OrganizationState) -> str:
-        return json.dumps(obj.to_snapshot(), separators=(",", ":"))
-
-    def decode(self, data: str) -> UserState | OrganizationState:
-        return self.type.from_snapshot(json.loads(data))
-
-
 class AuditLog(Application[UUID]):
     """Appends Clerk deliveries to the event store and folds User and Organization aggregates."""
 
@@ -123,6 +105,11 @@ class AuditLog(Application[UUID]):
             self.db.protect_events_table()
         self._versions: OrderedDict[UUID, int] = OrderedDict()
         self._versions_lock = threading.Lock()
+
+    def construct_transcoder(self) -> StoreTranscoder:
+        transcoder = StoreTranscoder()
+        self.register_transcodings(transcoder)
+        return transcoder
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)
