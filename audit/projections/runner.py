@@ -277,7 +277,9 @@ class Projector:
             ),
             [position, limit],
         )
-        rows = [dict(row) for row in cursor.fetchall()]
+        rows = cursor.fetchall()
+        if self.db.dialect == "sqlite":  # sqlite3.Row cannot take the decoded delivery
+            rows = [dict(row) for row in rows]
         if first_reader:
             return rows
         missing = []
