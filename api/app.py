@@ -20,6 +20,7 @@ from audit.application import AuditLog
 from audit.config import Settings, load_settings
 from audit.intake import Intake
 from audit.projections.runner import Projector
+from audit.runtime import collect_garbage_less_often
 
 
 def create_app(
@@ -76,6 +77,7 @@ def create_app(
 
 def app_from_env() -> Starlette:
     """The factory `audit serve --workers N` hands to uvicorn (each worker builds its own)."""
+    collect_garbage_less_often()
     settings = load_settings()
     log = AuditLog(settings.database)
     return create_app(settings, log, projector=Projector(log), own_log=True)

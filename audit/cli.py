@@ -49,8 +49,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from api.app import create_app
     from audit.projections.runner import Projector
+    from audit.runtime import collect_garbage_less_often
     from audit.serving import ProjectionProcess
 
+    collect_garbage_less_often()
     settings = load_settings()
     log = open_log(settings.database)
     # uvicorn raises the signal that stopped it again once it has shut down. SIGTERM's default
@@ -78,7 +80,9 @@ def cmd_project(args: argparse.Namespace) -> int:
     import threading
 
     from audit.projections.runner import Projector
+    from audit.runtime import collect_garbage_less_often
 
+    collect_garbage_less_often()
     log = open_log(database_from_env())
     try:
         projector = Projector(log)
@@ -119,7 +123,9 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
     from audit.projections import parallel
     from audit.projections.runner import Projector, UnknownProjection, active_tables
+    from audit.runtime import collect_garbage_less_often
 
+    collect_garbage_less_often()
     log = open_log(database_from_env())
     try:
         projector = Projector(log)

@@ -42,6 +42,7 @@ from audit.application import AuditLog
 from audit.config import Database, PostgresDatabase, parse_database_url
 from audit.projections import parallel
 from audit.projections.runner import BATCH_SIZE, MARKER_TOPIC, Projector, active_tables
+from audit.runtime import collect_garbage_less_often
 from audit.storage import postgres_connect_args
 from bench.procstat import PostgresProcesses, machine_busy_seconds
 from bench.store_fill import World, bulk_load
@@ -351,6 +352,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
+        # Both phases as `audit rebuild` runs: the ceiling decodes with the same collector
+        # settings as the rebuild it is compared with.
+        collect_garbage_less_often()
         database = parse_database_url(args.database_url)
         if args.child == "ceiling":
             result = child_ceiling(database, args.batch)

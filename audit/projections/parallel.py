@@ -25,6 +25,7 @@ from audit.application import AuditLog
 from audit.config import Database, PostgresDatabase
 from audit.projections.base import Projection
 from audit.projections.runner import BATCH_SIZE, Projector
+from audit.runtime import collect_garbage_less_often
 
 
 def groups(projections: Sequence[Projection], cores: int) -> list[list[str]]:
@@ -136,6 +137,7 @@ def _listen(workers: list[_Worker], progress: Callable[[str, int], None] | None)
 
 def _catch_up(database: Database, names: list[str], batch_size: int, sender: Connection) -> None:
     """One process's work: bring a group of projections (and their builds) up to date."""
+    collect_garbage_less_often()
     try:
         log = AuditLog(database)
         try:
