@@ -20,6 +20,7 @@ from audit.config import (
     load_settings,
     parse_secrets,
 )
+from audit.runtime import collect_garbage_less_often
 from audit.timeparse import TimeParseError, parse_time
 
 EXIT_CONFIG = 2
@@ -49,10 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from api.app import create_app
     from audit.projections.runner import Projector
-    from audit.runtime import collect_garbage_less_often
     from audit.serving import ProjectionProcess
 
-    collect_garbage_less_often()
     settings = load_settings()
     log = open_log(settings.database)
     # uvicorn raises the signal that stopped it again once it has shut down. SIGTERM's default
@@ -80,9 +79,7 @@ def cmd_project(args: argparse.Namespace) -> int:
     import threading
 
     from audit.projections.runner import Projector
-    from audit.runtime import collect_garbage_less_often
 
-    collect_garbage_less_often()
     log = open_log(database_from_env())
     try:
         projector = Projector(log)
@@ -123,9 +120,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
     from audit.projections import parallel
     from audit.projections.runner import Projector, UnknownProjection, active_tables
-    from audit.runtime import collect_garbage_less_often
 
-    collect_garbage_less_often()
     log = open_log(database_from_env())
     try:
         projector = Projector(log)
@@ -243,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
+    collect_garbage_less_often()  # spawned workers set it themselves (api.app, parallel)
     try:
         return args.func(args)
     except ConfigError as exc:

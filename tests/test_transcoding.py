@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
+import tempfile
 from datetime import UTC
 from typing import Any
 
 import pytest
-from eventsourcing.persistence import DatetimeAsISO, DecimalAsStr, JSONTranscoder, UUIDAsHex
+from eventsourcing.persistence import JSONTranscoder
 from hypothesis import given
 from hypothesis import strategies as st
 
-from audit.aggregates.state import OrganizationState, UserState
-from audit.transcoding import MAX_DEPTH, StateAsJson, StoreTranscoder
+from audit.application import AuditLog
+from audit.config import parse_database_url
+from audit.transcoding import MAX_DEPTH, StoreTranscoder
 
 
-def registered(transcoder: JSONTranscoder) -> JSONTranscoder:
-    for transcoding in (UUIDAsHex(), DecimalAsStr(), DatetimeAsISO()):
-        transcoder.register(transcoding)
-    transcoder.register(StateAsJson(UserState, "clerk_audit_user_state"))
-    transcoder.register(StateAsJson(OrganizationState, "clerk_audit_organization_state"))
-    return transcoder
+def transcoders() -> tuple[JSONTranscoder, StoreTranscoder]:
+    """eventsourcing's transcoder and the application's own, with the application's
+    transcodings registered on both."""
+    with tempfile.TemporaryDirectory() as directory:
+        log = AuditLog(parse_database_url(f"sqlite:///{directory}/store.db"))
+        reference = JSONTranscoder()
+        log.register_transcodings(reference)
+        store = log.mapper.transcoder
+        log.close()
+    assert isinstance(store, StoreTranscoder)
+    return reference, store
 
 
-REFERENCE = registered(JSONTranscoder())
-STORE = registered(StoreTranscoder())
+REFERENCE, STORE = transcoders()
 
 leaves = (
     st.none()
