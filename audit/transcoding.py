@@ -7,7 +7,9 @@ and decoding a delivery as the projections do 11.8-12.4 us instead of 16.8-17.5 
 (bench/decode.py). `StoreTranscoder` writes exactly what `JSONTranscoder` writes and reads the
 same values back: orjson reads the record, then the same hook is applied to every object,
 innermost first, as `json` would; what orjson might read otherwise than `json` (below) is read
-by `json`.
+by `json`. Writing, orjson writes a record once each registered type in it (a UUID, a time) has
+been replaced by its transcoding's object, as `json` does through its `default`; a record
+holding anything else (a float, an integer beyond 64 bits) is written by `json`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,44 @@ class _ReadByJson(Exception):
     """orjson's reading may differ from `json`'s here: read the record with `json`."""
 
 
+class _WriteByJson(Exception):
+    """orjson's writing may differ from `json`'s here: write the record with `json`."""
+
+
 class StoreTranscoder(JSONTranscoder):
+    def encode(self, obj: Any) -> bytes:
+        try:
+            return orjson.dumps(self._as_json_types(obj, 0))
+        except (orjson.JSONEncodeError, _WriteByJson):
+            return super().encode(obj)
+
+    def _as_json_types(self, value: Any, depth: int) -> Any:
+        """`value` with each registered type replaced by its transcoding's object, as `json`'s
+        `default` replaces it, recursively.
+
+        Raises _WriteByJson at anything orjson might write otherwise than `json`: a float
+        (`json` writes `1e+16` where orjson writes `1e16`), a subclass of a JSON type, a type
+        with no transcoding (for `json` to refuse), deep nesting. orjson itself refuses a key
+        that is not a string, an integer beyond 64 bits and a lone surrogate.
+        """
+        kind = type(value)
+        if kind is str or kind is int or kind is bool or value is None:
+            return value
+        if depth > MAX_DEPTH:
+            raise _WriteByJson()
+        if kind is dict:
+            copied = {}
+            for key, item in value.items():
+                copied[key] = self._as_json_types(item, depth + 1)
+            return copied
+        if kind is list or kind is tuple:
+            return [self._as_json_types(item, depth + 1) for item in value]
+        transcoding = self.types.get(kind)
+        if transcoding is None:
+            raise _WriteByJson()
+        encoded = transcoding.encode(value)
+        return {"_type_": transcoding.name, "_data_": self._as_json_types(encoded, depth + 1)}
+
     def decode(self, data: bytes) -> Any:
         try:
             record = orjson.loads(data)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from audit.application import AuditLog
 from audit.config import parse_database_url
 from audit.transcoding import MAX_DEPTH, StoreTranscoder
+from tests.domain_factories import payload_types, sample
 
 
 def transcoders() -> tuple[JSONTranscoder, StoreTranscoder]:
@@ -91,3 +92,63 @@ def test_what_orjson_would_read_otherwise(data: bytes) -> None:
 def test_deep_nesting_reads_alike(depth: int) -> None:
     data = b'{"a": ' + b'{"b": ' * depth + b"1" + b"}" * depth + b"}"
     assert read_with(STORE, data) == read_with(REFERENCE, data)
+
+
+def written_with(transcoder: JSONTranscoder, record: Any) -> bytes | str:
+    """What `transcoder` writes, or the name of the error it raises."""
+    try:
+        return transcoder.encode(record)
+    except Exception as exc:
+        return type(exc).__name__
+
+
+@given(record=records | st.dictionaries(st.text(), st.text(st.characters(max_codepoint=0x9F))))
+def test_writes_what_json_transcoder_writes(record: dict[str, Any]) -> None:
+    assert written_with(STORE, record) == written_with(REFERENCE, record)
+
+
+class Name(str):
+    pass
+
+
+def nested(depth: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = {"a": [value]}
+    return value
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"n": 2**64, "m": -(2**63) - 1},  # beyond 64 bits: orjson refuses, `json` writes
+        {"f": 1e16, "g": 0.1, "h": float("nan")},
+        {"s": '\x00\x1f\x7f\u2028\u2029"\\/\ud7ff\ue000\U0001f600'},
+        {"s": "\ud800"},  # a lone surrogate: both refuse
+        {1: "a key that is not a string", "b": {2: 3}},
+        {"subclass": Name("x")},
+        {"tuple": (1, ["two", (3,)])},
+        {"deep": nested(40)},
+        {"deeper": nested(400)},
+        {"nothing": None, "empty": {}, "list": []},
+    ],
+)
+def test_writes_what_json_transcoder_writes_at_the_edges(record: dict[Any, Any]) -> None:
+    assert written_with(STORE, record) == written_with(REFERENCE, record)
+
+
+def test_every_sample_is_stored_by_orjson_as_json_transcoder_writes_it() -> None:
+    """Each delivery event and its marker (a time, a UUID) takes the fast path, not the
+    fallback, and is stored byte for byte as `JSONTranscoder` writes it."""
+    with tempfile.TemporaryDirectory() as directory:
+        log = AuditLog(parse_database_url(f"sqlite:///{directory}/store.db"))
+        try:
+            log.record([sample(event_type) for event_type in payload_types()])
+            stored = list(log.recorder.select_notifications(1, 1000))
+        finally:
+            log.close()
+    assert len(stored) == 2 * len(payload_types())
+    for event in stored:
+        record = STORE.decode(event.state)
+        STORE._as_json_types(record, 0)  # raises _WriteByJson where `json` would write it
+        assert event.state == REFERENCE.encode(record)
