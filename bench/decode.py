@@ -1,5 +1,5 @@
-"""Decode benchmark: reading stored events back, by the store's transcoder against
-eventsourcing's `JSONTranscoder` (the baseline), in one process, alternating.
+"""Decode benchmark: reading stored events back and writing them, by the store's transcoder
+against eventsourcing's `JSONTranscoder` (the baseline), in one process, alternating.
 
     python bench/decode.py --events 20000 --rounds 5
 
@@ -8,9 +8,13 @@ Set-up generates N deliveries with `bench/store_fill.py`'s generator and encodes
 Each round then times, with the baseline's transcoder and then the store's:
 - `record`: `transcoder.decode(state)`, the stored record to Python values;
 - `delivery`: what a projection pays per stored event, `mapper.to_domain_event` and `.delivery()`
-  (`AuditLog.stored_delivery` without the database).
+  (`AuditLog.stored_delivery` without the database);
+- `encode`: `transcoder.encode(record)`, a delivery event's record (a time among its values) to
+  the bytes stored, as `record` writes it;
+- `parse`: the webhook reading a body, `parse_delivery`; its baseline is the same function with
+  `MAX_BRACKETS_FOR_ORJSON` at 0, so that `json` reads every body, as before orjson did.
 It prints microseconds per event (the median of the rounds) and the ratio store/baseline, and
-checks that both read every record to equal deliveries.
+checks that both read every record to equal deliveries and write every record to equal bytes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.sto
 
 from eventsourcing.persistence import JSONTranscoder, Mapper, StoredEvent
 
+from audit.aggregates import delivery as delivery_module
+from audit.aggregates.delivery import parse_delivery
 from audit.application import AuditLog
 from audit.config import parse_database_url
 from audit.projections.runner import MARKER_TOPIC
@@ -76,6 +82,15 @@ def main() -> None:
         strict=True,
     ):
         assert a == b, (a, b)
+    records = [mappers["store"].transcoder.decode(event.state) for event in stored]
+    for record in records:
+        written = [mapper.transcoder.encode(record) for mapper in mappers.values()]
+        assert written[0] == written[1], written
+    bodies = [mappers["store"].to_domain_event(event).delivery().body.encode() for event in stored]
+    orjson_brackets = delivery_module.MAX_BRACKETS_FOR_ORJSON
+
+    def parse(body: bytes) -> Any:
+        return parse_delivery(body, svix_id="msg_1", svix_timestamp=1, received_at=1)
 
     figures: dict[tuple[str, str], list[float]] = {}
     states = [event.state for event in stored]
@@ -84,15 +99,24 @@ def main() -> None:
             record = timed(mapper.transcoder.decode, states)
             to_delivery = mapper.to_domain_event
             delivery = timed(lambda event, read=to_delivery: read(event).delivery(), stored)
-            figures.setdefault(("record", name), []).append(record)
-            figures.setdefault(("delivery", name), []).append(delivery)
+            encode = timed(mapper.transcoder.encode, records)
+            delivery_module.MAX_BRACKETS_FOR_ORJSON = orjson_brackets if name == "store" else 0
+            parsed = timed(parse, bodies)
+            delivery_module.MAX_BRACKETS_FOR_ORJSON = orjson_brackets
+            for what, figure in (
+                ("record", record),
+                ("delivery", delivery),
+                ("encode", encode),
+                ("parse", parsed),
+            ):
+                figures.setdefault((what, name), []).append(figure)
 
     mean_bytes = statistics.fmean(len(state) for state in states)
     print(
         f"# {len(stored)} delivery events, {mean_bytes:.0f} bytes each on average, "
         f"{args.rounds} rounds alternating, medians"
     )
-    for what in ("record", "delivery"):
+    for what in ("record", "delivery", "encode", "parse"):
         base = statistics.median(figures[(what, "baseline")])
         ours = statistics.median(figures[(what, "store")])
         rounds = ",".join(f"{x:.1f}" for x in figures[(what, "store")])

@@ -1,4 +1,5 @@
-"""`audit.jsontext.loads` reads JSON text exactly as `json.loads` does, only faster."""
+"""`audit.jsontext.loads`, and the webhook's reading of a body, read JSON text exactly as
+`json.loads` does, only faster."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from audit.aggregates.delivery import (
+    MAX_BRACKETS_FOR_ORJSON,
+    InvalidPayload,
+    parse_delivery,
+)
 from audit.jsontext import loads
 
 json_values = st.recursive(
@@ -43,3 +49,62 @@ def test_fallback_arguments_apply_where_json_reads() -> None:
 
     with pytest.raises(ValueError, match="NaN"):
         loads('{"x": NaN}', parse_constant=refuse)
+
+
+def read_body(body: bytes) -> str:
+    """The data `parse_delivery` reads from `body`, or the error it raises, as text that tells
+    types apart."""
+    try:
+        delivery = parse_delivery(body, svix_id="msg_1", svix_timestamp=1, received_at=1)
+    except InvalidPayload as exc:
+        return f"InvalidPayload: {exc}"
+    return json.dumps(delivery.data)
+
+
+def read_body_by_json(body: bytes) -> str:
+    """What `parse_delivery` read when `json` read every body."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(constant)
+
+    try:
+        envelope = json.loads(body.decode(), parse_constant=refuse)
+    except RecursionError:
+        return "InvalidPayload: the body is nested too deeply"
+    except ValueError:
+        return "InvalidPayload: the body is not valid JSON"
+    return json.dumps(envelope["data"])
+
+
+@given(data=st.dictionaries(st.text(), json_values), ascii_only=st.booleans())
+def test_a_body_reads_as_json_reads_it(data: dict[str, object], ascii_only: bool) -> None:
+    body = json.dumps({"type": "user.updated", "data": data}, ensure_ascii=ascii_only).encode()
+    assert read_body(body) == read_body_by_json(body)
+
+
+@pytest.mark.parametrize(
+    "depth", [MAX_BRACKETS_FOR_ORJSON - 10, MAX_BRACKETS_FOR_ORJSON + 10, 900, 1000, 1100]
+)
+def test_a_deep_body_reads_as_json_reads_it(depth: int) -> None:
+    """Either side of the bracket count under which orjson reads, and beyond `json`'s depth."""
+    body = b'{"type": "user.updated", "data": {"a": ' + b"[" * depth + b"]" * depth + b"}}"
+    assert read_body(body) == read_body_by_json(body)
+    if depth >= 1000:
+        assert read_body(body).startswith("InvalidPayload")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"a": NaN}',
+        b'{"a": -Infinity}',
+        b'{"a": 1e400}',  # orjson refuses it, `json` reads infinity
+        b'{"a": 1180591620717411303424, "b": -9223372036854775809}',
+        b'{"a": "\\ud800"}',
+        b'{"a": 1, "a": 2}',
+        b'{"a": 1} trailing',
+    ],
+)
+def test_an_odd_body_reads_as_json_reads_it(data: bytes) -> None:
+    body = b'{"type": "user.updated", "data": ' + data + b"}"
+    assert read_body(body) == read_body_by_json(body)
