@@ -14,7 +14,7 @@ from audit.aggregates.delivery import (
     InvalidPayload,
     parse_delivery,
 )
-from audit.jsontext import loads
+from audit.jsontext import dumps, dumps_sorted, loads
 
 json_values = st.recursive(
     st.none()
@@ -33,6 +33,11 @@ def test_loads_reads_what_json_reads(value: object, ascii_only: bool) -> None:
     read = loads(text)
     assert read == json.loads(text)
     assert json.dumps(read) == json.dumps(json.loads(text))  # types too: 2**70 stays an int
+
+
+@given(value=json_values | st.dictionaries(st.integers(), json_values))
+def test_dumps_sorted_writes_what_dumps_writes_sorted(value: object) -> None:
+    assert dumps_sorted(value) == dumps(value, sort_keys=True)
 
 
 @pytest.mark.parametrize(

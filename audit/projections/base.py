@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from audit.aggregates.delivery import Delivery
-from audit.jsontext import dumps, loads
+from audit.jsontext import dumps_sorted, loads
 from audit.storage import Cursor, Db
 
 
@@ -128,8 +128,8 @@ def marked_start(db: Db, t: Tables, since: int) -> int | None:
     return None if row is None else int(row["run"]) * TIME_MARK_POSITIONS
 
 
-def to_json(value: Any) -> str:
-    return dumps(value, sort_keys=True)
+# Read models' JSON: keys sorted, so equal values are equal text.
+to_json = dumps_sorted
 
 
 def from_json(text: str | None) -> Any:
