@@ -31,6 +31,9 @@ class _ReadByJson(Exception):
     """orjson's reading may differ from `json`'s here: read the record with `json`."""
 
 
+_JSON_TYPES = (str, int, float, dict, list, tuple)
+
+
 class _WriteByJson(Exception):
     """orjson's writing may differ from `json`'s here: write the record with `json`."""
 
@@ -64,7 +67,8 @@ class StoreTranscoder(JSONTranscoder):
         if kind is list or kind is tuple:
             return [self._as_json_types(item, depth + 1) for item in value]
         transcoding = self.types.get(kind)
-        if transcoding is None:
+        # `json` writes a subclass of its own types as that type, transcoding or not.
+        if transcoding is None or isinstance(value, _JSON_TYPES):
             raise _WriteByJson()
         encoded = transcoding.encode(value)
         return {"_type_": transcoding.name, "_data_": self._as_json_types(encoded, depth + 1)}

@@ -7,7 +7,7 @@ from datetime import UTC
 from typing import Any
 
 import pytest
-from eventsourcing.persistence import JSONTranscoder
+from eventsourcing.persistence import JSONTranscoder, Transcoding
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -135,6 +135,25 @@ def nested(depth: int) -> Any:
 )
 def test_writes_what_json_transcoder_writes_at_the_edges(record: dict[Any, Any]) -> None:
     assert written_with(STORE, record) == written_with(REFERENCE, record)
+
+
+class NameAsText(Transcoding):
+    type = Name
+    name = "name"
+
+    def encode(self, obj: Name) -> str:
+        return f"name:{obj}"
+
+    def decode(self, data: str) -> Name:
+        return Name(data.removeprefix("name:"))
+
+
+def test_a_subclass_of_str_is_written_as_json_writes_it_even_with_a_transcoding() -> None:
+    reference, store = JSONTranscoder(), StoreTranscoder()
+    for transcoder in (reference, store):
+        transcoder.register(NameAsText())
+    record = {"name": Name("x"), "at": [Name("y")]}
+    assert written_with(store, record) == written_with(reference, record)
 
 
 def test_every_sample_is_stored_by_orjson_as_json_transcoder_writes_it() -> None:
