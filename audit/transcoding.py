@@ -23,7 +23,8 @@ from eventsourcing.persistence import JSONTranscoder, Transcoding
 from audit.aggregates.state import OrganizationState, UserState
 from audit.jsontext import loads
 
-# Deeper than a record's own nesting: a payload's attributes nested deeper are read by `json`.
+# Deeper than a record's own nesting: a payload's attributes nested deeper are read and
+# written by `json`.
 MAX_DEPTH = 32
 
 
@@ -50,9 +51,11 @@ class StoreTranscoder(JSONTranscoder):
         `default` replaces it, recursively.
 
         Raises _WriteByJson at anything orjson might write otherwise than `json`: a float
-        (`json` writes `1e+16` where orjson writes `1e16`), a subclass of a JSON type, a type
-        with no transcoding (for `json` to refuse), deep nesting. orjson itself refuses a key
-        that is not a string, an integer beyond 64 bits and a lone surrogate.
+        (`json` writes `1e-07` and `NaN` where orjson writes `1e-7` and `null`), a subclass of
+        a JSON type, a key that is not a string (checked before its value, as `json` does, so a
+        record both would refuse raises what `json` raises), a type with no transcoding (for
+        `json` to refuse), deep nesting. orjson itself refuses an integer beyond 64 bits and a
+        lone surrogate. A record written by `json` after all has its transcodings run twice.
         """
         kind = type(value)
         if kind is str or kind is int or kind is bool or value is None:
@@ -62,6 +65,8 @@ class StoreTranscoder(JSONTranscoder):
         if kind is dict:
             copied = {}
             for key, item in value.items():
+                if type(key) is not str:
+                    raise _WriteByJson()
                 copied[key] = self._as_json_types(item, depth + 1)
             return copied
         if kind is list or kind is tuple:

@@ -123,10 +123,6 @@ def fresh_log(kind: str, tmp_path: Path, label: str) -> Iterator[AuditLog]:
             drop_postgres_schema(database)  # type: ignore[arg-type]
 
 
-def backend_of(log: AuditLog) -> str:
-    return log.db.dialect
-
-
 @settings(
     max_examples=3,
     deadline=None,

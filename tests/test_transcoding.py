@@ -1,4 +1,5 @@
-"""The store's transcoder reads every record exactly as eventsourcing's `JSONTranscoder` does."""
+"""The store's transcoder reads and writes every record exactly as eventsourcing's
+`JSONTranscoder` does."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import tempfile
 from datetime import UTC
 from typing import Any
 
+import orjson
 import pytest
 from eventsourcing.persistence import JSONTranscoder, Transcoding
 from hypothesis import given
@@ -169,5 +171,33 @@ def test_every_sample_is_stored_by_orjson_as_json_transcoder_writes_it() -> None
     assert len(stored) == 2 * len(payload_types())
     for event in stored:
         record = STORE.decode(event.state)
-        STORE._as_json_types(record, 0)  # raises _WriteByJson where `json` would write it
+        # The fast path alone (it raises _WriteByJson where `json` would write the record).
+        assert orjson.dumps(STORE._as_json_types(record, 0)) == event.state
         assert event.state == REFERENCE.encode(record)
+
+
+class Refused:
+    pass
+
+
+class RefusedAsNothing(Transcoding):
+    type = Refused
+    name = "refused"
+
+    def encode(self, obj: Refused) -> str:
+        raise RuntimeError("this transcoding refuses")
+
+    def decode(self, data: str) -> Refused:
+        return Refused()
+
+
+@pytest.mark.parametrize(
+    "record",
+    [{(1,): Refused()}, {"a": 1, (2,): 2, "b": Refused()}, {"a": Refused(), (2,): 2}],
+)
+def test_what_both_refuse_raises_what_json_raises(record: dict[Any, Any]) -> None:
+    """A key `json` refuses and a transcoding that raises: `json` meets them in order."""
+    reference, store = JSONTranscoder(), StoreTranscoder()
+    for transcoder in (reference, store):
+        transcoder.register(RefusedAsNothing())
+    assert written_with(store, record) == written_with(reference, record)
