@@ -26,13 +26,12 @@ from audit.jsontext import loads
 # Deeper than a record's own nesting: a payload's attributes nested deeper are read and
 # written by `json`.
 MAX_DEPTH = 32
+# What `json` writes as its own, subclasses included, before it would look for a transcoding.
+_JSON_TYPES = (str, int, float, dict, list, tuple)
 
 
 class _ReadByJson(Exception):
     """orjson's reading may differ from `json`'s here: read the record with `json`."""
-
-
-_JSON_TYPES = (str, int, float, dict, list, tuple)
 
 
 class _WriteByJson(Exception):
