@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import settings as hypothesis_settings
 from psycopg import sql as pgsql
 from starlette.testclient import TestClient
 
@@ -28,6 +29,12 @@ POSTGRES_URL = os.environ.get(
     "AUDIT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# No per-example deadline anywhere: these properties check what is computed, not how fast, and
+# a loaded machine can stall any example past hypothesis's 200 ms. (With CI set, hypothesis's
+# own `ci` profile is the default and drops it too; the rest of that profile is kept.)
+hypothesis_settings.register_profile("audit", parent=hypothesis_settings.default, deadline=None)
+hypothesis_settings.load_profile("audit")
 API_TOKEN = "test-token-" + secrets.token_hex(8)
 
 
