@@ -212,7 +212,7 @@ class CrashingIndex(EventIndex):
 
 @pytest.mark.parametrize("crash_after", [0, 3, 8])
 def test_a_crash_inside_a_batch_applies_nothing_and_a_restart_continues(
-    log: AuditLog, crash_after: int
+    log: AuditLog, crash_after: int, tmp_path: Path
 ) -> None:
     deliveries = sample_deliveries()
     log.record(deliveries)
@@ -226,9 +226,7 @@ def test_a_crash_inside_a_batch_applies_nothing_and_a_restart_continues(
     assert all(row["position"] <= position for row in rows)
 
     Projector(log, [EventIndex()], batch_size=10).run_once()
-    with fresh_log(
-        log.db.dialect if log.db.dialect == "sqlite" else "pg", Path("/tmp"), "c"
-    ) as clean:
+    with fresh_log(log.db.dialect if log.db.dialect == "sqlite" else "pg", tmp_path, "c") as clean:
         clean.record(deliveries)
         Projector(clean, [EventIndex()]).run_once()
         assert table_rows(log.db, "events") == table_rows(clean.db, "events")
