@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from audit.projections.parallel import usable_cores
 from audit.projections.runner import Projector, active_tables
 from audit.samples import sample_bodies
 from tests.conftest import new_secret
+from tests.soak.scenario import free_port
 from tests.test_projections import ARRIVAL_COLUMNS, all_rows, sample_deliveries
 
 AUDIT = [sys.executable, "-m", "audit.cli"]
@@ -52,12 +52,6 @@ def test_bad_configuration_stops_with_one_line(tmp_path, variable, value, needle
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(needle), result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_serve_then_send_samples_twice_records_then_duplicates(tmp_path) -> None:
