@@ -30,9 +30,10 @@ POSTGRES_URL = os.environ.get(
 )
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-# No per-example deadline anywhere: these properties check what is computed, not how fast, and
-# a loaded machine can stall any example past hypothesis's 200 ms. (With CI set, hypothesis's
-# own `ci` profile is the default and drops it too; the rest of that profile is kept.)
+# No per-example deadline, for every test (said here only): these properties check what is
+# computed, not how fast, and a loaded machine can stall any example past hypothesis's 200 ms.
+# (With CI set, hypothesis's own `ci` profile is the default and drops it too; the rest of that
+# profile is kept.)
 hypothesis_settings.register_profile("audit", parent=hypothesis_settings.default, deadline=None)
 hypothesis_settings.load_profile("audit")
 API_TOKEN = "test-token-" + secrets.token_hex(8)

@@ -129,7 +129,7 @@ json_value = st.recursive(
 json_object = st.dictionaries(st.sampled_from(["x", "y", "z", "object"]), json_value, max_size=4)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 @given(json_object, json_object)
 def test_diff_is_sorted_and_empty_only_for_equal_inputs(old: dict, new: dict) -> None:
     changes = diff(old, new)

@@ -257,7 +257,7 @@ def _check_order_independence(
     return expected
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80)
 @given(user_histories(), st.data())
 def test_user_state_does_not_depend_on_delivery_order(
     deliveries: list[Delivery], data: st.DataObject
@@ -279,7 +279,7 @@ def test_user_state_does_not_depend_on_delivery_order(
     assert [e.event_id for e in expected.history_entries()] == [d.svix_id for d in users]
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80)
 @given(organization_histories(), st.data())
 def test_organization_state_does_not_depend_on_delivery_order(
     deliveries: list[Delivery], data: st.DataObject

@@ -180,7 +180,7 @@ def _record(order: list[Version]) -> tuple[dict[str, list[Change]], ObjectVersio
     return changes, versions, stale
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 @given(version_specs, st.randoms(use_true_random=False))
 def test_changes_and_state_depend_only_on_the_set_of_versions(specs, rnd) -> None:
     built = _build(specs)

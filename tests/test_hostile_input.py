@@ -23,7 +23,6 @@ from tests.webhook_helpers import new_svix_id, payload, post
 CLIENT_ERRORS = {400, 401, 409, 413}
 FUZZ = settings(
     max_examples=60,
-    deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
@@ -118,7 +117,6 @@ def _with_codes(value: Any, codes: list[str]) -> Any:
 
 @settings(
     max_examples=25,
-    deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(before=_metadata, after=_metadata)

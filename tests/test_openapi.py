@@ -174,7 +174,6 @@ def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(app: Starlett
                 @given(case=strategy)
                 @settings(
                     max_examples=EXAMPLES_PER_OPERATION,
-                    deadline=None,
                     database=None,
                     suppress_health_check=list(HealthCheck),
                 )

@@ -125,7 +125,6 @@ def fresh_log(kind: str, tmp_path: Path, label: str) -> Iterator[AuditLog]:
 
 @settings(
     max_examples=3,
-    deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(data=st.data())
@@ -166,7 +165,6 @@ def rebuilt_equals_live(log: AuditLog, data: st.DataObject) -> None:
 
 @settings(
     max_examples=6,
-    deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(data=st.data())
@@ -226,7 +224,7 @@ def test_a_crash_inside_a_batch_applies_nothing_and_a_restart_continues(
     assert all(row["position"] <= position for row in rows)
 
     Projector(log, [EventIndex()], batch_size=10).run_once()
-    with fresh_log(log.db.dialect if log.db.dialect == "sqlite" else "pg", tmp_path, "c") as clean:
+    with fresh_log(log.db.dialect, tmp_path, "c") as clean:
         clean.record(deliveries)
         Projector(clean, [EventIndex()]).run_once()
         assert table_rows(log.db, "events") == table_rows(clean.db, "events")
