@@ -3,8 +3,8 @@
 `ENDPOINTS` is the one route table: it builds the Starlette routes, decides which query parameters
 each route accepts (anything else is a 400, so a misspelt filter never silently returns everything),
 and is what `api.openapi` documents. Handlers are plain functions (Starlette runs them in its
-thread pool); SQL lives in `audit.queries`; everything that leaves is rendered here, with ISO
-times and through `audit.redaction.redact`.
+thread pool, `api.app.READ_THREADS` at once); SQL lives in `audit.queries`; everything that
+leaves is rendered here, with ISO times and through `audit.redaction.redact`.
 """
 
 from __future__ import annotations

@@ -13,10 +13,12 @@ import json
 import random
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio.to_thread
 import pytest
 from httpx import Response
 from hypothesis import example, given
@@ -24,7 +26,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from api import read
-from api.app import create_app
+from api.app import READ_THREADS, create_app
 from audit import queries
 from audit.application import AuditLog
 from audit.config import Settings
@@ -830,6 +832,58 @@ def test_methods_and_head(world: World) -> None:
     assert world.client.head("/v1/events?format=csv", headers=AUTH).status_code == 200
     missing = world.get("/v1/nothing-here")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_reads_beyond_the_read_threads_wait_while_webhooks_and_health_still_answer(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker runs at most READ_THREADS read handlers at once (more would only take turns on
+    the GIL); the others queue for a thread, and the webhook and /healthz are not held up."""
+    release = threading.Event()
+    running = threading.Condition()
+    inside = most = 0
+    history_page = queries.history_page
+
+    def held_history_page(*args: Any, **kwargs: Any) -> queries.Page:
+        nonlocal inside, most
+        with running:
+            inside += 1
+            most = max(most, inside)
+            running.notify_all()
+        try:
+            assert release.wait(30), "the test never released the reads"
+            return history_page(*args, **kwargs)
+        finally:
+            with running:
+                inside -= 1
+
+    monkeypatch.setattr(queries, "history_page", held_history_page)
+    readers = 6
+    statuses: list[int] = []
+
+    def read_history() -> None:
+        statuses.append(world.get(f"/v1/users/{FRESH_USER}/history").status_code)
+
+    threads = [threading.Thread(target=read_history) for _ in range(readers)]
+    for thread in threads:
+        thread.start()
+    try:
+        with running:
+            assert running.wait_for(lambda: inside == READ_THREADS, timeout=30)
+        limiter = world.client.portal.call(anyio.to_thread.current_default_thread_limiter)
+        deadline = time.monotonic() + 30
+        while limiter.statistics().tasks_waiting < readers - READ_THREADS:
+            assert time.monotonic() < deadline, limiter.statistics()
+            time.sleep(0.005)
+        assert limiter.statistics().borrowed_tokens == READ_THREADS
+        world.deliver(payload("user.updated"))
+        assert world.client.get("/healthz").status_code == 200
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert statuses == [200] * readers
+    assert most == READ_THREADS
 
 
 # -- tokens ---------------------------------------------------------------------------------------
