@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from audit.aggregates.delivery import Delivery
 from audit.application import AuditLog, Outcome
+from audit.storage import StoreUnavailable
 
 MAX_BATCH = 500
 
@@ -66,18 +67,38 @@ class Intake:
 
     def _commit(self, batch: list[_Item]) -> None:
         answers: dict[asyncio.AbstractEventLoop, list[_Answer]] = {}
-        try:
-            outcomes = self.log.record([delivery for delivery, _, _ in batch])
-        except BaseException as exc:  # every waiter must hear why, whatever it was
-            for _, loop, waiter in batch:
-                answers.setdefault(loop, []).append((waiter, exc))
-        else:
-            for (_, loop, waiter), outcome in zip(batch, outcomes, strict=True):
-                answers.setdefault(loop, []).append((waiter, outcome))
+        for (_, loop, waiter), answer in zip(
+            batch, record_each(self.log, [delivery for delivery, _, _ in batch]), strict=True
+        ):
+            answers.setdefault(loop, []).append((waiter, answer))
         # One wake-up of each event loop for the whole batch, rather than one per delivery.
         for loop, settled in answers.items():
             with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits
                 loop.call_soon_threadsafe(_settle, settled)
+
+
+def record_each(log: AuditLog, deliveries: Sequence[Delivery]) -> list[Outcome | BaseException]:
+    """Record deliveries together; answer each with its outcome, or why it has none.
+
+    A failure that is not the store's (a delivery that no store could take) is not every
+    delivery's: the batch is then recorded one delivery at a time, so that only its own fails.
+    """
+    try:
+        return list(log.record(deliveries))
+    except StoreUnavailable as exc:  # the same for each: retry later
+        return [exc] * len(deliveries)
+    except Exception as exc:
+        if len(deliveries) == 1:
+            return [exc]
+    except BaseException as exc:
+        return [exc] * len(deliveries)
+    answers: list[Outcome | BaseException] = []
+    for delivery in deliveries:
+        try:
+            answers += log.record([delivery])
+        except BaseException as exc:
+            answers.append(exc)
+    return answers
 
 
 def _settle(answers: Sequence[_Answer]) -> None:

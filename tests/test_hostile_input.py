@@ -296,3 +296,34 @@ def test_nul_bytes_in_the_ids_of_a_sub_object_and_its_organization(
 def delivery_of(envelope: dict[str, Any], svix_id: str) -> Delivery:
     body = json.dumps(envelope).encode()
     return parse_delivery(body, svix_id=svix_id, svix_timestamp=1, received_at=1)
+
+
+def _with_data(event_type: str, **data: Any) -> bytes:
+    envelope = payload(event_type)
+    envelope["data"].update(data)
+    return json.dumps(envelope).encode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # A lone surrogate: no stream id can be derived from it (a 500 for its whole batch).
+        _with_data("user.updated", id="user_\ud800"),
+        _with_data("user.updated", first_name="Ada\udfff"),
+        # Infinity: recorded, then written out as `Infinity`, which is not JSON.
+        b'{"type": "user.created", "data": {"id": "user_inf", "x": 1e999}}',
+        # An id past PostgreSQL's B-tree entry limit: 503 for ever there, on every retry.
+        _with_data("organizationDomain.created", id="dmn_" + "x" * 3000),
+        _with_data("session.created", user_id="user_" + "x" * 3000),
+    ],
+    ids=["surrogate-id", "surrogate-value", "infinity", "long-domain-id", "long-user-id"],
+)
+def test_a_body_no_store_could_give_back_is_400_and_nothing_is_stored(
+    client: TestClient, log: AuditLog, secret: str, body: bytes
+) -> None:
+    before = log.recorder.max_notification_id()
+    response = post(client, secret, body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_payload"
+    assert log.recorder.max_notification_id() == before
+    assert post(client, secret, payload("session.created")).status_code == 200

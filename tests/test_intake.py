@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Sequence
 
@@ -11,7 +12,8 @@ import pytest
 from audit.aggregates.delivery import Delivery
 from audit.application import AuditLog, Duplicate, Outcome, Recorded
 from audit.config import Database
-from audit.intake import Intake
+from audit.intake import Intake, record_each
+from tests.domain_factories import sample
 from tests.test_projections import sample_deliveries
 
 ANSWER_SECONDS = 30  # a guard against hanging, not a timing: answers come in milliseconds
@@ -91,3 +93,16 @@ def test_every_waiter_of_a_failed_batch_hears_why(pausing_log: PausingLog) -> No
         intake.close()
     assert len(answers) == 3
     assert all(isinstance(answer, Exception) for answer in answers)
+
+
+def test_a_delivery_no_store_can_take_fails_alone_in_its_batch(log: AuditLog) -> None:
+    """`parse_delivery` refuses a lone surrogate; a Delivery that got past it anyway names a
+    stream no id can be derived for. Its batch then goes one delivery at a time: the others
+    are recorded, and only it fails (it took the whole batch down with it, as 500s)."""
+    good = sample("user.created", svix_id="msg_good_1", id="user_good")
+    bad = dataclasses.replace(good, svix_id="msg_bad", data={**good.data, "id": "user_\ud800"})
+    other = sample("session.created", svix_id="msg_good_2")
+    answers = record_each(log, [good, bad, other])
+    assert isinstance(answers[0], Recorded) and isinstance(answers[2], Recorded)
+    assert isinstance(answers[1], UnicodeError)
+    assert [type(a) for a in record_each(log, [good, other])] == [Duplicate, Duplicate]

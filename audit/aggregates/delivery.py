@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from audit.aggregates.routing import related_ids
 from audit.jsontext import loads
 from audit.timeparse import epoch_ms
 
@@ -49,6 +52,43 @@ def _reject_constant(name: str) -> Any:
     raise InvalidPayload(f"the body contains {name}, which is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    """`json` reads 1e400 as infinity, which no JSON text can be written back as."""
+    value = float(text)
+    if math.isinf(value):
+        raise InvalidPayload("the body has a number too large for a float")
+    return value
+
+
+# A lone surrogate (`"\ud800"`) can only come from an escape, since the body is valid UTF-8.
+# It is not Unicode text: nothing could hash, index or send it back, so it is refused. orjson
+# refuses it while reading; `json`, which reads what orjson does not, takes it, hence the walk,
+# done only when the text holds such an escape at all (paired ones, emoji, are common).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+# Clerk ids are a few dozen characters. The stores index ids (B-tree entries are limited to
+# about 2.7 KB on PostgreSQL): a longer one would fail every write of its delivery.
+MAX_CLERK_ID_LENGTH = 256
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    pending = [value]  # a loop, not recursion: the body may nest as deep as `json` reads
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
 # A body with fewer opening brackets than this cannot nest deeper, and `json` reads that deep:
 # such a body is read by `loads` (orjson mostly, three times as fast as `json` on a Clerk body).
 # orjson reads nesting `json` refuses (1,024 levels against under 1,000), and the projections'
@@ -64,14 +104,19 @@ def parse_delivery(body: bytes, *, svix_id: str, svix_timestamp: int, received_a
     except UnicodeDecodeError as exc:
         raise InvalidPayload("the body is not valid UTF-8") from exc
     try:
+        reading = {"parse_constant": _reject_constant, "parse_float": _finite_float}
         if body.count(b"{") + body.count(b"[") < MAX_BRACKETS_FOR_ORJSON:
-            envelope = loads(text, parse_constant=_reject_constant)
+            envelope = loads(text, **reading)
         else:
-            envelope = json.loads(text, parse_constant=_reject_constant)
+            envelope = json.loads(text, **reading)
     except RecursionError as exc:
         raise InvalidPayload("the body is nested too deeply") from exc
+    except InvalidPayload:
+        raise
     except ValueError as exc:
         raise InvalidPayload("the body is not valid JSON") from exc
+    if _SURROGATE_ESCAPE.search(text) and _holds_lone_surrogate(envelope):
+        raise InvalidPayload("the body has a lone UTF-16 surrogate, which is not Unicode text")
     if not isinstance(envelope, dict):
         raise InvalidPayload("the body is not a JSON object")
     event_type = envelope.get("type")
@@ -80,6 +125,8 @@ def parse_delivery(body: bytes, *, svix_id: str, svix_timestamp: int, received_a
         raise InvalidPayload("the body has no string 'type'")
     if not isinstance(data, dict):
         raise InvalidPayload("the body has no object 'data'")
+    if any(len(clerk_id) > MAX_CLERK_ID_LENGTH for clerk_id in related_ids(event_type, data)):
+        raise InvalidPayload(f"the body names an id longer than {MAX_CLERK_ID_LENGTH} characters")
     occurred_at = epoch_ms(envelope.get("timestamp"))
     instance_id = envelope.get("instance_id")
     attributes = envelope.get("event_attributes")
