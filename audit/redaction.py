@@ -4,7 +4,8 @@
   occurrence of that code inside the same item (the sample e-mail's `subject` repeats it);
 - an e-mail's `body` and `body_plain`;
 - an SMS's `message`;
-- an organization invitation's `url` (it carries the invitation token).
+- an invitation's `url`, of an organization or of the application (it carries the invitation
+  token).
 
 Secrets are recognised by key and by the kind of object holding them (`data.object`, or the event
 type when a payload omits it), so an unrelated `url` or `message` elsewhere is left alone. The event
@@ -26,6 +27,7 @@ SECRET_BY_OBJECT: dict[str, frozenset[str]] = {
     "email": frozenset({"body", "body_plain"}),
     "sms_message": frozenset({"message"}),
     "organization_invitation": frozenset({"url"}),
+    "invitation": frozenset({"url"}),
 }
 
 # How event types and history object types name those kinds.
@@ -35,6 +37,7 @@ _KIND_ALIASES = {
     "sms_message": "sms_message",
     "organizationInvitation": "organization_invitation",
     "organization_invitation": "organization_invitation",
+    "invitation": "invitation",
 }
 
 # A code shorter than this is not scrubbed out of other strings (it would mangle unrelated text).

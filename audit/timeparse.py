@@ -11,6 +11,8 @@ class TimeParseError(ValueError):
 
 
 _EPOCH = datetime(1970, 1, 1)  # naive UTC: its isoformat has no offset to strip
+_EPOCH_UTC = _EPOCH.replace(tzinfo=UTC)
+_ONE_MILLISECOND = timedelta(milliseconds=1)
 
 # Epoch milliseconds of 10000-01-01: later (or negative, or boolean) "times" are not times.
 MAX_EPOCH_MS = 253_402_300_800_000
@@ -41,7 +43,9 @@ def parse_time(value: str) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     try:
-        return int(moment.timestamp() * 1000)
+        # Whole milliseconds by integer arithmetic: `timestamp() * 1000` goes through a float,
+        # which put some times a millisecond early (…55.695 read as …55.694).
+        return (moment - _EPOCH_UTC) // _ONE_MILLISECOND
     except (OverflowError, OSError, ValueError):
         raise TimeParseError(f"{value[:40]!r} is out of range") from None
 

@@ -35,7 +35,7 @@ from audit.projections import base
 from audit.projections.base import Tables
 from audit.projections.runner import Projector, active_tables
 from audit.redaction import REDACTED, SECRET_BY_OBJECT, kind_of, redact, redact_change
-from audit.timeparse import format_time, parse_time
+from audit.timeparse import MAX_EPOCH_MS, format_time, parse_time
 from tests.conftest import API_TOKEN
 from tests.webhook_helpers import new_svix_id, payload, payload_files, post
 
@@ -678,6 +678,29 @@ def test_a_late_snapshot_is_stale_in_history_and_changes_and_leaves_state_alone(
     ]
 
 
+@pytest.mark.parametrize("late_first", [False, True], ids=["in-order", "later-deletion-first"])
+def test_a_second_deletion_keeps_the_deleted_users_last_data(
+    world: World, late_first: bool
+) -> None:
+    """Two deletions of one user (a redelivery under a new svix-id, say): the current state
+    stays the last data, flagged deleted, as the state rebuilt from the stream says. (The
+    second one, or an earlier one arriving second, replaced it with the deletion stub.)"""
+    deletions = [
+        _envelope(
+            "user.deleted", {"id": FRESH_USER, "object": "user", "deleted": True}, at, UPDATE_IP
+        )
+        for at in (T_UPDATED + 5000, T_UPDATED + 6000)
+    ]
+    for deletion in reversed(deletions) if late_first else deletions:
+        world.deliver(deletion)
+        world.projector.run_once()
+    now = world.ok(f"/v1/users/{FRESH_USER}")
+    assert now["deleted"] is True and now["data"]["first_name"] == "Grace"
+    assert now["updated_at"] == format_time(T_UPDATED)
+    rebuilt = world.ok(f"/v1/users/{FRESH_USER}", {"as_of": T_UPDATED + 7000})
+    assert rebuilt["data"] == now["data"]
+
+
 def test_a_late_update_after_a_deletion_is_stale_and_does_not_resurrect(world: World) -> None:
     """SPEC 3 (Order): a deletion is final. An update arriving after it is recorded, stale, and
     taken against the version before it; the deletion keeps its one change and the user stays
@@ -1096,6 +1119,35 @@ def test_no_response_or_export_contains_secrets(world: World) -> None:
         assert_no_secrets(body, where)
 
 
+def test_an_application_invitation_url_is_redacted_everywhere(world: World) -> None:
+    """`invitation.*` (Clerk's application invitations, besides organization ones) carry the
+    sign-up ticket in `url` too. Shaped as ../shared/clerk/payloads/_unverified holds them."""
+    ticket = "https://accounts.example.com/sign-up?__clerk_ticket=app_invitation_ticket_7"
+    data = {
+        "object": "invitation",
+        "id": "inv_app_1",
+        "email_address": "john.doe@example.com",
+        "status": "pending",
+        "created_at": T_CREATED,
+        "updated_at": T_CREATED,
+        "public_metadata": {},
+        "revoked": False,
+        "url": ticket,
+        "expires_at": T_CREATED + 86_400_000,
+    }
+    for event_type in ("invitation.created", "invitation.revoked"):
+        world.deliver({"type": event_type, "object": "event", "timestamp": T_CREATED, "data": data})
+    world.deliver({"type": "invitation.accepted", "data": {"id": "inv_app_1", "url": ticket}})
+    world.projector.run_once()
+    events = world.walk("/v1/events", {"subject": "inv_app_1"})
+    assert len(events) == 3 and all(event["data"]["url"] == REDACTED for event in events)
+    bodies = [world.get(f"/v1/events/{event['id']}").content for event in events]
+    bodies += [world.get("/v1/events", {"format": fmt}).content for fmt in ("csv", "ndjson")]
+    bodies.append(world.get("/v1/events", headers={"Accept": "text/csv"}).content)
+    for body in bodies:
+        assert b"app_invitation_ticket_7" not in body
+
+
 def test_redaction_rules() -> None:
     email = payload("email.created")["data"]
     redacted = redact(email, "email.created")
@@ -1208,6 +1260,14 @@ def test_time_parameters_use_the_one_parser() -> None:
     assert parse_time("2024-05-28T12:50:00Z") == T_UPDATED
     assert format_time(T_UPDATED) == "2024-05-28T12:50:00.000Z"
     assert parse_time(str(T_UPDATED)) == T_UPDATED
+
+
+@given(millis=st.integers(min_value=0, max_value=MAX_EPOCH_MS - 1))
+@example(millis=1_076_858_695_695)
+def test_a_formatted_time_parses_back_to_the_same_millisecond(millis: int) -> None:
+    """Through a float, 2004-02-15T15:24:55.695Z came back as ...694."""
+    assert parse_time(format_time(millis)) == millis
+    assert parse_time(format_time(millis).replace("Z", "+02:00")) == millis - 7_200_000
 
 
 # -- indexes --------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ VIEW_OF_TABLE = {
 
 class ObjectsProjection(Projection):
     name = "objects"
-    version = 5
+    version = 6
     time_marks_from = 5
     rebuild_seconds = 233.5
     table_names = ("versions", "history", "changes", "time_marks", *VIEW_OF_TABLE)
@@ -251,7 +251,9 @@ class ObjectsProjection(Projection):
         batch.add_history(row, placement.changes)
         if successor is not None and placement.successor_changes is not None:
             self._rewrite_successor(batch, object_id, successor, placement.successor_changes)
-        if placement.becomes_current:
+        if new.deletion and ((predecessor and predecessor.deletion) or successor):
+            pass  # a second deletion: the deleted object's row keeps its last known data
+        elif placement.becomes_current:
             versions = ObjectVersions([v for v in (predecessor, new) if v is not None])
             batch.set_current(table, object_id, owner_id, versions, event.position)
         elif successor is not None and successor.deletion:
