@@ -21,6 +21,7 @@ from eventsourcing.persistence import IntegrityError, JSONTranscoder, StoredEven
 
 from audit.aggregates.delivery import Delivery
 from audit.aggregates.routing import (
+    SUB_OBJECTS_WITH_STUBS,
     StreamRef,
     delivery_marker_id,
     needs_owner_lookup,
@@ -55,8 +56,6 @@ MAX_STREAM_CONFLICT_RETRIES = 20
 VERSION_CACHE_SIZE = 50_000
 # A read that folds at least this many events after the latest snapshot takes a new one.
 SNAPSHOT_EVERY = 200
-# Sub-objects whose deletion stub does not name their organization.
-SUB_OBJECTS_WITH_STUBS = ("organizationDomain.",)
 
 
 @dataclass(frozen=True)

@@ -249,6 +249,32 @@ def test_event_filters(world: World) -> None:
     assert [e["data"]["first_name"] for e in combined] == ["Grace"]
 
 
+def test_a_domain_deletion_stub_is_found_by_its_organization(world: World) -> None:
+    """Clerk's `organizationDomain.deleted` names only the domain; its organization is the one
+    the domain's earlier events named (SPEC 4: `subject` is any id the event concerns), in a
+    rebuild as when following; a stub that came before any event naming its organization
+    waits for one."""
+    domain_id = payload("organizationDomain.deleted")["data"]["id"]
+    orphan = {"object": "organization_domain", "id": "orgdmn_orphanStubFirst", "deleted": True}
+    world.deliver(_envelope("organizationDomain.deleted", orphan, T_UPDATED, UPDATE_IP))
+    domain = dict(payload("organizationDomain.created")["data"], id="orgdmn_orphanStubFirst")
+    world.deliver(_envelope("organizationDomain.created", domain, T_UPDATED, UPDATE_IP))
+    world.projector.run_once()
+
+    def stubs_of_the_organization() -> list[str]:
+        return [
+            e["subject"]["id"]
+            for e in world.walk("/v1/events", {"subject": SAMPLE_ORG})
+            if e["type"] == "organizationDomain.deleted"
+        ]
+
+    assert stubs_of_the_organization() == [domain_id, "orgdmn_orphanStubFirst"]
+    world.projector.rebuild("events")
+    world.projector.run_once()
+    assert all(p["state"] == "live" for p in world.ok("/v1/projections")["data"])
+    assert stubs_of_the_organization() == [domain_id, "orgdmn_orphanStubFirst"]
+
+
 def test_users_state_and_as_of(world: World) -> None:
     deleted = world.ok(f"/v1/users/{SAMPLE_USER}")
     assert deleted["id"] == SAMPLE_USER and deleted["deleted"] is True and deleted["as_of"] is None

@@ -18,6 +18,8 @@ STREAM_NAMESPACE = uuid.UUID("6f1c1f0e-3f7a-5a8e-9d55-1c3c0a7d2b41")
 
 USER_PREFIXES = ("user.", "session.", "email.", "sms.")
 ORGANIZATION_PREFIX = "organization"
+# Sub-objects whose deletion stub does not name their organization.
+SUB_OBJECTS_WITH_STUBS = ("organizationDomain.",)
 
 
 @dataclass(frozen=True)

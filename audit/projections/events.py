@@ -3,6 +3,10 @@
 The payload itself is not copied here: reads take it from the event store, by position (version
 1 kept a copy of each body, which was three quarters of the index's bytes and half of its
 server time in a rebuild).
+
+A deletion stub of an organization's domain names no organization, yet concerns it: version 4
+notes each domain's organization as its events name it, so the stub is found by the
+organization's id as well (`_StubOwners`).
 """
 
 from __future__ import annotations
@@ -10,7 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from audit.aggregates.actor import actor_of
-from audit.aggregates.routing import related_ids
+from audit.aggregates.delivery import Delivery
+from audit.aggregates.routing import (
+    SUB_OBJECTS_WITH_STUBS,
+    needs_owner_lookup,
+    organization_id_of,
+    related_ids,
+)
 from audit.projections.base import (
     Projection,
     StoredDelivery,
@@ -35,14 +45,16 @@ EVENT_COLUMNS = (
     ("actor_ip", "text"),
 )
 SUBJECT_COLUMNS = (("clerk_id", "text"), ("position", "bigint"))
+OWNER_COLUMNS = (("object_id", "text"), ("organization_id", "text"))
+ORPHAN_COLUMNS = (("object_id", "text"), ("position", "bigint"))
 
 
 class EventIndex(Projection):
     name = "events"
-    version = 3
+    version = 4
     time_marks_from = 3
     rebuild_seconds = 125.8
-    table_names = ("events", "event_subjects", "time_marks")
+    table_names = ("events", "event_subjects", "time_marks", "owners", "orphan_stubs")
 
     def schema(self, t: Tables, db: Db) -> list[str]:
         return [
@@ -64,6 +76,11 @@ class EventIndex(Projection):
             " clerk_id TEXT NOT NULL,"
             " position BIGINT NOT NULL)",
             time_marks_schema(t),
+            f"CREATE TABLE {t['owners']} ("
+            " object_id TEXT PRIMARY KEY, organization_id TEXT NOT NULL)",
+            f"CREATE TABLE {t['orphan_stubs']} ("
+            " object_id TEXT NOT NULL, position BIGINT NOT NULL,"
+            " PRIMARY KEY (object_id, position))",
         ]
 
     def read_indexes(self, t: Tables) -> list[str]:
@@ -79,6 +96,7 @@ class EventIndex(Projection):
 
     def apply(self, cursor: Cursor, t: Tables, db: Db, events: Sequence[StoredDelivery]) -> None:
         mark_times(cursor, t, db, events)
+        owners = _StubOwners(cursor, t, db)
         indexed = []
         subjects = []
         for event in events:
@@ -101,5 +119,73 @@ class EventIndex(Projection):
             subjects += [
                 (clerk_id, event.position) for clerk_id in related_ids(delivery.type, delivery.data)
             ]
+            subjects += owners.subjects(delivery, event.position)
         db.insert_rows(cursor, t["events"], EVENT_COLUMNS, indexed)
         db.insert_rows(cursor, t["event_subjects"], SUBJECT_COLUMNS, subjects)
+        owners.flush()
+
+
+class _StubOwners:
+    """The organization of each domain, as its events name it, for the stubs that name none.
+
+    A stub seen before any event naming its organization waits (`orphan_stubs`) until one
+    does: then it gets its subject row. So the rows depend on which events were stored, not
+    on the order they came in, like every read model's.
+    """
+
+    def __init__(self, cursor: Cursor, t: Tables, db: Db) -> None:
+        self.cursor, self.t, self.db = cursor, t, db
+        self.named: dict[str, str] = {}  # named in this batch, to be noted
+        self.orphans: dict[str, list[int]] = {}  # stubs of this batch still waiting
+
+    def subjects(self, delivery: Delivery, position: int) -> list[tuple[str, int]]:
+        """The subject rows the event's own ids do not give: a stub's organization, or, for
+        the stubs waiting for it, the organization this event names."""
+        object_id = delivery.subject_id
+        if object_id is None or not delivery.type.startswith(SUB_OBJECTS_WITH_STUBS):
+            return []
+        if needs_owner_lookup(delivery.type, delivery.data):
+            owner = self.named.get(object_id) or self._noted_owner(object_id)
+            if owner is None:
+                self.orphans.setdefault(object_id, []).append(position)
+                return []
+            return [(owner, position)]
+        organization_id = organization_id_of(delivery.type, delivery.data)
+        if organization_id is None:
+            return []
+        self.named[object_id] = organization_id
+        waiting = self.orphans.pop(object_id, []) + self._adopt_noted_orphans(object_id)
+        return [(organization_id, stub) for stub in waiting]
+
+    def _noted_owner(self, object_id: str) -> str | None:
+        self.cursor.execute(
+            self.db.sql(f"SELECT organization_id FROM {self.t['owners']} WHERE object_id = %s"),
+            [object_id],
+        )
+        found = self.cursor.fetchone()
+        return found["organization_id"] if found else None
+
+    def _adopt_noted_orphans(self, object_id: str) -> list[int]:
+        self.cursor.execute(
+            self.db.sql(f"SELECT position FROM {self.t['orphan_stubs']} WHERE object_id = %s"),
+            [object_id],
+        )
+        positions = [row["position"] for row in self.cursor.fetchall()]
+        if positions:
+            self.cursor.execute(
+                self.db.sql(f"DELETE FROM {self.t['orphan_stubs']} WHERE object_id = %s"),
+                [object_id],
+            )
+        return positions
+
+    def flush(self) -> None:
+        self.db.insert_rows(
+            self.cursor,
+            self.t["owners"],
+            OWNER_COLUMNS,
+            list(self.named.items()),
+            on_conflict="ON CONFLICT (object_id) DO UPDATE"
+            " SET organization_id = excluded.organization_id",
+        )
+        orphans = [(i, p) for i, positions in self.orphans.items() for p in positions]
+        self.db.insert_rows(self.cursor, self.t["orphan_stubs"], ORPHAN_COLUMNS, orphans)
