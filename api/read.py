@@ -24,6 +24,7 @@ from api.auth import BearerAuth
 from api.errors import RETRY_AFTER_SECONDS, ApiError
 from api.responses import JSONResponse
 from audit import queries
+from audit.aggregates.state import has_versions
 from audit.application import AuditLog
 from audit.cursors import CursorError, decode_cursor, encode_cursor
 from audit.jsontext import dumps
@@ -538,7 +539,7 @@ def _state(request: Request, args: Args, kind: str) -> Response:
                 view = log.organization_state(object_id, as_of=as_of).view()
         except AggregateNotFoundError:
             raise not_found(f"No {label} {object_id[:80]!r}.") from None
-        if view["data"] is None and not view["deleted"]:
+        if not has_versions(view):
             raise not_found(f"No {label} {object_id[:80]!r} as of {format_time(as_of)}.")
         return JSONResponse(render_state(object_id, view["deleted"], view["data"], as_of))
     row = queries.current_object(

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from eventsourcing.application import AggregateNotFoundError
 
+from audit.aggregates.state import has_versions
 from audit.config import (
     DATABASE_VARIABLE,
     SECRET_VARIABLE,
@@ -21,7 +22,7 @@ from audit.config import (
     parse_secrets,
 )
 from audit.runtime import collect_garbage_less_often
-from audit.timeparse import TimeParseError, parse_time
+from audit.timeparse import TimeParseError, format_time, parse_time
 
 EXIT_CONFIG = 2
 EXIT_NOT_FOUND = 1
@@ -166,10 +167,17 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_send_samples(args: argparse.Namespace) -> int:
+    import httpx
+
     from audit.samples import describe, send_samples
 
     secrets = parse_secrets(os.environ.get(SECRET_VARIABLE, ""))
-    counts = send_samples(args.url, secrets[0])
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
+    try:
+        counts = send_samples(args.url, secrets[0])
+    except httpx.HTTPError as exc:
+        print(f"audit send-samples: {args.url}: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
     print(describe(counts))
     return 1 if counts["failed"] else 0
 
@@ -193,7 +201,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         return EXIT_NOT_FOUND
     finally:
         log.close()
-    print(json.dumps(state.view(), indent=2, sort_keys=True))
+    view = state.view()
+    if as_of is not None and not has_versions(view):
+        print(f"{args.id}: nothing recorded about it as of {format_time(as_of)}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    print(json.dumps(view, indent=2, sort_keys=True))
     return 0
 
 

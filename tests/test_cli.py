@@ -80,6 +80,7 @@ def test_serve_then_send_samples_twice_records_then_duplicates(tmp_path) -> None
         first = run_audit("send-samples", "--url", url, env=env)
         assert first.returncode == 0, first.stdout + first.stderr
         assert f"recorded {count}, duplicate 0" in first.stdout
+        assert "HTTP Request" not in first.stderr  # httpx's line per request
         second = run_audit("send-samples", "--url", url, env=env)
         assert f"recorded 0, duplicate {count}" in second.stdout
     finally:
@@ -95,9 +96,24 @@ def test_serve_then_send_samples_twice_records_then_duplicates(tmp_path) -> None
         "show", "user_3XIOWrI57CYv83K9cu9aN3gSz5Q", "--as-of", "2024-05-28T08:06:00Z", env=env
     )
     assert earlier.returncode == 0 and '"deleted": false' in earlier.stdout
+    before = run_audit("show", "user_3XIOWrI57CYv83K9cu9aN3gSz5Q", "--as-of", "1900-01-01", env=env)
+    assert (before.returncode, before.stdout) == (1, "")
+    assert before.stderr.strip().endswith(
+        "nothing recorded about it as of 1900-01-01T00:00:00.000Z"
+    )
     rebuilt = run_audit("rebuild", "--all", env=env)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert "reads switched" in rebuilt.stdout
+
+
+def test_send_samples_to_nothing_listening_says_so_in_one_line(tmp_path) -> None:
+    env = base_env(tmp_path)
+    env["CLERK_WEBHOOK_SIGNING_SECRET"] = new_secret()
+    url = f"http://127.0.0.1:{free_port()}/webhooks/clerk"
+    result = run_audit("send-samples", "--url", url, env=env)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"audit send-samples: {url}: "), result.stderr
 
 
 def test_rebuild_all_switches_every_projection_and_loses_nothing(

@@ -294,6 +294,12 @@ class UserState:
         return state
 
 
+def has_versions(view: dict[str, Any]) -> bool:
+    """Whether a user's or organization's view holds a version of the object itself (at an
+    `as_of` before its first, it holds none; a user's sessions alone do not make one)."""
+    return view["data"] is not None or bool(view["deleted"])
+
+
 def session_view(session_id: str, versions: ObjectVersions) -> dict[str, Any]:
     data = versions.as_data() or {}
     status = data.get("status")
