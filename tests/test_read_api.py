@@ -361,6 +361,11 @@ def test_sessions_memberships_invitations_domains_timeline(world: World) -> None
     }
     ended = world.walk(f"/v1/users/{SAMPLE_USER}/sessions")
     assert _ids(ended) == [SAMPLE_SESSION] and ended[0]["ended_at"] is not None
+    # Its ended, pending, removed and revoked versions report no activity; created's is the last.
+    reported = payload("session.created")["data"]["latest_activity"]
+    assert ended[0]["latest_activity"] == {
+        key: reported[key] for key in sessions[0]["latest_activity"]
+    }
 
     organizations = world.walk(f"/v1/users/{FRESH_USER}/organizations")
     assert _ids(organizations) == [FRESH_MEMBERSHIP]

@@ -300,22 +300,37 @@ def has_versions(view: dict[str, Any]) -> bool:
     return view["data"] is not None or bool(view["deleted"])
 
 
+def activity_of(version: Version) -> dict[str, Any] | None:
+    """The device, browser and place a session version reports, if it reports any."""
+    activity = version.data.get("latest_activity")
+    if not isinstance(activity, dict):
+        return None
+    return {key: activity.get(key) for key in ACTIVITY_FIELDS}
+
+
+def latest_activity(versions: ObjectVersions) -> tuple[Version, dict[str, Any]] | None:
+    """The session's last known activity, with the version that reported it: the newest in
+    key order that has one. Clerk's `session.ended`, `.revoked` and `.removed` carry
+    `latest_activity: null`, yet an ended session was last active from somewhere."""
+    for version in reversed(versions.versions):
+        activity = activity_of(version)
+        if activity is not None:
+            return version, activity
+    return None
+
+
 def session_view(session_id: str, versions: ObjectVersions) -> dict[str, Any]:
     data = versions.as_data() or {}
     status = data.get("status")
-    activity = data.get("latest_activity")
     actor = data.get("actor")
+    found = latest_activity(versions)
     return {
         "id": session_id,
         "status": status,
         "created_at": data.get("created_at"),
         "ended_at": None if status in LIVE_SESSION_STATUSES else data.get("updated_at"),
         "last_active_at": data.get("last_active_at"),
-        "latest_activity": (
-            {key: activity.get(key) for key in ACTIVITY_FIELDS}
-            if isinstance(activity, dict)
-            else None
-        ),
+        "latest_activity": found[1] if found else None,
         "actor": actor if isinstance(actor, dict) else None,
         "client_id": data.get("client_id"),
     }

@@ -16,8 +16,10 @@ from audit.aggregates.actor import actor_of
 from audit.aggregates.changes import Change
 from audit.aggregates.routing import organization_id_of
 from audit.aggregates.state import (
+    activity_of,
     domain_view,
     invitation_view,
+    latest_activity,
     membership_view,
     object_type_of,
     session_view,
@@ -49,6 +51,8 @@ TABLE_OF_FAMILY = {
     "organizationDomain": "domains",
 }
 USER_FAMILIES = ("user", "session")
+# In a session's stored view: when the version its `latest_activity` came from sorts.
+ACTIVITY_KEY = "latest_activity_key"
 
 SELF_OWNED = ("user", "organization")
 
@@ -129,7 +133,7 @@ VIEW_OF_TABLE = {
 
 class ObjectsProjection(Projection):
     name = "objects"
-    version = 6
+    version = 7
     time_marks_from = 5
     rebuild_seconds = 233.5
     table_names = ("versions", "history", "changes", "time_marks", *VIEW_OF_TABLE)
@@ -260,6 +264,8 @@ class ObjectsProjection(Projection):
             # A late version just before the deletion: the deleted object's last known data.
             versions = ObjectVersions([new, successor])
             batch.set_current(table, object_id, owner_id, versions, event.position)
+        elif table == "sessions":
+            batch.raise_activity(object_id, new)  # a late version may be the last activity
 
     # -- the uncommon cases, which read what the batch has written so far -------------------
 
@@ -424,6 +430,8 @@ class _Batch:
         self, table: str, object_id: str, owner_id: str, versions: ObjectVersions, position: int
     ) -> None:
         view = VIEW_OF_TABLE[table](object_id, versions)
+        if table == "sessions":
+            self._carry_activity(object_id, view, versions)
         data = versions.as_data() or {}
         organization_id = owner_id if table in ("memberships", "invitations", "domains") else None
         if table == "organizations":
@@ -444,6 +452,49 @@ class _Batch:
             position,
             to_json(view),
         )
+
+    # A session's last activity is that of its newest version that reports one (Clerk's
+    # ended, revoked and removed sessions report none). `versions` here are the new current one
+    # and the one before it at most, so the row keeps, with the activity, the key of the version
+    # it came from: older ones are found there, and a late version compares with it.
+    def _carry_activity(
+        self, object_id: str, view: dict[str, Any], versions: ObjectVersions
+    ) -> None:
+        view[ACTIVITY_KEY] = None
+        found = latest_activity(versions)
+        if found is not None:
+            view[ACTIVITY_KEY] = _activity_key(found[0])
+            return
+        row = self._session_row(object_id) if len(versions) > 1 else None
+        if row is not None:
+            stored = from_json(row[-1])
+            view["latest_activity"] = stored.get("latest_activity")
+            view[ACTIVITY_KEY] = stored.get(ACTIVITY_KEY)
+
+    def raise_activity(self, object_id: str, late: Version) -> None:
+        """A late version of a session: its activity is the last one if no newer version's is."""
+        activity = activity_of(late)
+        row = self._session_row(object_id) if activity is not None else None
+        if row is None:
+            return
+        view = from_json(row[-1])
+        key = _activity_key(late)
+        if view.get(ACTIVITY_KEY) is not None and view[ACTIVITY_KEY] >= key:
+            return
+        view.update({"latest_activity": activity, ACTIVITY_KEY: key})
+        self.gathered_objects.add(object_id)
+        self.current["sessions"][object_id] = (*row[:-1], to_json(view))
+
+    def _session_row(self, object_id: str) -> tuple[Any, ...] | None:
+        gathered = self.current["sessions"].get(object_id)
+        if gathered is not None:
+            return gathered
+        names = ", ".join(name for name, _ in CURRENT_COLUMNS)
+        self.cursor.execute(
+            self.db.sql(f"SELECT {names} FROM {self.t['sessions']} WHERE id = %s"), [object_id]
+        )
+        found = self.cursor.fetchone()
+        return None if found is None else tuple(found[name] for name, _ in CURRENT_COLUMNS)
 
     def current_owner(self, table: str, object_id: str) -> str | None:
         gathered = self.current[table].get(object_id)
@@ -484,6 +535,12 @@ class _Batch:
 def _key(version: Version) -> tuple[int, int, int]:
     first = DELETION_KEY if version.deletion else int(version.key[0])
     return first, version.key[1], version.key[2]
+
+
+def _activity_key(version: Version) -> list[int]:
+    """Its order key without the arrival sequence, which the stored view must not depend on
+    (versions equal in both are equal in time: either's activity is the last)."""
+    return list(_key(version)[:2])
 
 
 def _version_from_row(row: Any) -> Version:
