@@ -107,13 +107,13 @@ def test_nested_dicts_recurse_and_missing_keys_read_as_none() -> None:
         {"field": "gone", "from": 1, "to": None},
         {"field": "public_metadata.plan", "from": "free", "to": "pro"},
         {"field": "public_metadata.seats", "from": 1, "to": None},
-        {"field": "verification", "from": None, "to": {"status": "verified"}},
+        {"field": "verification.status", "from": None, "to": "verified"},
     ]
 
 
 def test_a_value_replacing_a_dict_is_one_change() -> None:
-    assert diff({"verification": {"status": "verified"}}, {"verification": None}) == [
-        {"field": "verification", "from": {"status": "verified"}, "to": None}
+    assert diff({"verification": {"status": "verified"}}, {"verification": "none"}) == [
+        {"field": "verification", "from": {"status": "verified"}, "to": "none"}
     ]
 
 
@@ -139,3 +139,21 @@ def test_diff_is_sorted_and_empty_only_for_equal_inputs(old: dict, new: dict) ->
     assert diff(new, new) == []
     for change in changes:
         assert change["from"] != change["to"]
+
+
+def test_a_nested_object_that_appears_or_goes_is_listed_leaf_by_leaf() -> None:
+    """As a first version lists it: `field=verification.status` then finds a domain verified
+    after its creation (a null `verification` that became an object was one whole change)."""
+    verification = {"status": "verified", "strategy": "email_code", "attempts": None}
+    assert diff({"verification": None}, {"verification": verification}) == [
+        {"field": "verification.status", "from": None, "to": "verified"},
+        {"field": "verification.strategy", "from": None, "to": "email_code"},
+    ]
+    assert diff({"verification": verification}, {}) == [
+        {"field": "verification.status", "from": "verified", "to": None},
+        {"field": "verification.strategy", "from": "email_code", "to": None},
+    ]
+    assert diff({"verification": None}, {"verification": {}}) == []
+    assert diff(None, {"verification": verification}) == diff(
+        {"verification": None}, {"verification": verification}
+    )

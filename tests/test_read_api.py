@@ -275,6 +275,16 @@ def test_a_domain_deletion_stub_is_found_by_its_organization(world: World) -> No
     assert stubs_of_the_organization() == [domain_id, "orgdmn_orphanStubFirst"]
 
 
+def test_a_nested_object_set_after_creation_is_found_by_its_leaf_field(world: World) -> None:
+    """The sample domain is created with `verification: null` and verified by its update: the
+    change is listed leaf by leaf, as a creation lists it, so `field=` finds it."""
+    domain_id = payload("organizationDomain.updated")["data"]["id"]
+    changes = world.walk("/v1/changes", {"subject": domain_id, "field": "verification.status"})
+    assert [(c["type"], c["from"], c["to"]) for c in changes] == [
+        ("organizationDomain.updated", None, "verified")
+    ]
+
+
 def test_users_state_and_as_of(world: World) -> None:
     deleted = world.ok(f"/v1/users/{SAMPLE_USER}")
     assert deleted["id"] == SAMPLE_USER and deleted["deleted"] is True and deleted["as_of"] is None

@@ -92,6 +92,14 @@ def _diff_values(old: Any, new: Any, path: str) -> Iterator[Change]:
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         yield from _diff_mappings(old, new, path)
         return
+    # A nested object that appears or goes (a domain's `verification`, null until verified):
+    # its leaves, as a first version lists them, so a field filter finds them either way.
+    if old is None and isinstance(new, Mapping):
+        yield from (_change(leaf, None, value) for leaf, value in _leaves(new, path))
+        return
+    if new is None and isinstance(old, Mapping):
+        yield from (_change(leaf, value, None) for leaf, value in _leaves(old, path))
+        return
     old_elements, new_elements = _by_id(old), _by_id(new)
     if old_elements is not None and new_elements is not None:
         yield from _diff_elements(old_elements, new_elements, path)
