@@ -19,7 +19,7 @@ from api.responses import JSONResponse
 from api.webhooks import BODY_TIMEOUT_SECONDS, WebhookReceiver
 from audit.application import AuditLog
 from audit.config import Settings, load_settings
-from audit.intake import Intake
+from audit.intake import COMMIT_TIMEOUT_SECONDS, Intake
 from audit.projections.runner import Projector
 from audit.runtime import collect_garbage_less_often
 
@@ -38,13 +38,14 @@ def create_app(
     projector: Projector | None = None,
     own_log: bool = False,
     body_timeout: float = BODY_TIMEOUT_SECONDS,
+    commit_timeout: float = COMMIT_TIMEOUT_SECONDS,
 ) -> Starlette:
     """Build the service around an open AuditLog (closed on shutdown when `own_log`).
 
     The `projector` only reports status here: `audit serve` runs the projections in a process
     of their own (audit.serving).
     """
-    intake = Intake(log)
+    intake = Intake(log, commit_timeout=commit_timeout)
     receiver = WebhookReceiver(
         settings.signing_secrets, intake, settings.max_body_bytes, body_timeout
     )

@@ -19,6 +19,10 @@ from audit.application import AuditLog, Outcome
 from audit.storage import StoreUnavailable
 
 MAX_BATCH = 500
+# Svix gives up on an answer after 15 s. A commit that takes longer than this (a lock someone
+# holds on the events table, a disk stall) is answered 503 so Svix retries; if it lands after
+# all, the retry is answered as a duplicate.
+COMMIT_TIMEOUT_SECONDS = 10.0
 
 # A delivery, the event loop its handler waits on, and the future it waits for.
 _Item = tuple[Delivery, asyncio.AbstractEventLoop, "asyncio.Future[Outcome]"]
@@ -27,19 +31,30 @@ _Answer = tuple["asyncio.Future[Outcome]", Outcome | BaseException]
 
 
 class Intake:
-    def __init__(self, log: AuditLog, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        log: AuditLog,
+        *,
+        max_batch: int = MAX_BATCH,
+        commit_timeout: float = COMMIT_TIMEOUT_SECONDS,
+    ) -> None:
         self.log = log
         self.max_batch = max_batch
+        self.commit_timeout = commit_timeout
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="audit-intake", daemon=True)
         self._thread.start()
 
     async def submit(self, delivery: Delivery) -> Outcome:
-        """Record one delivery; returns once it is committed (or raises why it was not)."""
+        """Record one delivery; returns once it is committed (or raises why it was not, or
+        StoreUnavailable when the commit has taken `commit_timeout`)."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Outcome] = loop.create_future()
         self._queue.put((delivery, loop, waiter))
-        return await waiter
+        try:
+            return await asyncio.wait_for(waiter, self.commit_timeout)
+        except TimeoutError:
+            raise StoreUnavailable("the store did not commit the delivery in time") from None
 
     def close(self) -> None:
         self._queue.put(None)

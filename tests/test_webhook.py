@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
+from collections.abc import Iterator
 
+import psycopg
 import pytest
 from starlette.testclient import TestClient
 
+from api.app import create_app
 from audit.aggregates.delivery import parse_delivery
 from audit.aggregates.routing import StreamRef, owning_stream
 from audit.aggregates.streams import RecordedDelivery
 from audit.application import AuditLog
+from audit.config import Database, PostgresDatabase, Settings
+from audit.storage import postgres_connect_args
 from tests.conftest import new_secret
 from tests.webhook_helpers import new_svix_id, payload, payload_files, post, seconds_ago
 
@@ -258,3 +265,41 @@ def test_only_post_is_allowed(client: TestClient) -> None:
     response = client.get("/webhooks/clerk")
     assert response.status_code == 405
     assert error_code(response) == "method_not_allowed"
+
+
+@contextlib.contextmanager
+def events_table_locked(log: AuditLog, database: Database) -> Iterator[None]:
+    """Another session holds the events table, as a migration or VACUUM FULL would."""
+    if isinstance(database, PostgresDatabase):
+        with psycopg.connect(**postgres_connect_args(database)) as conn:
+            conn.execute(f"LOCK TABLE {log.db.table(log.db.events_table)} IN ACCESS EXCLUSIVE MODE")
+            yield
+            conn.rollback()
+        return
+    conn = sqlite3.connect(database.path, isolation_level=None)
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        yield
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+def test_a_commit_that_outlasts_the_timeout_is_503_and_its_retry_a_duplicate(
+    settings: Settings, log: AuditLog, database: Database, secret: str
+) -> None:
+    """Svix gives up after 15 s: a delivery stuck behind a lock is answered 503 with
+    Retry-After before that. Its commit lands when the lock goes; the retry is a duplicate."""
+    envelope = payload("user.created")
+    body = json.dumps(envelope).encode()
+    svix_id = new_svix_id()
+    with TestClient(create_app(settings, log, commit_timeout=0.5)) as client:
+        with events_table_locked(log, database):
+            stuck = post(client, secret, body, svix_id=svix_id)
+        assert stuck.status_code == 503, stuck.text
+        assert stuck.headers["retry-after"] and error_code(stuck) == "store_unavailable"
+        retried = post(client, secret, body, svix_id=svix_id)
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["status"] in ("recorded", "duplicate")
+    stream = expected_stream(envelope, svix_id).stream_id
+    assert [e.svix_id for e in log.stream_events(stream)].count(svix_id) == 1
