@@ -268,6 +268,13 @@ class Db:
             return _PLACEHOLDER.sub("?", statement)
         return statement
 
+    def any_of(self, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        """A `%s`-placeholder condition, `column <it>`, for `column` being any of `values`,
+        with its parameters: one array on PostgreSQL (one statement text whatever the count)."""
+        if self.dialect == "postgresql":
+            return "= ANY(%s)", [list(values)]
+        return f"IN ({', '.join(['%s'] * len(values))})", list(values)
+
     def table(self, name: str) -> str:
         """A table name, qualified with the schema on PostgreSQL."""
         if self.dialect == "postgresql":

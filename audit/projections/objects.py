@@ -213,6 +213,12 @@ class ObjectsProjection(Projection):
         batch.load(
             {object_id for _, _, _, object_id in versioned},
             {object_id for _, family, _, object_id in versioned if family not in SELF_OWNED},
+            {
+                object_id
+                for event, family, _, object_id in versioned
+                if family == "session"
+                and not isinstance(event.delivery.data.get("latest_activity"), dict)
+            },
         )
         for event, family, table, object_id in versioned:
             self._apply_one(batch, event, family, table, object_id)
@@ -301,6 +307,7 @@ class ObjectsProjection(Projection):
             [owner_id, owner_id, object_id, object_id],
         )
         batch.orphans.discard(object_id)
+        batch.session_rows.pop(object_id, None)  # its owner has changed: read it again
 
     @staticmethod
     def _neighbours(
@@ -361,13 +368,17 @@ class _Batch:
         self.cursor, self.t, self.db = cursor, t, db
         self.latest: dict[str, Version | None] = {}
         self.orphans: set[str] = set()  # objects with rows written under their own id as owner
+        # Stored session rows `load` read (and rows `flush` has sent since), for their activity.
+        self.session_rows: dict[str, tuple[Any, ...]] = {}
         self.versions: list[tuple[Any, ...]] = []
         self.history: list[tuple[Any, ...]] = []
         self.changes: list[tuple[Any, ...]] = []
         self.current: dict[str, dict[str, tuple[Any, ...]]] = {table: {} for table in VIEW_OF_TABLE}
         self.gathered_objects: set[str] = set()  # whose rows are among those gathered
 
-    def load(self, object_ids: set[str], owned_ids: set[str]) -> None:
+    def load(self, object_ids: set[str], owned_ids: set[str], quiet_sessions: set[str]) -> None:
+        """The latest version of each object, which of the owned ones are orphans, and the
+        stored rows of the sessions whose version in the batch reports no activity."""
         cursor, t, db = self.cursor, self.t, self.db
         self.latest = dict.fromkeys(object_ids)
         newest_first = "ORDER BY k1 DESC, k2 DESC, k3 DESC LIMIT 1"
@@ -391,17 +402,23 @@ class _Batch:
         for row in rows:
             self.latest[row["object_id"]] = _version_from_row(row)
         if owned_ids:
-            ids = sorted(owned_ids)
-            marks = (
-                "= ANY(%s)" if db.dialect == "postgresql" else f"IN ({', '.join('?' * len(ids))})"
-            )
-            params: list[Any] = [ids] if db.dialect == "postgresql" else ids
+            condition, params = db.any_of(sorted(owned_ids))
             cursor.execute(
-                f"SELECT DISTINCT object_id FROM {t['history']}"
-                f" WHERE object_id {marks} AND owner_id = object_id",
+                db.sql(
+                    f"SELECT DISTINCT object_id FROM {t['history']}"
+                    f" WHERE object_id {condition} AND owner_id = object_id"
+                ),
                 params,
             )
             self.orphans = {row["object_id"] for row in cursor.fetchall()}
+        if quiet_sessions:
+            names = ", ".join(name for name, _ in CURRENT_COLUMNS)
+            condition, params = db.any_of(sorted(quiet_sessions))
+            cursor.execute(
+                db.sql(f"SELECT {names} FROM {t['sessions']} WHERE id {condition}"), params
+            )
+            for row in cursor.fetchall():
+                self.session_rows[row["id"]] = tuple(row[name] for name, _ in CURRENT_COLUMNS)
 
     def add_version(self, object_id: str, version: Version) -> None:
         self.gathered_objects.add(object_id)
@@ -486,9 +503,9 @@ class _Batch:
         self.current["sessions"][object_id] = (*row[:-1], to_json(view))
 
     def _session_row(self, object_id: str) -> tuple[Any, ...] | None:
-        gathered = self.current["sessions"].get(object_id)
-        if gathered is not None:
-            return gathered
+        known = self.current["sessions"].get(object_id) or self.session_rows.get(object_id)
+        if known is not None:
+            return known
         names = ", ".join(name for name, _ in CURRENT_COLUMNS)
         self.cursor.execute(
             self.db.sql(f"SELECT {names} FROM {self.t['sessions']} WHERE id = %s"), [object_id]
@@ -526,6 +543,8 @@ class _Batch:
             db.insert_rows(
                 cursor, t[table], CURRENT_COLUMNS, list(rows.values()), on_conflict=UPSERT
             )
+            if table == "sessions":
+                self.session_rows.update(rows)
             rows.clear()
         self.versions, self.history, self.changes = [], [], []
         self.gathered_objects.clear()
