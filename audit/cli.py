@@ -175,7 +175,7 @@ def cmd_send_samples(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     try:
         counts = send_samples(args.url, secrets[0])
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         print(f"audit send-samples: {args.url}: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
     print(describe(counts))

@@ -107,6 +107,7 @@ def record_each(log: AuditLog, deliveries: Sequence[Delivery]) -> list[Outcome |
     except Exception as exc:
         if len(deliveries) == 1:
             return [exc]
+        # else: one at a time, below
     except BaseException as exc:
         return [exc] * len(deliveries)
     answers: list[Outcome | BaseException] = []

@@ -106,10 +106,11 @@ def test_serve_then_send_samples_twice_records_then_duplicates(tmp_path) -> None
     assert "reads switched" in rebuilt.stdout
 
 
-def test_send_samples_to_nothing_listening_says_so_in_one_line(tmp_path) -> None:
+@pytest.mark.parametrize("url", ["http://127.0.0.1:{port}/webhooks/clerk", "http://[::1"])
+def test_send_samples_to_nothing_listening_says_so_in_one_line(tmp_path, url: str) -> None:
     env = base_env(tmp_path)
     env["CLERK_WEBHOOK_SIGNING_SECRET"] = new_secret()
-    url = f"http://127.0.0.1:{free_port()}/webhooks/clerk"
+    url = url.format(port=free_port())
     result = run_audit("send-samples", "--url", url, env=env)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()

@@ -315,8 +315,24 @@ def _with_data(event_type: str, **data: Any) -> bytes:
         # An id past PostgreSQL's B-tree entry limit: 503 for ever there, on every retry.
         _with_data("organizationDomain.created", id="dmn_" + "x" * 3000),
         _with_data("session.created", user_id="user_" + "x" * 3000),
+        # Indexed by the read models: a rebuild's switch could never create their indexes.
+        json.dumps({**payload("user.updated"), "type": "user." + "x" * 3000}).encode(),
+        json.dumps(
+            {
+                **payload("user.updated"),
+                "event_attributes": {"http_request": {"client_ip": "f" * 4000}},
+            }
+        ).encode(),
     ],
-    ids=["surrogate-id", "surrogate-value", "infinity", "long-domain-id", "long-user-id"],
+    ids=[
+        "surrogate-id",
+        "surrogate-value",
+        "infinity",
+        "long-domain-id",
+        "long-user-id",
+        "long-type",
+        "long-client-ip",
+    ],
 )
 def test_a_body_no_store_could_give_back_is_400_and_nothing_is_stored(
     client: TestClient, log: AuditLog, secret: str, body: bytes

@@ -742,6 +742,28 @@ def test_a_second_deletion_keeps_the_deleted_users_last_data(
     assert rebuilt["data"] == now["data"]
 
 
+def test_a_late_session_version_can_be_the_last_activity(world: World) -> None:
+    """The session ends (no activity reported); then a version as old as its creation arrives
+    late, from elsewhere. Equal in time to the creation, it sorts after it by arrival, in the
+    fold and in the read model alike: its activity is the session's last."""
+    created = next(d for d in fresh_deliveries() if d["type"] == "session.created")
+    ended = dict(created["data"], status="ended", latest_activity=None)
+    ended["updated_at"] = T_UPDATED
+    world.deliver(_envelope("session.ended", ended, T_UPDATED, UPDATE_IP))
+    world.projector.run_once()
+    [session] = world.walk(f"/v1/users/{FRESH_USER}/sessions")
+    assert session["status"] == "ended" and session["latest_activity"]["city"] == "San Francisco"
+
+    elsewhere = dict(created["data"]["latest_activity"], city="Berlin", country="DE")
+    late = dict(created["data"], latest_activity=elsewhere)
+    world.deliver(_envelope("session.created", late, created["timestamp"], UPDATE_IP))
+    world.projector.run_once()
+    [session] = world.walk(f"/v1/users/{FRESH_USER}/sessions")
+    assert session["status"] == "ended" and session["latest_activity"]["city"] == "Berlin"
+    [folded] = world.log.user_state(FRESH_USER).view()["sessions"]
+    assert folded["latest_activity"] == session["latest_activity"]
+
+
 def test_a_late_update_after_a_deletion_is_stale_and_does_not_resurrect(world: World) -> None:
     """SPEC 3 (Order): a deletion is final. An update arriving after it is recorded, stale, and
     taken against the version before it; the deletion keeps its one change and the user stays

@@ -66,8 +66,9 @@ def _finite_float(text: str) -> float:
 # done only when the text holds such an escape at all (paired ones, emoji, are common).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
-# Clerk ids are a few dozen characters. The stores index ids (B-tree entries are limited to
-# about 2.7 KB on PostgreSQL): a longer one would fail every write of its delivery.
+# Clerk ids, types and IP addresses are a few dozen characters. The read models index them
+# (B-tree entries are limited to about 2.7 KB on PostgreSQL): a longer one would fail every
+# write of its delivery, and a rebuild's indexing at its switch.
 MAX_CLERK_ID_LENGTH = 256
 
 
@@ -127,9 +128,17 @@ def parse_delivery(body: bytes, *, svix_id: str, svix_timestamp: int, received_a
         raise InvalidPayload("the body has no object 'data'")
     if any(len(clerk_id) > MAX_CLERK_ID_LENGTH for clerk_id in related_ids(event_type, data)):
         raise InvalidPayload(f"the body names an id longer than {MAX_CLERK_ID_LENGTH} characters")
+    if len(event_type) > MAX_CLERK_ID_LENGTH:
+        raise InvalidPayload(f"the body's type is longer than {MAX_CLERK_ID_LENGTH} characters")
+    attributes = envelope.get("event_attributes")
+    request = attributes.get("http_request") if isinstance(attributes, dict) else None
+    client_ip = request.get("client_ip") if isinstance(request, dict) else None
+    if isinstance(client_ip, str) and len(client_ip) > MAX_CLERK_ID_LENGTH:
+        raise InvalidPayload(
+            f"the body's client_ip is longer than {MAX_CLERK_ID_LENGTH} characters"
+        )
     occurred_at = epoch_ms(envelope.get("timestamp"))
     instance_id = envelope.get("instance_id")
-    attributes = envelope.get("event_attributes")
     return Delivery(
         svix_id=svix_id,
         svix_timestamp=svix_timestamp,

@@ -30,7 +30,7 @@ from audit.projections.base import (
     time_marks_schema,
     to_json,
 )
-from audit.storage import Cursor, Db
+from audit.storage import Cursor, Db, owner_index_holds
 
 EVENT_COLUMNS = (
     ("position", "bigint"),
@@ -130,7 +130,8 @@ class _StubOwners:
 
     A stub seen before any event naming its organization waits (`orphan_stubs`) until one
     does: then it gets its subject row. So the rows depend on which events were stored, not
-    on the order they came in, like every read model's.
+    on the order they came in, like every read model's. Ids with a NUL are left out, as from
+    the store's owner index: PostgreSQL text would hold another id in their place.
     """
 
     def __init__(self, cursor: Cursor, t: Tables, db: Db, events: Sequence[StoredDelivery]) -> None:
@@ -145,6 +146,7 @@ class _StubOwners:
             e.delivery.subject_id
             for e in events
             if e.delivery.subject_id is not None
+            and owner_index_holds(e.delivery.subject_id)
             and e.delivery.type.startswith(SUB_OBJECTS_WITH_STUBS)
             and organization_id_of(e.delivery.type, e.delivery.data) is not None
         }
@@ -164,7 +166,11 @@ class _StubOwners:
         """The subject rows the event's own ids do not give: a stub's organization, or, for
         the stubs waiting for it, the organization this event names."""
         object_id = delivery.subject_id
-        if object_id is None or not delivery.type.startswith(SUB_OBJECTS_WITH_STUBS):
+        if (
+            object_id is None
+            or not delivery.type.startswith(SUB_OBJECTS_WITH_STUBS)
+            or not owner_index_holds(object_id)  # PostgreSQL would store another id
+        ):
             return []
         if needs_owner_lookup(delivery.type, delivery.data):
             owner = self.named.get(object_id) or self._noted_owner(object_id)

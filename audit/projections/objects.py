@@ -412,13 +412,16 @@ class _Batch:
             )
             self.orphans = {row["object_id"] for row in cursor.fetchall()}
         if quiet_sessions:
-            names = ", ".join(name for name, _ in CURRENT_COLUMNS)
-            condition, params = db.any_of(sorted(quiet_sessions))
-            cursor.execute(
-                db.sql(f"SELECT {names} FROM {t['sessions']} WHERE id {condition}"), params
-            )
-            for row in cursor.fetchall():
-                self.session_rows[row["id"]] = tuple(row[name] for name, _ in CURRENT_COLUMNS)
+            self._read_session_rows(sorted(quiet_sessions))
+
+    def _read_session_rows(self, ids: list[str]) -> None:
+        names = ", ".join(name for name, _ in CURRENT_COLUMNS)
+        condition, params = self.db.any_of(ids)
+        self.cursor.execute(
+            self.db.sql(f"SELECT {names} FROM {self.t['sessions']} WHERE id {condition}"), params
+        )
+        for row in self.cursor.fetchall():
+            self.session_rows[row["id"]] = tuple(row[name] for name, _ in CURRENT_COLUMNS)
 
     def add_version(self, object_id: str, version: Version) -> None:
         self.gathered_objects.add(object_id)
@@ -496,22 +499,16 @@ class _Batch:
             return
         view = from_json(row[-1])
         key = _activity_key(late)
-        if view.get(ACTIVITY_KEY) is not None and view[ACTIVITY_KEY] >= key:
-            return
+        if view.get(ACTIVITY_KEY) is not None and view[ACTIVITY_KEY] > key:
+            return  # equal keys: the later arrival sorts after, as in the fold
         view.update({"latest_activity": activity, ACTIVITY_KEY: key})
         self.gathered_objects.add(object_id)
         self.current["sessions"][object_id] = (*row[:-1], to_json(view))
 
     def _session_row(self, object_id: str) -> tuple[Any, ...] | None:
-        known = self.current["sessions"].get(object_id) or self.session_rows.get(object_id)
-        if known is not None:
-            return known
-        names = ", ".join(name for name, _ in CURRENT_COLUMNS)
-        self.cursor.execute(
-            self.db.sql(f"SELECT {names} FROM {self.t['sessions']} WHERE id = %s"), [object_id]
-        )
-        found = self.cursor.fetchone()
-        return None if found is None else tuple(found[name] for name, _ in CURRENT_COLUMNS)
+        if object_id not in self.current["sessions"] and object_id not in self.session_rows:
+            self._read_session_rows([object_id])
+        return self.current["sessions"].get(object_id) or self.session_rows.get(object_id)
 
     def current_owner(self, table: str, object_id: str) -> str | None:
         gathered = self.current[table].get(object_id)
@@ -557,8 +554,8 @@ def _key(version: Version) -> tuple[int, int, int]:
 
 
 def _activity_key(version: Version) -> list[int]:
-    """Its order key without the arrival sequence, which the stored view must not depend on
-    (versions equal in both are equal in time: either's activity is the last)."""
+    """Its order key without the arrival sequence (the store position), which the stored view
+    must not depend on: versions equal in the rest are ordered by arrival, as in the fold."""
     return list(_key(version)[:2])
 
 
