@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-from audit.aggregates.delivery import Delivery
+from audit.aggregates.delivery import Delivery, http_request_of
 
 
 class Actor(TypedDict):
@@ -29,10 +29,7 @@ def _str(value: Any) -> str | None:
 
 
 def actor_of(delivery: Delivery) -> Actor:
-    attributes = delivery.event_attributes or {}
-    request = attributes.get("http_request")
-    if not isinstance(request, dict):
-        request = {}
+    request = http_request_of(delivery.event_attributes)
     return {
         "ip": _str(request.get("client_ip")),
         "user_agent": _str(request.get("user_agent")),

@@ -60,6 +60,9 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# How `json` reads a body, where it reads one (`loads` passes them on).
+_READING: dict[str, Any] = {"parse_constant": _reject_constant, "parse_float": _finite_float}
+
 # A lone surrogate (`"\ud800"`) can only come from an escape, since the body is valid UTF-8.
 # It is not Unicode text: nothing could hash, index or send it back, so it is refused. orjson
 # refuses it while reading; `json`, which reads what orjson does not, takes it, hence the walk,
@@ -105,11 +108,10 @@ def parse_delivery(body: bytes, *, svix_id: str, svix_timestamp: int, received_a
     except UnicodeDecodeError as exc:
         raise InvalidPayload("the body is not valid UTF-8") from exc
     try:
-        reading = {"parse_constant": _reject_constant, "parse_float": _finite_float}
         if body.count(b"{") + body.count(b"[") < MAX_BRACKETS_FOR_ORJSON:
-            envelope = loads(text, **reading)
+            envelope = loads(text, **_READING)
         else:
-            envelope = json.loads(text, **reading)
+            envelope = json.loads(text, **_READING)
     except RecursionError as exc:
         raise InvalidPayload("the body is nested too deeply") from exc
     except InvalidPayload:
@@ -131,8 +133,9 @@ def parse_delivery(body: bytes, *, svix_id: str, svix_timestamp: int, received_a
     if len(event_type) > MAX_CLERK_ID_LENGTH:
         raise InvalidPayload(f"the body's type is longer than {MAX_CLERK_ID_LENGTH} characters")
     attributes = envelope.get("event_attributes")
-    request = attributes.get("http_request") if isinstance(attributes, dict) else None
-    client_ip = request.get("client_ip") if isinstance(request, dict) else None
+    client_ip = http_request_of(attributes if isinstance(attributes, dict) else None).get(
+        "client_ip"
+    )
     if isinstance(client_ip, str) and len(client_ip) > MAX_CLERK_ID_LENGTH:
         raise InvalidPayload(
             f"the body's client_ip is longer than {MAX_CLERK_ID_LENGTH} characters"
@@ -151,6 +154,13 @@ def parse_delivery(body: bytes, *, svix_id: str, svix_timestamp: int, received_a
         sha256=hashlib.sha256(body).hexdigest(),
         data=data,
     )
+
+
+def http_request_of(event_attributes: dict[str, Any] | None) -> dict[str, Any]:
+    """The HTTP request behind an event, as Clerk reports it (`event_attributes.http_request`),
+    or {} when it reports none."""
+    request = (event_attributes or {}).get("http_request")
+    return request if isinstance(request, dict) else {}
 
 
 def delivery_from_record(record: dict[str, Any]) -> Delivery:

@@ -300,9 +300,9 @@ def has_versions(view: dict[str, Any]) -> bool:
     return view["data"] is not None or bool(view["deleted"])
 
 
-def activity_of(version: Version) -> dict[str, Any] | None:
-    """The device, browser and place a session version reports, if it reports any."""
-    activity = version.data.get("latest_activity")
+def activity_of(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The device, browser and place a session's data reports, if it reports any."""
+    activity = data.get("latest_activity")
     if not isinstance(activity, dict):
         return None
     return {key: activity.get(key) for key in ACTIVITY_FIELDS}
@@ -313,7 +313,7 @@ def latest_activity(versions: ObjectVersions) -> tuple[Version, dict[str, Any]] 
     key order that has one. Clerk's `session.ended`, `.revoked` and `.removed` carry
     `latest_activity: null`, yet an ended session was last active from somewhere."""
     for version in reversed(versions.versions):
-        activity = activity_of(version)
+        activity = activity_of(version.data)
         if activity is not None:
             return version, activity
     return None

@@ -119,6 +119,8 @@ class Placement:
     successor_changes: list[Change] | None
     becomes_current: bool
     successor_id: str | None = None
+    # A deletion beside another (before or after it): the deleted object's state is unchanged.
+    repeats_deletion: bool = False
 
 
 DELETED_CHANGE_FIELD = "deleted"
@@ -143,6 +145,8 @@ def place(new: Version, predecessor: Version | None, successor: Version | None) 
         successor_changes=changes_between(new, successor) if retaken else None,
         becomes_current=successor is None,
         successor_id=successor.event_id if successor is not None else None,
+        # A deletion sorts after every other version, so its successor can only be one.
+        repeats_deletion=second_deletion or (new.deletion and successor is not None),
     )
 
 

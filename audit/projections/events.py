@@ -17,7 +17,6 @@ from audit.aggregates.actor import actor_of
 from audit.aggregates.delivery import Delivery
 from audit.aggregates.routing import (
     SUB_OBJECTS_WITH_STUBS,
-    needs_owner_lookup,
     organization_id_of,
     related_ids,
 )
@@ -143,12 +142,9 @@ class _StubOwners:
         # always; a query per naming event was a twentieth of the index's time in a rebuild).
         self.noted: dict[str, list[int]] = {}
         naming = {
-            e.delivery.subject_id
+            found[0]
             for e in events
-            if e.delivery.subject_id is not None
-            and owner_index_holds(e.delivery.subject_id)
-            and e.delivery.type.startswith(SUB_OBJECTS_WITH_STUBS)
-            and organization_id_of(e.delivery.type, e.delivery.data) is not None
+            if (found := _sub_object_and_organization(e.delivery)) and found[1] is not None
         }
         if naming:
             condition, params = db.any_of(sorted(naming))
@@ -165,22 +161,16 @@ class _StubOwners:
     def subjects(self, delivery: Delivery, position: int) -> list[tuple[str, int]]:
         """The subject rows the event's own ids do not give: a stub's organization, or, for
         the stubs waiting for it, the organization this event names."""
-        object_id = delivery.subject_id
-        if (
-            object_id is None
-            or not delivery.type.startswith(SUB_OBJECTS_WITH_STUBS)
-            or not owner_index_holds(object_id)  # PostgreSQL would store another id
-        ):
+        found = _sub_object_and_organization(delivery)
+        if found is None:
             return []
-        if needs_owner_lookup(delivery.type, delivery.data):
+        object_id, organization_id = found
+        if organization_id is None:  # a stub
             owner = self.named.get(object_id) or self._noted_owner(object_id)
             if owner is None:
                 self.orphans.setdefault(object_id, []).append(position)
                 return []
             return [(owner, position)]
-        organization_id = organization_id_of(delivery.type, delivery.data)
-        if organization_id is None:
-            return []
         self.named[object_id] = organization_id
         noted = self.noted.pop(object_id, [])
         if noted:
@@ -213,3 +203,17 @@ class _StubOwners:
                 self.db.sql(f"DELETE FROM {self.t['orphan_stubs']} WHERE object_id {condition}"),
                 params,
             )
+
+
+def _sub_object_and_organization(delivery: Delivery) -> tuple[str, str | None] | None:
+    """For an event of a sub-object whose deletion stub names no organization: its id, and the
+    organization the event names (None: a stub). None for any other event, and for ids with a
+    NUL, which PostgreSQL text would hold as another id."""
+    object_id = delivery.subject_id
+    if (
+        object_id is None
+        or not delivery.type.startswith(SUB_OBJECTS_WITH_STUBS)
+        or not owner_index_holds(object_id)
+    ):
+        return None
+    return object_id, organization_id_of(delivery.type, delivery.data)

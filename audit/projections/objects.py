@@ -216,8 +216,7 @@ class ObjectsProjection(Projection):
             {
                 object_id
                 for event, family, _, object_id in versioned
-                if family == "session"
-                and not isinstance(event.delivery.data.get("latest_activity"), dict)
+                if family == "session" and activity_of(event.delivery.data) is None
             },
         )
         for event, family, table, object_id in versioned:
@@ -261,8 +260,8 @@ class ObjectsProjection(Projection):
         batch.add_history(row, placement.changes)
         if successor is not None and placement.successor_changes is not None:
             self._rewrite_successor(batch, object_id, successor, placement.successor_changes)
-        if new.deletion and ((predecessor and predecessor.deletion) or successor):
-            pass  # a second deletion: the deleted object's row keeps its last known data
+        if placement.repeats_deletion:
+            pass  # the deleted object's row keeps its last known data
         elif placement.becomes_current:
             versions = ObjectVersions([v for v in (predecessor, new) if v is not None])
             batch.set_current(table, object_id, owner_id, versions, event.position)
@@ -493,7 +492,7 @@ class _Batch:
 
     def raise_activity(self, object_id: str, late: Version) -> None:
         """A late version of a session: its activity is the last one if no newer version's is."""
-        activity = activity_of(late)
+        activity = activity_of(late.data)
         row = self._session_row(object_id) if activity is not None else None
         if row is None:
             return
