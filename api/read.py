@@ -94,7 +94,8 @@ CHANGE_SUBJECT = Param(
 )
 FIELD = Param(
     "field",
-    "Dotted field path (`first_name`, `email_addresses.idn_x.email_address`); repeatable.",
+    "Dotted field path (`first_name`, `email_addresses.idn_x.email_address`); a key's own `.`"
+    " and `\\` are escaped with `\\` (`unsafe_metadata.a\\.b`); repeatable.",
     {"type": "array", "items": {"type": "string"}},
     repeatable=True,
     example=["first_name"],

@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from audit.aggregates.changes import field_keys
+
 REDACTED = "[redacted]"
 
 # Keys that are secret in any object, at any depth.
@@ -70,20 +72,20 @@ def redact_change(object_type: str | None, field: str, value: Any) -> Any:
     it is; at one (`otp_code`) it is hidden unless there is none. Elsewhere only what the value
     holds can be secret.
     """
-    depth = _secret_depth(object_type, field)
-    if depth is None:
+    under = _under_secret(object_type, field)
+    if under is None:
         return redact(value) if isinstance(value, dict | list) else value
-    inside = depth < field.count(".")
-    return REDACTED if inside or value is not None else value
+    return REDACTED if under or value is not None else value
 
 
 @functools.lru_cache(maxsize=4096)  # a page asks about the same few fields over and over
-def _secret_depth(object_type: str | None, field: str) -> int | None:
-    """Where along `field`'s path the first secret key is (0: the first key), or None."""
+def _under_secret(object_type: str | None, field: str) -> bool | None:
+    """Whether `field` is under a secret key (True), at one (False), or clear of them (None)."""
     kind = kind_of(object_type)
-    for depth, key in enumerate(field.split(".")):
+    keys = field_keys(field)
+    for depth, key in enumerate(keys):
         if key in SECRET_ANYWHERE or (depth == 0 and key in SECRET_BY_OBJECT.get(kind or "", ())):
-            return depth
+            return depth < len(keys) - 1
     return None
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import copy
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from audit.aggregates.changes import diff
+from audit.aggregates.changes import MAX_FIELD_LENGTH, diff, field_keys, field_path
 from tests.domain_factories import email_address, envelope
 
 
@@ -122,7 +122,10 @@ json_value = st.recursive(
     json_leaf,
     lambda inner: (
         st.lists(inner, max_size=3)
-        | st.dictionaries(st.sampled_from(["a", "b", "updated_at", "id"]), inner, max_size=3)
+        # Keys with dots and backslashes: metadata is the customer's JSON.
+        | st.dictionaries(
+            st.sampled_from(["a", "b", "a.b", "b\\", "updated_at", "id"]), inner, max_size=3
+        )
     ),
     max_leaves=8,
 )
@@ -131,6 +134,7 @@ json_object = st.dictionaries(st.sampled_from(["x", "y", "z", "object"]), json_v
 
 @settings(max_examples=100)
 @given(json_object, json_object)
+@example({}, {"x": {"a.b": 1, "a": {"b": 2}}})
 def test_diff_is_sorted_and_empty_only_for_equal_inputs(old: dict, new: dict) -> None:
     changes = diff(old, new)
     fields = [change["field"] for change in changes]
@@ -157,3 +161,85 @@ def test_a_nested_object_that_appears_or_goes_is_listed_leaf_by_leaf() -> None:
     assert diff(None, {"verification": verification}) == diff(
         {"verification": None}, {"verification": verification}
     )
+
+
+def test_a_key_with_a_dot_is_not_the_field_of_a_nested_object() -> None:
+    """Two fields of one path made a version's change rows collide: the version was unrecordable
+    (unsafe_metadata is written by end users)."""
+    new = {"unsafe_metadata": {"a.b": 1, "a": {"b": 2}, "c\\": 3}}
+    assert diff(None, new) == [
+        {"field": "unsafe_metadata.a.b", "from": None, "to": 2},
+        {"field": "unsafe_metadata.a\\.b", "from": None, "to": 1},
+        {"field": "unsafe_metadata.c\\\\", "from": None, "to": 3},
+    ]
+    assert [field_keys(change["field"]) for change in diff(None, new)] == [
+        ["unsafe_metadata", "a", "b"],
+        ["unsafe_metadata", "a.b"],
+        ["unsafe_metadata", "c\\"],
+    ]
+
+
+@given(st.lists(st.text(alphabet="a.\\", max_size=4), min_size=1, max_size=4))
+def test_a_field_path_gives_back_its_keys(keys: list[str]) -> None:
+    assert field_keys(field_path(keys)) == keys
+
+
+def test_a_change_too_deep_to_index_is_listed_whole_at_its_longest_ancestor_that_fits() -> None:
+    """A path is at most MAX_FIELD_LENGTH long: the read models index it (on PostgreSQL a longer
+    one made the version unrecordable). Its ancestor's whole change holds what changed."""
+    long_key = "k" * MAX_FIELD_LENGTH
+    old = {"first_name": "Ann", "unsafe_metadata": {"short": 1, "deep": {"x": 1}}}
+    new = {
+        "first_name": "Bo",
+        "unsafe_metadata": {"short": 2, "deep": {"x": 1, long_key: 1, long_key + "2": {"y": 2}}},
+        "private_metadata": {"list": [{"id": "e" * MAX_FIELD_LENGTH, "v": 1}]},
+    }
+    assert diff(old, new) == [
+        {"field": "first_name", "from": "Ann", "to": "Bo"},
+        {"field": "private_metadata.list", "from": None, "to": new["private_metadata"]["list"]},
+        {"field": "unsafe_metadata.deep", "from": {"x": 1}, "to": new["unsafe_metadata"]["deep"]},
+        {"field": "unsafe_metadata.short", "from": 1, "to": 2},
+    ]
+    # A first version, and an ancestor inside another's reach: one change, the outer one.
+    first = {"m": {long_key: {long_key: 1}}, "n": 1}
+    assert diff(None, first) == [
+        {"field": "m", "from": None, "to": first["m"]},
+        {"field": "n", "from": None, "to": 1},
+    ]
+    # Inside an identified list's element, which is found by its id.
+    element = {"id": "idn_" + "e" * (MAX_FIELD_LENGTH - 11), "deep": {"z": 1}}
+    changed = {**element, "deep": {"z": 2}}
+    assert diff({"l": [element]}, {"l": [changed]}) == [
+        {"field": f"l.{element['id']}.deep", "from": {"z": 1}, "to": {"z": 2}}
+    ]
+
+
+@settings(max_examples=100)
+@given(
+    st.dictionaries(
+        st.sampled_from(["m", "n"]),
+        st.recursive(
+            json_leaf,
+            lambda inner: st.dictionaries(st.sampled_from(["k" * 100, "j" * 90, "a.b"]), inner),
+            max_leaves=6,
+        ),
+    ),
+    st.dictionaries(
+        st.sampled_from(["m", "n"]),
+        st.recursive(
+            json_leaf,
+            lambda inner: st.dictionaries(st.sampled_from(["k" * 100, "j" * 90, "a.b"]), inner),
+            max_leaves=6,
+        ),
+    ),
+)
+@example({}, {"m": {"k" * 100: {"j" * 90: {"k" * 100: 1, "a.b": 2}}}})
+def test_every_field_fits_and_names_one_field(old: dict, new: dict) -> None:
+    changes = diff(old, new)
+    fields = [change["field"] for change in changes]
+    assert all(len(field) <= MAX_FIELD_LENGTH for field in fields)
+    assert len(set(fields)) == len(fields)
+    # No change lies inside another's.
+    keys = [tuple(field_keys(field)) for field in fields]
+    assert not [(a, b) for a in keys for b in keys if a != b and b[: len(a)] == a]
+    assert all(change["from"] != change["to"] for change in changes)

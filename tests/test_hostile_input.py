@@ -121,6 +121,7 @@ def _with_codes(value: Any, codes: list[str]) -> Any:
 )
 @given(before=_metadata, after=_metadata)
 @example(before={"otp_code": {}}, after={"a": [{"otp_code": 1}]})
+@example(before={}, after={"a.b": {"otp_code": 1}, "a": {"b": {"otp_code": 2}}})
 def test_any_metadata_reads_back_without_a_5xx_or_a_code(
     client: TestClient, log: AuditLog, secret: str, before: Any, after: Any
 ) -> None:
@@ -156,6 +157,7 @@ def test_any_metadata_reads_back_without_a_5xx_or_a_code(
         assert response.status_code == 200, (path, params, response.text)
         bodies.append(response.text)
     assert not [code for code in codes if any(code in body for body in bodies)], bodies
+    assert all(row["errors"] == 0 for row in Projector(log).status())
 
 
 def test_deeply_nested_json_is_400(client: TestClient, secret: str) -> None:
@@ -323,6 +325,9 @@ def _with_data(event_type: str, **data: Any) -> bytes:
                 "event_attributes": {"http_request": {"client_ip": "f" * 4000}},
             }
         ).encode(),
+        # Where every change path of the object starts (Clerk's own names are short).
+        _with_data("user.updated", **{"n" * 257: 1}),
+        _with_data("user.updated", **{"." * 129: 1}),  # 258 characters escaped
     ],
     ids=[
         "surrogate-id",
@@ -332,6 +337,8 @@ def _with_data(event_type: str, **data: Any) -> bytes:
         "long-user-id",
         "long-type",
         "long-client-ip",
+        "long-data-key",
+        "long-data-key-escaped",
     ],
 )
 def test_a_body_no_store_could_give_back_is_400_and_nothing_is_stored(
@@ -343,3 +350,46 @@ def test_a_body_no_store_could_give_back_is_400_and_nothing_is_stored(
     assert response.json()["error"]["code"] == "invalid_payload"
     assert log.recorder.max_notification_id() == before
     assert post(client, secret, payload("session.created")).status_code == 200
+
+
+def test_metadata_keys_with_dots_or_too_long_to_index_are_changes_like_any_other(
+    client: TestClient, log: AuditLog, secret: str
+) -> None:
+    """End users write `unsafe_metadata`. A key `a.b` beside an object `a` with a `b` gave two
+    changes one field, and a key of thousands of characters a field PostgreSQL cannot index:
+    either made the version's changes unrecordable (a projection error, nothing in history)."""
+    user = payload("user.created")["data"]
+    user_id = f"user_{new_svix_id()}"
+    long_key = "".join(f"{n:x}" for n in range(1500))  # 4,000 characters, hardly compressible
+    code = "73519864"
+    created = 1716883200000
+    metadata = {
+        "unsafe_metadata": {"a.b": "dotted", "a": {"b": "nested"}},
+        "private_metadata": {"plan": "pro", long_key: {"otp_code": code}},
+    }
+    for event_type, data, at in (
+        ("user.created", {}, created),
+        ("user.updated", metadata, created + 1),
+    ):
+        envelope = payload(event_type)
+        envelope["timestamp"] = at
+        envelope["data"] = dict(user, id=user_id, updated_at=at, **data)
+        assert post(client, secret, envelope).status_code == 200
+    projector = Projector(log)
+    projector.run_once()
+    assert all(row["errors"] == 0 and row["lag"] == 0 for row in projector.status())
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    history = client.get(f"/v1/users/{user_id}/history", headers=auth).json()["data"]
+    assert [entry["type"] for entry in history] == ["user.created", "user.updated"]
+    assert {c["field"]: c["to"] for c in history[1]["changes"] if "metadata" in c["field"]} == {
+        "unsafe_metadata.a.b": "nested",
+        "unsafe_metadata.a\\.b": "dotted",
+        # Whole, at its longest ancestor that fits; the code under it redacted.
+        "private_metadata": {"plan": "pro", long_key: {"otp_code": "[redacted]"}},
+    }
+    for field, value in (("unsafe_metadata.a\\.b", "dotted"), ("unsafe_metadata.a.b", "nested")):
+        found = client.get("/v1/changes", params={"field": field}, headers=auth).json()["data"]
+        assert [(c["subject"]["id"], c["to"]) for c in found] == [(user_id, value)]
+    exported = client.get("/v1/changes", params={"subject": user_id, "format": "csv"}, headers=auth)
+    assert exported.status_code == 200 and long_key in exported.text
+    assert code not in exported.text and code not in json.dumps(history)

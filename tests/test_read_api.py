@@ -1239,6 +1239,12 @@ def test_redaction_rules() -> None:
     assert redact_change("user", "private_metadata", {"otp_code": "1"}) == {"otp_code": REDACTED}
     assert redact_change("sms", "message", None) is None  # nothing there to hide
     assert redact_change("email", ".body", "b") == "b"  # no key `body` of the e-mail
+    # Keys are read from an escaped path: `a.otp_code` is a key of its own, not a code, as in
+    # the whole value `{"a.otp_code": "1"}`; `a\` followed by `otp_code` is a code.
+    assert redact_change("user", "private_metadata.a\\.otp_code", "1") == "1"
+    assert redact({"a.otp_code": "1"}) == {"a.otp_code": "1"}
+    assert redact_change("user", "private_metadata.a\\\\.otp_code", "1") == REDACTED
+    assert redact_change("user", "private_metadata.otp_code\\.x.y", "1") == "1"
 
 
 @given(

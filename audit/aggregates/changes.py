@@ -4,11 +4,18 @@ Clerk sends the whole new object on every update and never the previous values, 
 is the diff of two snapshots. Field paths are dotted; elements of lists of identified objects
 (`email_addresses`, `phone_numbers`, ...) are addressed by their id, not by their position, so a
 reordering is not a change and a change names the element it concerns.
+
+A path names one field and no two fields share one: a key's own dots and backslashes are escaped
+(metadata key `a.b` is `unsafe_metadata.a\\.b`, not the `b` of `unsafe_metadata.a`), and a path
+is at most MAX_FIELD_LENGTH characters: a change deeper than that is listed whole at its longest
+ancestor that fits. (Metadata is the customer's JSON, and `unsafe_metadata` is written by end
+users: two fields of one path, or one too long to index, made a version's changes unrecordable.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from operator import itemgetter
 from typing import Any, TypedDict
 
 # `from` is a keyword, hence the functional form.
@@ -16,6 +23,11 @@ Change = TypedDict("Change", {"field": str, "from": Any, "to": Any})
 
 # Keys that change without anyone changing anything (`updated_at`) or that only name the type.
 IGNORED_KEYS = frozenset({"updated_at", "object"})
+
+_FIELD = itemgetter("field")
+
+# The read models index change paths (B-tree entries are limited to about 2.7 KB on PostgreSQL).
+MAX_FIELD_LENGTH = 256
 
 
 def diff(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[Change]:
@@ -27,15 +39,87 @@ def diff(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[Change]:
         changes = [_change(path, None, value) for path, value in _leaves(new, "")]
     else:
         changes = list(_diff_mappings(old, new, ""))
-    return sorted(changes, key=lambda change: change["field"])
+    if max(map(len, map(_FIELD, changes)), default=0) > MAX_FIELD_LENGTH:
+        changes = _within_length(changes, old, new)
+    return sorted(changes, key=_FIELD)
+
+
+def field_keys(field: str) -> list[str]:
+    """The keys (and element ids) along a dotted path, unescaped."""
+    if "\\" not in field:
+        return field.split(".")
+    keys, key, escaped = [], [], False
+    for char in field:
+        if escaped:
+            key.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ".":
+            keys.append("".join(key))
+            key = []
+        else:
+            key.append(char)
+    keys.append("".join(key))
+    return keys
+
+
+def field_path(keys: list[str]) -> str:
+    """The dotted path of these keys, each escaped."""
+    return ".".join(_escaped(key) for key in keys)
 
 
 def _change(field: str, old: Any, new: Any) -> Change:
     return {"field": field, "from": old, "to": new}
 
 
+def _escaped(key: str) -> str:
+    if "." in key or "\\" in key:
+        return key.replace("\\", "\\\\").replace(".", "\\.")
+    return key
+
+
 def _join(prefix: str, key: str) -> str:
+    if "." in key or "\\" in key:  # not `_escaped`: a call per field costs a first version 5%
+        key = _escaped(key)
     return f"{prefix}.{key}" if prefix else key
+
+
+def _within_length(
+    changes: list[Change], old: Mapping[str, Any] | None, new: Mapping[str, Any]
+) -> list[Change]:
+    """`changes` with each one whose path is too long replaced by the whole change of its
+    longest ancestor that fits (one per ancestor, and none inside another)."""
+    ancestors: set[tuple[str, ...]] = set()
+    for change in changes:
+        if len(change["field"]) > MAX_FIELD_LENGTH:
+            keys = field_keys(change["field"])
+            # A top-level key is at most MAX_FIELD_LENGTH long (the webhook refuses longer).
+            while len(keys) > 1 and len(field_path(keys)) > MAX_FIELD_LENGTH:
+                keys.pop()
+            ancestors.add(tuple(keys))
+
+    def inside(keys: tuple[str, ...]) -> bool:
+        return any(keys[: len(ancestor)] == ancestor for ancestor in ancestors)
+
+    outermost = [ancestor for ancestor in ancestors if not inside(ancestor[:-1])]
+    kept = [change for change in changes if not inside(tuple(field_keys(change["field"])))]
+    for keys in outermost:
+        kept.append(_change(field_path(list(keys)), _at(old, keys), _at(new, keys)))
+    return kept
+
+
+def _at(value: Any, keys: tuple[str, ...]) -> Any:
+    """What a path leads to in a snapshot (elements of identified lists by id), or None."""
+    for key in keys:
+        if isinstance(value, Mapping):
+            value = value.get(key)
+        else:
+            elements = _by_id(value)
+            value = elements.get(key) if elements else None
+        if value is None:
+            return None
+    return value
 
 
 def _is_empty(value: Any) -> bool:

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from audit.aggregates.changes import MAX_FIELD_LENGTH, field_path
 from audit.aggregates.routing import related_ids
 from audit.jsontext import loads
 from audit.timeparse import epoch_ms
@@ -132,6 +133,14 @@ def parse_delivery(body: bytes, *, svix_id: str, svix_timestamp: int, received_a
         raise InvalidPayload(f"the body names an id longer than {MAX_CLERK_ID_LENGTH} characters")
     if len(event_type) > MAX_CLERK_ID_LENGTH:
         raise InvalidPayload(f"the body's type is longer than {MAX_CLERK_ID_LENGTH} characters")
+    # Clerk's own field names: a change path starts with one (audit.aggregates.changes). An
+    # escaped key is at most twice as long: the exact test only runs past half the limit.
+    if max(map(len, data), default=0) > MAX_FIELD_LENGTH // 2 and any(
+        len(field_path([key])) > MAX_FIELD_LENGTH for key in data
+    ):
+        raise InvalidPayload(
+            f"the body's data has a field name longer than {MAX_FIELD_LENGTH} characters"
+        )
     attributes = envelope.get("event_attributes")
     client_ip = http_request_of(attributes if isinstance(attributes, dict) else None).get(
         "client_ip"
