@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from audit.aggregates.delivery import Delivery, parse_delivery
+from audit.aggregates.delivery import MAX_NESTING, Delivery, parse_delivery
 from audit.aggregates.routing import StreamKind, stream_id
 from audit.application import AuditLog
 from audit.projections.runner import Projector
@@ -224,13 +224,55 @@ def test_values_of_the_wrong_type_in_text_columns_still_project(
     assert session["status"] == 5
 
 
-def test_a_body_nested_deeper_than_json_reads_is_400(client: TestClient, secret: str) -> None:
-    """orjson would read 1,000 levels; the diffing and the redaction, recursive like `json`,
-    would not handle them, so the webhook keeps `json`'s limit."""
-    deep = '{"type": "user.created", "data": {"a": ' + "[" * 1000 + "]" * 1000 + "}}"
-    response = post(client, secret, deep.encode())
-    assert response.status_code == 400
-    assert response.json()["error"]["code"] == "invalid_payload"
+def test_a_body_nested_deeper_than_the_limit_is_400(client: TestClient, secret: str) -> None:
+    """orjson reads 1,024 levels and `json` nearly 1,000; the diffing of 600 hit the recursion
+    limit, so the webhook keeps to MAX_NESTING (Clerk's payloads nest six or so)."""
+    for depth in (MAX_NESTING, 1000):
+        deep = '{"type": "user.created", "data": {"a": ' + "[" * depth + "]" * depth + "}}"
+        response = post(client, secret, deep.encode())
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_payload"
+
+
+def _nested(depth: int, leaf: Any) -> Any:
+    for _ in range(depth):
+        leaf = {"a": leaf}
+    return leaf
+
+
+def test_metadata_nested_to_the_limit_is_recorded_projected_and_read(
+    client: TestClient, log: AuditLog, secret: str
+) -> None:
+    """Every read of a user whose metadata nests as deep as a body may, on both backends (at
+    600 levels the version's diff hit the recursion limit: no history, a projection error)."""
+    user = payload("user.created")["data"]
+    user_id = f"user_{new_svix_id()}"
+    created = 1716883200000
+    depth = MAX_NESTING - 2  # the envelope and `data` are two levels
+    for event_type, leaf, at in (("user.created", 1, created), ("user.updated", 2, created + 1)):
+        envelope = payload(event_type)
+        envelope["timestamp"] = at
+        envelope["data"] = dict(
+            user, id=user_id, updated_at=at, unsafe_metadata=_nested(depth, leaf)
+        )
+        assert post(client, secret, envelope).status_code == 200
+    projector = Projector(log)
+    projector.run_once()
+    assert all(row["errors"] == 0 and row["lag"] == 0 for row in projector.status())
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    history = client.get(f"/v1/users/{user_id}/history", headers=auth).json()["data"]
+    [change] = [c for c in history[1]["changes"] if c["field"].startswith("unsafe_metadata")]
+    # Whole at its longest ancestor that fits: "unsafe_metadata" and 120 of the ".a".
+    assert change["field"] == "unsafe_metadata" + ".a" * 120
+    assert (change["from"], change["to"]) == (_nested(depth - 120, 1), _nested(depth - 120, 2))
+    for path, params in (
+        (f"/v1/users/{user_id}", {}),
+        (f"/v1/users/{user_id}", {"as_of": created}),
+        ("/v1/changes", {"subject": user_id, "format": "csv"}),
+        ("/v1/events", {"subject": user_id, "format": "ndjson"}),
+    ):
+        response = client.get(path, params=params, headers=auth)
+        assert response.status_code == 200, (path, params, response.text[:200])
 
 
 def test_a_non_ascii_content_length_is_400(client: TestClient, secret: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -94,12 +93,27 @@ def _holds_lone_surrogate(value: Any) -> bool:
     return False
 
 
-# A body with fewer opening brackets than this cannot nest deeper, and `json` reads that deep:
-# such a body is read by `loads` (orjson mostly, three times as fast as `json` on a Clerk body).
-# orjson reads nesting `json` refuses (1,024 levels against under 1,000), and the projections'
-# diffing and the read API's redaction recurse as `json` does, so any deeper body is read by
-# `json`, which says whether it is too deep.
-MAX_BRACKETS_FOR_ORJSON = 256
+# Clerk's payloads nest six levels or so; metadata is the customer's JSON, any depth `json` reads
+# (about 1,000). The projections' diffing recurses two frames a level, and comparing two values
+# recurses in C against the same limit: at 600 levels a version was unrecordable (a projection
+# error, its changes missing from history), so deeper bodies are refused.
+MAX_NESTING = 256
+
+
+def _nesting(value: Any) -> int:
+    """How many levels of objects and arrays `value` nests (a loop: it may nest deep)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        pending.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def parse_delivery(body: bytes, *, svix_id: str, svix_timestamp: int, received_at: int) -> Delivery:
@@ -109,18 +123,18 @@ def parse_delivery(body: bytes, *, svix_id: str, svix_timestamp: int, received_a
     except UnicodeDecodeError as exc:
         raise InvalidPayload("the body is not valid UTF-8") from exc
     try:
-        if body.count(b"{") + body.count(b"[") < MAX_BRACKETS_FOR_ORJSON:
-            envelope = loads(text, **_READING)
-        else:
-            envelope = json.loads(text, **_READING)
+        envelope = loads(text, **_READING)
     except RecursionError as exc:
-        raise InvalidPayload("the body is nested too deeply") from exc
+        raise InvalidPayload(f"the body nests deeper than {MAX_NESTING} levels") from exc
     except InvalidPayload:
         raise
     except ValueError as exc:
         raise InvalidPayload("the body is not valid JSON") from exc
     if _SURROGATE_ESCAPE.search(text) and _holds_lone_surrogate(envelope):
         raise InvalidPayload("the body has a lone UTF-16 surrogate, which is not Unicode text")
+    # Fewer opening brackets than the limit cannot nest deeper (nearly every body).
+    if body.count(b"{") + body.count(b"[") > MAX_NESTING and _nesting(envelope) > MAX_NESTING:
+        raise InvalidPayload(f"the body nests deeper than {MAX_NESTING} levels")
     if not isinstance(envelope, dict):
         raise InvalidPayload("the body is not a JSON object")
     event_type = envelope.get("type")
