@@ -243,3 +243,27 @@ def test_every_field_fits_and_names_one_field(old: dict, new: dict) -> None:
     keys = [tuple(field_keys(field)) for field in fields]
     assert not [(a, b) for a in keys for b in keys if a != b and b[: len(a)] == a]
     assert all(change["from"] != change["to"] for change in changes)
+
+
+def test_object_and_updated_at_are_data_in_metadata() -> None:
+    """Ignored as Clerk's own bookkeeping, they are the customer's fields under `*_metadata`
+    (a device's `object`, a contract's `updated_at`), at any depth there."""
+    old = {
+        "updated_at": 1,
+        "object": "user",
+        "public_metadata": {"object": "laptop"},
+        "email_addresses": [{"id": "idn_1", "object": "email_address", "updated_at": 4}],
+    }
+    new = {
+        "updated_at": 2,
+        "object": "user",
+        "public_metadata": {"object": "server", "x": {"updated_at": "2024-06-01"}},
+        "email_addresses": [{"id": "idn_1", "object": "email_address", "updated_at": 5}],
+    }
+    assert diff(old, new) == [
+        {"field": "public_metadata.object", "from": "laptop", "to": "server"},
+        {"field": "public_metadata.x.updated_at", "from": None, "to": "2024-06-01"},
+    ]
+    assert diff(None, {"object": "organization", "private_metadata": {"object": 1}}) == [
+        {"field": "private_metadata.object", "from": None, "to": 1}
+    ]

@@ -394,7 +394,7 @@ def test_a_body_no_store_could_give_back_is_400_and_nothing_is_stored(
     assert post(client, secret, payload("session.created")).status_code == 200
 
 
-def test_metadata_keys_with_dots_or_too_long_to_index_are_changes_like_any_other(
+def test_metadata_keys_with_dots_too_long_to_index_or_named_object_are_changes(
     client: TestClient, log: AuditLog, secret: str
 ) -> None:
     """End users write `unsafe_metadata`. A key `a.b` beside an object `a` with a `b` gave two
@@ -408,6 +408,7 @@ def test_metadata_keys_with_dots_or_too_long_to_index_are_changes_like_any_other
     metadata = {
         "unsafe_metadata": {"a.b": "dotted", "a": {"b": "nested"}},
         "private_metadata": {"plan": "pro", long_key: {"otp_code": code}},
+        "public_metadata": {"object": "server"},  # the customer's field, not Clerk's type
     }
     for event_type, data, at in (
         ("user.created", {}, created),
@@ -426,6 +427,7 @@ def test_metadata_keys_with_dots_or_too_long_to_index_are_changes_like_any_other
     assert {c["field"]: c["to"] for c in history[1]["changes"] if "metadata" in c["field"]} == {
         "unsafe_metadata.a.b": "nested",
         "unsafe_metadata.a\\.b": "dotted",
+        "public_metadata.object": "server",
         # Whole, at its longest ancestor that fits; the code under it redacted.
         "private_metadata": {"plan": "pro", long_key: {"otp_code": "[redacted]"}},
     }

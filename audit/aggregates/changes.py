@@ -21,8 +21,10 @@ from typing import Any, TypedDict
 # `from` is a keyword, hence the functional form.
 Change = TypedDict("Change", {"field": str, "from": Any, "to": Any})
 
-# Keys that change without anyone changing anything (`updated_at`) or that only name the type.
+# Keys of Clerk's objects that change without anyone changing anything (`updated_at`) or that
+# only name the type. Under a `*_metadata` key is the customer's JSON, where they are data.
 IGNORED_KEYS = frozenset({"updated_at", "object"})
+_NONE_IGNORED: frozenset[str] = frozenset()
 
 _FIELD = itemgetter("field")
 
@@ -141,59 +143,74 @@ def _by_id(value: Any) -> dict[str, Mapping[str, Any]] | None:
     return elements
 
 
-def _leaves(value: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:
+def _ignored_under(key: str, ignored: frozenset[str]) -> frozenset[str]:
+    return _NONE_IGNORED if key.endswith("_metadata") else ignored
+
+
+def _leaves(
+    value: Mapping[str, Any], prefix: str, ignored: frozenset[str] = IGNORED_KEYS
+) -> Iterator[tuple[str, Any]]:
     """Every non-empty leaf of a mapping, recursing into mappings and identified lists."""
     for key, item in value.items():
-        if key in IGNORED_KEYS:
+        if key in ignored:
             continue
         path = _join(prefix, key)
         if isinstance(item, Mapping):
-            yield from _leaves(item, path)
+            yield from _leaves(item, path, _ignored_under(key, ignored))
             continue
         elements = _by_id(item)
         if elements:
             for element_id, element in elements.items():
                 # The element's id is in its path already.
                 rest = {k: v for k, v in element.items() if k != "id"}
-                yield from _leaves(rest, _join(path, element_id))
+                yield from _leaves(rest, _join(path, element_id), ignored)
         elif not _is_empty(item):
             yield path, item
 
 
-def _diff_mappings(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str) -> Iterator[Change]:
+def _diff_mappings(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    prefix: str,
+    ignored: frozenset[str] = IGNORED_KEYS,
+) -> Iterator[Change]:
     for key in old.keys() | new.keys():
-        if key in IGNORED_KEYS:
+        if key in ignored:
             continue
         old_value, new_value = old.get(key), new.get(key)
         # Most of an update is unchanged: one comparison in C skips a whole equal subtree, which
         # the walk below would find yields nothing (it compares leaves with == too).
         if old_value == new_value:
             continue
-        yield from _diff_values(old_value, new_value, _join(prefix, key))
+        path = _join(prefix, key)
+        yield from _diff_values(old_value, new_value, path, _ignored_under(key, ignored))
 
 
-def _diff_values(old: Any, new: Any, path: str) -> Iterator[Change]:
+def _diff_values(old: Any, new: Any, path: str, ignored: frozenset[str]) -> Iterator[Change]:
     if isinstance(old, Mapping) and isinstance(new, Mapping):
-        yield from _diff_mappings(old, new, path)
+        yield from _diff_mappings(old, new, path, ignored)
         return
     # A nested object that appears or goes (a domain's `verification`, null until verified):
     # its leaves, as a first version lists them, so a field filter finds them either way.
     if old is None and isinstance(new, Mapping):
-        yield from (_change(leaf, None, value) for leaf, value in _leaves(new, path))
+        yield from (_change(leaf, None, value) for leaf, value in _leaves(new, path, ignored))
         return
     if new is None and isinstance(old, Mapping):
-        yield from (_change(leaf, value, None) for leaf, value in _leaves(old, path))
+        yield from (_change(leaf, value, None) for leaf, value in _leaves(old, path, ignored))
         return
     old_elements, new_elements = _by_id(old), _by_id(new)
     if old_elements is not None and new_elements is not None:
-        yield from _diff_elements(old_elements, new_elements, path)
+        yield from _diff_elements(old_elements, new_elements, path, ignored)
         return
     if old != new:
         yield _change(path, old, new)
 
 
 def _diff_elements(
-    old: dict[str, Mapping[str, Any]], new: dict[str, Mapping[str, Any]], path: str
+    old: dict[str, Mapping[str, Any]],
+    new: dict[str, Mapping[str, Any]],
+    path: str,
+    ignored: frozenset[str],
 ) -> Iterator[Change]:
     """Identified elements: added or removed as a whole, kept ones compared field by field."""
     for element_id in old.keys() | new.keys():
@@ -203,4 +220,4 @@ def _diff_elements(
         elif element_id not in old:
             yield _change(element_path, None, dict(new[element_id]))
         else:
-            yield from _diff_mappings(old[element_id], new[element_id], element_path)
+            yield from _diff_mappings(old[element_id], new[element_id], element_path, ignored)
