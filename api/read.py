@@ -10,7 +10,9 @@ leaves is rendered here, with ISO times and through `audit.redaction.redact`.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +39,7 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 EXPORT_PAGE_ROWS = 1000
 MAX_VALUE_LENGTH = 512
+MAX_REPEATS = 100  # values of one repeatable parameter (field=, type=)
 EXPORT_TYPES = {"csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
 
 
@@ -61,7 +64,8 @@ TIME_SCHEMA: dict[str, Any] = {
 
 LIMIT = Param(
     "limit",
-    f"Items per page, 1 to {MAX_LIMIT} (default {DEFAULT_LIMIT}). Ignored by exports.",
+    f"Items per page, 1 to {MAX_LIMIT} (default {DEFAULT_LIMIT}). Exports take every item (a"
+    " limit given is still checked).",
     {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
 )
 CURSOR = Param(
@@ -75,7 +79,7 @@ UNTIL = Param("until", "Only items that occurred before this time (exclusive).",
 TYPE = Param(
     "type",
     "Event type; repeat for several (any of them). `user.*` matches every type starting `user.`.",
-    {"type": "array", "items": {"type": "string"}},
+    {"type": "array", "items": {"type": "string"}, "maxItems": MAX_REPEATS},
     repeatable=True,
     example=["user.updated"],
 )
@@ -96,7 +100,7 @@ FIELD = Param(
     "field",
     "Dotted field path (`first_name`, `email_addresses.idn_x.email_address`); a key's own `.`"
     " and `\\` are escaped with `\\` (`unsafe_metadata.a\\.b`); repeatable.",
-    {"type": "array", "items": {"type": "string"}},
+    {"type": "array", "items": {"type": "string"}, "maxItems": MAX_REPEATS},
     repeatable=True,
     example=["first_name"],
 )
@@ -151,6 +155,10 @@ class Args:
             values = self.query.getlist(name)
             if not param.repeatable and len(values) > 1:
                 raise bad_request("invalid_parameter", f"{name!r} may be given only once.")
+            if len(values) > MAX_REPEATS:  # SQLite refuses an expression of a thousand ORs
+                raise bad_request(
+                    "invalid_parameter", f"{name!r} may be given at most {MAX_REPEATS} times."
+                )
             for value in values:
                 limit = 1024 if name == "cursor" else MAX_VALUE_LENGTH
                 if "\x00" in value or len(value) > limit:
@@ -196,9 +204,20 @@ class Args:
         if raw is None:
             return None
         try:
-            return decode_cursor(kind, raw, types)
+            return decode_cursor(self.cursor_kind(kind), raw, types)
         except CursorError as exc:
             raise bad_request("invalid_cursor", str(exc)) from None
+
+    def cursor_kind(self, kind: str) -> str:
+        """`kind` bound to this list's object and filters: a cursor of one user's history, or
+        of other filters, would silently skip what sorts before it (limit and format aside)."""
+        query = sorted(
+            (name, value)
+            for name, value in self.query.multi_items()
+            if name not in ("cursor", "limit", "format")
+        )
+        scope = json.dumps([self.request.url.path, query])
+        return f"{kind}:{hashlib.sha256(scope.encode()).hexdigest()[:16]}"
 
     def export_format(self) -> str | None:
         """`csv` or `ndjson` when an export is asked for (by `format` or `Accept`), else None."""
@@ -401,9 +420,19 @@ def not_ready(exc: ProjectionNotReady) -> ApiError:
     )
 
 
+class JsonCell(str):
+    """A cell of JSON text. It starts with `"`, `{`, `[`, a digit, a literal or the `-` of a
+    number, which a spreadsheet reads as a number: never a formula, so never prefixed (a
+    prefixed `-5` was no longer JSON)."""
+
+
 def csv_cell(value: Any) -> Any:
     """A CSV cell that a spreadsheet will not run as a formula."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+    if (
+        isinstance(value, str)
+        and value[:1] in ("=", "+", "-", "@", "\t", "\r")
+        and not isinstance(value, JsonCell)
+    ):
         return "'" + value
     return value
 
@@ -449,7 +478,7 @@ def export(
 
 
 def _json_cell(key: str) -> Callable[[dict[str, Any]], str]:
-    return lambda item: dumps(item[key])
+    return lambda item: JsonCell(dumps(item[key]))
 
 
 def _actor_cells() -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
@@ -505,7 +534,9 @@ def list_events(request: Request, args: Args) -> Response:
     limit = args.limit()
     if fmt is None:
         return list_response(
-            queries.events_page(log, filters, after=after, limit=limit), "events", render_event
+            queries.events_page(log, filters, after=after, limit=limit),
+            args.cursor_kind("events"),
+            render_event,
         )
     upto = queries.last_event_position(db)
     return export(
@@ -584,7 +615,7 @@ def _history(request: Request, args: Args, kind: str) -> Response:
     )
     table = "users" if kind == "user" else "organizations"
     _require_known(db, page, args, table, object_id, kind)
-    return list_response(page, f"{kind}-history", render_history)
+    return list_response(page, args.cursor_kind(f"{kind}-history"), render_history)
 
 
 def user_history(request: Request, args: Args) -> Response:
@@ -619,7 +650,7 @@ def _owned(
     )
     parent_table = "users" if parent == "user" else "organizations"
     _require_known(db, page, args, parent_table, object_id, parent)
-    return list_response(page, kind, render)
+    return list_response(page, args.cursor_kind(kind), render)
 
 
 def user_sessions(request: Request, args: Args) -> Response:
@@ -694,7 +725,7 @@ def session_timeline(request: Request, args: Args) -> Response:
         until=args.time("until"),
     )
     _require_known(db, page, args, "sessions", session_id, "session")
-    return list_response(page, "timeline", render_timeline_entry)
+    return list_response(page, args.cursor_kind("timeline"), render_timeline_entry)
 
 
 def list_changes(request: Request, args: Args) -> Response:
@@ -712,7 +743,9 @@ def list_changes(request: Request, args: Args) -> Response:
     limit = args.limit()
     if fmt is None:
         return list_response(
-            queries.changes_page(db, filters, after=after, limit=limit), "changes", render_change
+            queries.changes_page(db, filters, after=after, limit=limit),
+            args.cursor_kind("changes"),
+            render_change,
         )
     upto = queries.last_change_position(db)
     return export(

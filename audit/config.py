@@ -127,7 +127,8 @@ def parse_database_url(value: str) -> Database:
 
 
 def parse_tokens(value: str) -> tuple[str, ...]:
-    return tuple(token.strip() for token in value.split(",") if token.strip())
+    # Spaces separate too, as for the secrets: a bearer token cannot hold one.
+    return tuple(_split(value))
 
 
 def parse_max_body(value: str) -> int:

@@ -38,13 +38,25 @@ def decode_cursor(kind: str, cursor: str, types: tuple[type | tuple[type, ...], 
     except (binascii.Error, ValueError, UnicodeDecodeError):
         raise CursorError("The cursor is malformed.") from None
     if not isinstance(decoded, dict) or decoded.get("k") != kind:
-        raise CursorError("The cursor does not belong to this list.")
+        raise CursorError("The cursor belongs to another list, or to other filters of this one.")
     values = decoded.get("v")
     if not isinstance(values, list) or len(values) != len(types):
         raise CursorError("The cursor is malformed.")
     for value, expected in zip(values, types, strict=True):
         if isinstance(value, bool) or not isinstance(value, expected):
             raise CursorError("The cursor is malformed.")
-        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        # Room to step past a key either way in a BIGINT; text a database can bind (no NUL,
+        # no lone surrogate).
+        if isinstance(value, int) and not -(2**62) <= value < 2**62:
+            raise CursorError("The cursor is malformed.")
+        if isinstance(value, str) and ("\x00" in value or not _is_unicode(value)):
             raise CursorError("The cursor is malformed.")
     return tuple(values)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -32,7 +32,7 @@ def epoch_ms(value: object) -> int | None:
 def parse_time(value: str) -> int:
     """Epoch milliseconds from ISO 8601 (`2024-05-28T08:06:40.018Z`) or epoch milliseconds."""
     text = value.strip()
-    if text.isascii() and text.lstrip("-").isdigit():  # "²".isdigit(), yet int("²") fails
+    if text.isascii() and text.removeprefix("-").isdigit():  # "²".isdigit(), yet int("²") fails
         if len(text) > 15:
             raise TimeParseError(f"{value!r} is out of range")
         return int(text)

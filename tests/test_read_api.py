@@ -6,6 +6,7 @@ projections run; then each route, filter, cursor, export, token rule and redacti
 
 from __future__ import annotations
 
+import base64
 import copy
 import csv
 import io
@@ -29,7 +30,7 @@ from api import read
 from api.app import READ_THREADS, create_app
 from audit import queries
 from audit.application import AuditLog
-from audit.config import Settings
+from audit.config import Settings, parse_tokens
 from audit.cursors import CursorError, decode_cursor, encode_cursor
 from audit.projections import base
 from audit.projections.base import Tables
@@ -892,6 +893,8 @@ def test_bad_parameters_are_400(world: World) -> None:
         (f"/v1/users/{FRESH_USER}", {"as_of": "\u00b2"}, "invalid_time"),
         (f"/v1/users/{FRESH_USER}", {"as_of": "-\u0663"}, "invalid_time"),
         (f"/v1/users/{FRESH_USER}/history", {"until": "x"}, "invalid_time"),
+        ("/v1/events", {"since": "--5"}, "invalid_time"),  # was int("--5"): a 500
+        ("/v1/changes", [("field", f"f{n}") for n in range(101)], "invalid_parameter"),
         ("/v1/events", {"subjet": FRESH_USER}, "unknown_parameter"),
         ("/v1/events", [("limit", 1), ("limit", 2)], "invalid_parameter"),
         ("/v1/events", {"subject": "a\x00b"}, "invalid_parameter"),
@@ -973,6 +976,11 @@ def test_reads_beyond_the_read_threads_wait_while_webhooks_and_health_still_answ
 
 
 # -- tokens ---------------------------------------------------------------------------------------
+
+
+def test_tokens_are_separated_by_commas_or_spaces_as_the_secrets_are() -> None:
+    # "tok1 tok2" was one token with a space in it, which no Bearer header can carry.
+    assert parse_tokens(" tok1 tok2,tok3 , ") == ("tok1", "tok2", "tok3")
 
 
 def test_tokens(world: World, settings: Settings, log: AuditLog) -> None:
@@ -1082,8 +1090,41 @@ def test_exports_stream_the_whole_filtered_result(
 def test_csv_cells_cannot_run_as_formulas() -> None:
     assert read.csv_cell("=HYPERLINK(1)") == "'=HYPERLINK(1)"
     assert read.csv_cell("@x") == "'@x"
+    assert read.csv_cell("-5") == "'-5"
     assert read.csv_cell("plain") == "plain"
     assert read.csv_cell(5) == 5
+    # JSON text stays JSON: its `-` starts a number, which a spreadsheet reads as one.
+    assert read.csv_cell(read.JsonCell("-5")) == "-5"
+
+
+def test_a_cursor_belongs_to_its_list_and_filters(world: World) -> None:
+    """Reused for another user, or with other filters, a cursor would silently skip what sorts
+    before it there: refused. Another limit or an export of the same list take it."""
+    page = world.ok("/v1/changes", {"limit": 1})
+    cursor = page["next_cursor"]
+    assert world.get("/v1/changes", {"limit": 2, "cursor": cursor}).status_code == 200
+    assert world.get("/v1/changes", {"format": "csv", "cursor": cursor}).status_code == 200
+    for params in ({"field": "first_name"}, {"subject": FRESH_USER}, {"since": 0}):
+        response = world.get("/v1/changes", {**params, "cursor": cursor})
+        assert response.status_code == 400, params
+        assert response.json()["error"]["code"] == "invalid_cursor"
+    history = world.ok(f"/v1/users/{SAMPLE_USER}/history", {"limit": 1})["next_cursor"]
+    assert world.get(f"/v1/users/{SAMPLE_USER}/history", {"cursor": history}).status_code == 200
+    other = world.get(f"/v1/users/{FRESH_USER}/history", {"cursor": history})
+    assert other.status_code == 400 and other.json()["error"]["code"] == "invalid_cursor"
+
+
+def test_a_tampered_cursor_is_400_not_500(world: World) -> None:
+    """Values a database cannot bind (NUL on PostgreSQL, a lone surrogate on both) or that
+    overflow a BIGINT when stepped past, inside a cursor of the right list (found by review)."""
+    cursor = world.ok("/v1/changes", {"limit": 1})["next_cursor"]
+    envelope = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    for values in ([1, "a\x00", "x"], [1, "\ud800", "x"], [-(2**63), "a", "b"]):
+        raw = json.dumps({**envelope, "v": values}).encode()
+        tampered = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        response = world.get("/v1/changes", {"cursor": tampered})
+        assert response.status_code == 400, (values, response.text)
+        assert response.json()["error"]["code"] == "invalid_cursor"
 
 
 # -- secrets out ----------------------------------------------------------------------------------
