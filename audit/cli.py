@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from eventsourcing.application import AggregateNotFoundError
 
@@ -21,6 +21,7 @@ from audit.config import (
     load_settings,
     parse_secrets,
 )
+from audit.redaction import redact
 from audit.runtime import collect_garbage_less_often
 from audit.timeparse import TimeParseError, format_time, parse_time
 
@@ -182,6 +183,21 @@ def cmd_send_samples(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high` (a bad one is argparse's one line)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not from {low} to {high}")
+        return value
+
+    return parse
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     as_of = None
     if args.as_of:
@@ -205,7 +221,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if as_of is not None and not has_versions(view):
         print(f"{args.id}: nothing recorded about it as of {format_time(as_of)}", file=sys.stderr)
         return EXIT_NOT_FOUND
-    print(json.dumps(view, indent=2, sort_keys=True))
+    # The store keeps every secret; what is printed is pasted into tickets and chats.
+    print(json.dumps(redact(view), indent=2, sort_keys=True))
     return 0
 
 
@@ -217,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the HTTP service with projections")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--port", type=_bounded(0, 65535), default=8000)
+    serve.add_argument("--workers", type=_bounded(1, 256), default=1)
     serve.set_defaults(func=cmd_serve)
 
     project = commands.add_parser("project", help="run the projections alone")

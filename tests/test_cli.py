@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,14 +12,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from audit.aggregates.delivery import parse_delivery
 from audit.application import AuditLog
-from audit.config import PostgresDatabase
+from audit.config import PostgresDatabase, SqliteDatabase
 from audit.projections.parallel import usable_cores
 from audit.projections.runner import Projector, active_tables
 from audit.samples import sample_bodies
 from tests.conftest import new_secret
 from tests.soak.scenario import free_port
 from tests.test_projections import ARRIVAL_COLUMNS, all_rows, sample_deliveries
+from tests.webhook_helpers import payload
 
 AUDIT = [sys.executable, "-m", "audit.cli"]
 
@@ -137,3 +140,48 @@ def test_rebuild_all_switches_every_projection_and_loses_nothing(
         assert f"{name}: reads switched to generation {generation + 1}" in rebuilt.stdout
         assert active_tables(log.db, name).generation == generation + 1
     assert all_rows(log.db, drop=ARRIVAL_COLUMNS) == before
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--port", "99999"), ("--port", "-1"), ("--workers", "0")]
+)
+def test_serve_refuses_a_port_or_worker_count_out_of_range_in_one_line(
+    tmp_path, option: str, value: str
+) -> None:
+    env = base_env(tmp_path)
+    env["CLERK_WEBHOOK_SIGNING_SECRET"] = new_secret()
+    result = run_audit("serve", option, value, env=env)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith(f"audit serve: error: argument {option}")
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_show_takes_the_secrets_out_as_the_api_does(tmp_path) -> None:
+    """What `audit show` prints is pasted into tickets: no code, no invitation url."""
+    env = base_env(tmp_path)
+    user = payload("user.created")
+    user["data"]["private_metadata"] = {"otp_code": "73519864"}
+    invitation = payload("organizationInvitation.created")
+    url = invitation["data"]["url"]
+    log = AuditLog(SqliteDatabase(path=tmp_path / "audit.db"))
+    try:
+        log.record(
+            [
+                parse_delivery(
+                    json.dumps(body).encode(), svix_id=f"msg_{i}", svix_timestamp=1, received_at=1
+                )
+                for i, body in enumerate((user, invitation))
+            ]
+        )
+    finally:
+        log.close()
+    for clerk_id, secret in (
+        (user["data"]["id"], "73519864"),
+        (invitation["data"]["organization_id"], url),
+    ):
+        shown = run_audit("show", clerk_id, env=env)
+        assert shown.returncode == 0, shown.stderr
+        assert secret not in shown.stdout
+    assert '"otp_code": "[redacted]"' in run_audit("show", user["data"]["id"], env=env).stdout
