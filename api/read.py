@@ -849,7 +849,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/users/{user_id}/organizations",
         user_organizations,
         "A user's organizations",
-        "The user's current organization memberships, with role, ordered by creation.",
+        "The user's current organization memberships, with role, ordered by creation (none of"
+        " deleted organizations, none once the user is deleted).",
         (USER_ID, *PAGING),
         "Membership",
         is_list=True,
@@ -876,7 +877,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/organizations/{org_id}/members",
         organization_members,
         "An organization's members",
-        "Current memberships (deleted ones left out), with role, ordered by creation.",
+        "Current memberships, with role, ordered by creation: none of a deleted organization,"
+        " nor deleted ones or those of deleted users.",
         (ORG_ID, *PAGING),
         "Membership",
         is_list=True,
@@ -895,7 +897,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/organizations/{org_id}/domains",
         organization_domains,
         "An organization's domains",
-        "Current domains (deleted ones left out), with enrollment mode and verification status.",
+        "Current domains (none if the organization is deleted), with enrollment mode and"
+        " verification status.",
         (ORG_ID, *PAGING),
         "Domain",
         is_list=True,

@@ -446,17 +446,26 @@ def owned_objects(
     """Rows of a current-state table whose `by` column (`owner_id`, `user_id`) is `owner`.
 
     Ordered by (created_at, id) through the `(by, created_at, id)` index; rows without a
-    created_at (deletion stubs seen first) come first, ordered by id.
+    created_at (deletion stubs seen first) come first, ordered by id. Without
+    `include_deleted`, only current rows: neither they nor their organization or user deleted
+    (Clerk may not send a deletion for each membership of a deleted organization).
     """
     assert by in ("owner_id", "user_id")
 
     def query(t: Tables) -> Page:
-        base = [f"{by} = %s"] + ([] if include_deleted else ["deleted = 0"])
+        base = [f"{by} = %s"]
+        if not include_deleted:
+            base.append("deleted = 0")
+            base += [
+                f"NOT EXISTS (SELECT 1 FROM {t[parents]} AS p"
+                f" WHERE p.id = o.{column} AND p.deleted = 1)"
+                for parents, column in (("organizations", "organization_id"), ("users", "user_id"))
+            ]
         rows: list[Any] = []
         if after is None or after[0] is None:
             rows = _select(
                 db,
-                source=t[table],
+                source=f"{t[table]} AS o",
                 columns=_CURRENT_COLUMNS,
                 key=["id"],
                 branches=[],
@@ -468,7 +477,7 @@ def owned_objects(
         if len(rows) <= limit:
             rows += _select(
                 db,
-                source=t[table],
+                source=f"{t[table]} AS o",
                 columns=_CURRENT_COLUMNS,
                 key=["created_at", "id"],
                 branches=[],

@@ -378,19 +378,16 @@ def test_sessions_memberships_invitations_domains_timeline(world: World) -> None
         key: reported[key] for key in sessions[0]["latest_activity"]
     }
 
-    organizations = world.walk(f"/v1/users/{FRESH_USER}/organizations")
-    assert _ids(organizations) == [FRESH_MEMBERSHIP]
-    assert organizations[0]["role"] == "org:admin"
-    assert organizations[0]["organization_id"] == SAMPLE_ORG
-    members = world.walk(f"/v1/organizations/{SAMPLE_ORG}/members", limit=1)
-    assert _ids(members) == [FRESH_MEMBERSHIP]  # the sample membership was deleted
+    # The sample organization is deleted: no current membership or domain (see below).
+    assert world.ok(f"/v1/organizations/{SAMPLE_ORG}")["deleted"] is True
+    assert world.walk(f"/v1/users/{FRESH_USER}/organizations") == []
+    assert world.walk(f"/v1/organizations/{SAMPLE_ORG}/members", limit=1) == []
 
     invitations = world.walk(f"/v1/organizations/{SAMPLE_ORG}/invitations")
     assert [(i["id"], i["status"]) for i in invitations] == [
         ("orginv_3Lsx2feLHKwcUEYjQ8svkDKsMP5", "revoked")
     ]
-    domains = world.walk(f"/v1/organizations/{SAMPLE_ORG}/domains")
-    assert [(d["id"], d["name"]) for d in domains] == [(FRESH_DOMAIN, "fresh.example")]
+    assert world.walk(f"/v1/organizations/{SAMPLE_ORG}/domains") == []
 
     timeline = world.walk(f"/v1/sessions/{SAMPLE_SESSION}/timeline", limit=2)
     assert len(timeline) == sum(1 for p in payload_files() if p.stem.startswith("session."))
@@ -412,6 +409,49 @@ def test_sessions_memberships_invitations_domains_timeline(world: World) -> None
         response = world.get(path)
         assert response.status_code == 404, path
         assert response.json()["error"]["code"] == "not_found"
+
+
+def test_memberships_and_domains_are_current_while_their_organization_and_user_are(
+    world: World,
+) -> None:
+    """A membership of a deleted organization or of a deleted user is not current, whether or
+    not Clerk sends its own deletion (found by a review: listed with its role for ever)."""
+    org_id = "org_2liveAuditReadApiTest01"
+    organization = dict(payload("organization.created")["data"], id=org_id, created_at=T_CREATED)
+    deliveries = [_envelope("organization.created", organization, T_CREATED, "198.51.100.1")]
+    for membership_id, user_id in (("orgmem_2live1", FRESH_USER), ("orgmem_2live2", SAMPLE_USER)):
+        membership = copy.deepcopy(payload("organizationMembership.created")["data"])
+        membership.update(id=membership_id, role="org:admin", created_at=T_CREATED)
+        membership["organization"]["id"] = org_id
+        membership["public_user_data"]["user_id"] = user_id
+        deliveries.append(
+            _envelope("organizationMembership.created", membership, T_CREATED, "198.51.100.1")
+        )
+    domain = copy.deepcopy(payload("organizationDomain.created")["data"])
+    domain.update(id="orgdmn_2live", organization_id=org_id, name="live.example")
+    deliveries.append(_envelope("organizationDomain.created", domain, T_CREATED, "198.51.100.1"))
+    for body in deliveries:
+        world.deliver(body)
+    world.projector.run_once()
+    [membership] = world.walk(f"/v1/users/{FRESH_USER}/organizations")
+    assert (membership["id"], membership["role"], membership["organization_id"]) == (
+        "orgmem_2live1",
+        "org:admin",
+        org_id,
+    )
+    # The sample user is deleted: its membership is not among the members.
+    assert _ids(world.walk(f"/v1/organizations/{org_id}/members")) == ["orgmem_2live1"]
+    assert _ids(world.walk(f"/v1/organizations/{org_id}/domains")) == ["orgdmn_2live"]
+
+    deleted = {"object": "organization", "id": org_id, "deleted": True}
+    world.deliver(_envelope("organization.deleted", deleted, T_UPDATED, "198.51.100.1"))
+    world.projector.run_once()
+    assert world.walk(f"/v1/users/{FRESH_USER}/organizations") == []
+    assert world.walk(f"/v1/organizations/{org_id}/members") == []
+    assert world.walk(f"/v1/organizations/{org_id}/domains") == []
+    # Who was a member stays in the organization's history.
+    history = world.walk(f"/v1/organizations/{org_id}/history")
+    assert "orgmem_2live1" in {entry["object"]["id"] for entry in history}
 
 
 def test_changes_and_filters(world: World) -> None:

@@ -389,7 +389,7 @@ class OrganizationState:
         members = [
             membership_view(mid, versions)
             for mid, versions in self.memberships.items()
-            if not versions.deleted
+            if not versions.deleted and not self.organization.deleted  # as the API lists them
         ]
         invitations = [invitation_view(iid, v) for iid, v in self.invitations.items()]
         domains = [domain_view(did, v) for did, v in self.domains.items()]
