@@ -60,7 +60,14 @@ def _status_of(response: httpx.Response) -> str | None:
 
 def describe(counts: dict[str, Any]) -> str:
     lines = [f"recorded {counts['recorded']}, duplicate {counts['duplicate']}"]
-    lines += [f"failed {t}: {status} {text}" for t, status, text in counts["failed"]]
+    failed = counts["failed"]
+    answers = {(status, text) for _, status, text in failed}
+    if len(failed) > 1 and len(answers) == 1:  # one cause: one line, not one per sample
+        [(status, text)] = answers
+        hint = " (is CLERK_WEBHOOK_SIGNING_SECRET the server's?)" if status == 401 else ""
+        lines.append(f"failed all {len(failed)}: {status} {text}{hint}")
+    else:
+        lines += [f"failed {t}: {status} {text}" for t, status, text in failed]
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from tests.test_projections import ARRIVAL_COLUMNS, all_rows, sample_deliveries
 from tests.webhook_helpers import payload
 
 AUDIT = [sys.executable, "-m", "audit.cli"]
+SECRET = "CLERK_WEBHOOK_SIGNING_SECRET"
 
 
 def run_audit(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -86,6 +87,12 @@ def test_serve_then_send_samples_twice_records_then_duplicates(tmp_path) -> None
         assert "HTTP Request" not in first.stderr  # httpx's line per request
         second = run_audit("send-samples", "--url", url, env=env)
         assert f"recorded 0, duplicate {count}" in second.stdout
+        wrong = run_audit("send-samples", "--url", url, env={**env, SECRET: new_secret()})
+        assert wrong.returncode == 1
+        [counted, failed] = wrong.stdout.splitlines()  # one line for one cause, not one a sample
+        assert counted == "recorded 0, duplicate 0"
+        assert failed.startswith(f"failed all {count}: 401 ")
+        assert failed.endswith("(is CLERK_WEBHOOK_SIGNING_SECRET the server's?)")
     finally:
         server.terminate()
         server.wait(timeout=15)
