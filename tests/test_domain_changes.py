@@ -214,25 +214,19 @@ def test_a_change_too_deep_to_index_is_listed_whole_at_its_longest_ancestor_that
     ]
 
 
-@settings(max_examples=100)
-@given(
-    st.dictionaries(
-        st.sampled_from(["m", "n"]),
-        st.recursive(
-            json_leaf,
-            lambda inner: st.dictionaries(st.sampled_from(["k" * 100, "j" * 90, "a.b"]), inner),
-            max_leaves=6,
-        ),
-    ),
-    st.dictionaries(
-        st.sampled_from(["m", "n"]),
-        st.recursive(
-            json_leaf,
-            lambda inner: st.dictionaries(st.sampled_from(["k" * 100, "j" * 90, "a.b"]), inner),
-            max_leaves=6,
-        ),
+# Objects whose paths grow past MAX_FIELD_LENGTH within a few levels.
+long_path_object = st.dictionaries(
+    st.sampled_from(["m", "n"]),
+    st.recursive(
+        json_leaf,
+        lambda inner: st.dictionaries(st.sampled_from(["k" * 100, "j" * 90, "a.b"]), inner),
+        max_leaves=6,
     ),
 )
+
+
+@settings(max_examples=100)
+@given(long_path_object, long_path_object)
 @example({}, {"m": {"k" * 100: {"j" * 90: {"k" * 100: 1, "a.b": 2}}}})
 def test_every_field_fits_and_names_one_field(old: dict, new: dict) -> None:
     changes = diff(old, new)

@@ -234,6 +234,27 @@ def test_a_body_nested_deeper_than_the_limit_is_400(client: TestClient, secret: 
         assert response.json()["error"]["code"] == "invalid_payload"
 
 
+CREATED = 1716883200000  # 2024-05-28T08:00:00Z
+
+
+def _user_versions_recorded(
+    client: TestClient, log: AuditLog, secret: str, user_id: str, *data: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """A sample user created with the first `data`, updated with each next one a millisecond
+    later, and projected without an error: its history as the API answers it."""
+    user = payload("user.created")["data"]
+    for n, fields in enumerate(data):
+        envelope = payload("user.created" if n == 0 else "user.updated")
+        envelope["timestamp"] = CREATED + n
+        envelope["data"] = dict(user, id=user_id, updated_at=CREATED + n, **fields)
+        assert post(client, secret, envelope).status_code == 200
+    projector = Projector(log)
+    projector.run_once()
+    assert all(row["errors"] == 0 and row["lag"] == 0 for row in projector.status())
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    return client.get(f"/v1/users/{user_id}/history", headers=auth).json()["data"]
+
+
 def _nested(depth: int, leaf: Any) -> Any:
     for _ in range(depth):
         leaf = {"a": leaf}
@@ -245,29 +266,24 @@ def test_metadata_nested_to_the_limit_is_recorded_projected_and_read(
 ) -> None:
     """Every read of a user whose metadata nests as deep as a body may, on both backends (at
     600 levels the version's diff hit the recursion limit: no history, a projection error)."""
-    user = payload("user.created")["data"]
     user_id = f"user_{new_svix_id()}"
-    created = 1716883200000
     depth = MAX_NESTING - 2  # the envelope and `data` are two levels
-    for event_type, leaf, at in (("user.created", 1, created), ("user.updated", 2, created + 1)):
-        envelope = payload(event_type)
-        envelope["timestamp"] = at
-        envelope["data"] = dict(
-            user, id=user_id, updated_at=at, unsafe_metadata=_nested(depth, leaf)
-        )
-        assert post(client, secret, envelope).status_code == 200
-    projector = Projector(log)
-    projector.run_once()
-    assert all(row["errors"] == 0 and row["lag"] == 0 for row in projector.status())
+    history = _user_versions_recorded(
+        client,
+        log,
+        secret,
+        user_id,
+        {"unsafe_metadata": _nested(depth, 1)},
+        {"unsafe_metadata": _nested(depth, 2)},
+    )
     auth = {"Authorization": f"Bearer {API_TOKEN}"}
-    history = client.get(f"/v1/users/{user_id}/history", headers=auth).json()["data"]
     [change] = [c for c in history[1]["changes"] if c["field"].startswith("unsafe_metadata")]
     # Whole at its longest ancestor that fits: "unsafe_metadata" and 120 of the ".a".
     assert change["field"] == "unsafe_metadata" + ".a" * 120
     assert (change["from"], change["to"]) == (_nested(depth - 120, 1), _nested(depth - 120, 2))
     for path, params in (
         (f"/v1/users/{user_id}", {}),
-        (f"/v1/users/{user_id}", {"as_of": created}),
+        (f"/v1/users/{user_id}", {"as_of": CREATED}),
         ("/v1/changes", {"subject": user_id, "format": "csv"}),
         ("/v1/events", {"subject": user_id, "format": "ndjson"}),
     ):
@@ -400,29 +416,16 @@ def test_metadata_keys_with_dots_too_long_to_index_or_named_object_are_changes(
     """End users write `unsafe_metadata`. A key `a.b` beside an object `a` with a `b` gave two
     changes one field, and a key of thousands of characters a field PostgreSQL cannot index:
     either made the version's changes unrecordable (a projection error, nothing in history)."""
-    user = payload("user.created")["data"]
     user_id = f"user_{new_svix_id()}"
     long_key = "".join(f"{n:x}" for n in range(1500))  # 4,000 characters, hardly compressible
     code = "73519864"
-    created = 1716883200000
     metadata = {
         "unsafe_metadata": {"a.b": "dotted", "a": {"b": "nested"}},
         "private_metadata": {"plan": "pro", long_key: {"otp_code": code}},
         "public_metadata": {"object": "server"},  # the customer's field, not Clerk's type
     }
-    for event_type, data, at in (
-        ("user.created", {}, created),
-        ("user.updated", metadata, created + 1),
-    ):
-        envelope = payload(event_type)
-        envelope["timestamp"] = at
-        envelope["data"] = dict(user, id=user_id, updated_at=at, **data)
-        assert post(client, secret, envelope).status_code == 200
-    projector = Projector(log)
-    projector.run_once()
-    assert all(row["errors"] == 0 and row["lag"] == 0 for row in projector.status())
+    history = _user_versions_recorded(client, log, secret, user_id, {}, metadata)
     auth = {"Authorization": f"Bearer {API_TOKEN}"}
-    history = client.get(f"/v1/users/{user_id}/history", headers=auth).json()["data"]
     assert [entry["type"] for entry in history] == ["user.created", "user.updated"]
     assert {c["field"]: c["to"] for c in history[1]["changes"] if "metadata" in c["field"]} == {
         "unsafe_metadata.a.b": "nested",
