@@ -29,12 +29,20 @@ EXIT_CONFIG = 2
 EXIT_NOT_FOUND = 1
 
 
-def open_log(database):  # type: ignore[no-untyped-def]
-    """Open the store, or stop with one line naming the variable when it cannot be reached."""
+def open_log(database, *, existing: bool = False):  # type: ignore[no-untyped-def]
+    """Open the store, or stop with one line naming the variable when it cannot be reached.
+
+    `existing`: a command that only reads or rebuilds refuses a store never opened before,
+    rather than create an empty one that looks healthy (a typo in the URL)."""
     from audit.application import AuditLog
-    from audit.storage import UNAVAILABLE_ERRORS
+    from audit.storage import UNAVAILABLE_ERRORS, store_exists
 
     try:
+        if existing and not store_exists(database):
+            raise ConfigError(
+                DATABASE_VARIABLE,
+                f"no store at {database.url}: nothing was ever recorded there (a typo?)",
+            )
         return AuditLog(database)
     except (*UNAVAILABLE_ERRORS, OSError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -104,7 +112,7 @@ def cmd_project(args: argparse.Namespace) -> int:
 def cmd_projections(args: argparse.Namespace) -> int:
     from audit.projections.runner import Projector
 
-    log = open_log(database_from_env())
+    log = open_log(database_from_env(), existing=True)
     try:
         rows = Projector(log).status()
     finally:
@@ -123,7 +131,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     from audit.projections import parallel
     from audit.projections.runner import Projector, UnknownProjection, active_tables
 
-    log = open_log(database_from_env())
+    log = open_log(database_from_env(), existing=True)
     try:
         projector = Projector(log)
         names = list(projector.projections) if args.all else [args.name]
@@ -206,7 +214,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         except TimeParseError as exc:
             print(f"--as-of: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-    log = open_log(database_from_env())
+    log = open_log(database_from_env(), existing=True)
     try:
         if args.id.startswith("org_"):
             state = log.organization_state(args.id, as_of=as_of)

@@ -211,6 +211,15 @@ def prepare_database(database: Database) -> None:
         )
 
 
+def store_exists(database: Database) -> bool:
+    """Whether a store was ever opened there: the SQLite file, or the PostgreSQL schema."""
+    if isinstance(database, SqliteDatabase):
+        return database.path.exists()
+    with psycopg.connect(**postgres_connect_args(database), autocommit=True) as conn:
+        found = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", [database.schema])
+        return found.fetchone() is not None
+
+
 @contextlib.contextmanager
 def setup_lock(database: Database) -> Iterator[None]:
     """Processes starting together (uvicorn workers) create tables in turn, not at once.

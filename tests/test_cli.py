@@ -18,7 +18,8 @@ from audit.config import PostgresDatabase, SqliteDatabase
 from audit.projections.parallel import usable_cores
 from audit.projections.runner import Projector, active_tables
 from audit.samples import sample_bodies
-from tests.conftest import new_secret
+from audit.storage import store_exists
+from tests.conftest import new_postgres_database, new_secret
 from tests.soak.scenario import free_port
 from tests.test_projections import ARRIVAL_COLUMNS, all_rows, sample_deliveries
 from tests.webhook_helpers import payload
@@ -192,3 +193,33 @@ def test_show_takes_the_secrets_out_as_the_api_does(tmp_path) -> None:
         assert shown.returncode == 0, shown.stderr
         assert secret not in shown.stdout
     assert '"otp_code": "[redacted]"' in run_audit("show", user["data"]["id"], env=env).stdout
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+@pytest.mark.parametrize("command", [["projections"], ["show", "user_x"], ["rebuild", "--all"]])
+def test_reading_a_store_never_opened_is_one_line_and_creates_nothing(
+    tmp_path, backend: str, command: list[str]
+) -> None:
+    """A typo in AUDIT_DATABASE_URL made an empty store that looked healthy (all projections
+    live at position 0); only `serve` and `project`, which record or follow, create one."""
+    env = base_env(tmp_path)
+    if backend == "sqlite":
+        path = tmp_path / "typo" / "audti.db"
+        env["AUDIT_DATABASE_URL"] = f"sqlite:///{path}"
+    else:
+        database = new_postgres_database()
+        password = f":{database.password}" if database.password else ""
+        env["AUDIT_DATABASE_URL"] = (
+            f"postgresql://{database.user}{password}@{database.host}:{database.port}"
+            f"/{database.dbname}?schema={database.schema}"
+        )
+    result = run_audit(*command, env=env)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("AUDIT_DATABASE_URL: no store at ")
+    if backend == "sqlite":
+        assert not path.parent.exists()
+    else:
+        assert not store_exists(database)
