@@ -401,12 +401,14 @@ def db_of(request: Request) -> Db:
 
 
 def list_response(
-    page: Page, kind: str, render: Callable[[dict[str, Any]], dict[str, Any]]
+    page: Page, args: Args, kind: str, render: Callable[[dict[str, Any]], dict[str, Any]]
 ) -> JSONResponse:
+    """A page, with the cursor of the rest bound to this request's list (`Args.cursor`)."""
+    next_key = page.next_key
     return JSONResponse(
         {
             "data": [render(item) for item in page.items],
-            "next_cursor": encode_cursor(kind, page.next_key) if page.next_key else None,
+            "next_cursor": encode_cursor(args.cursor_kind(kind), next_key) if next_key else None,
         }
     )
 
@@ -535,7 +537,8 @@ def list_events(request: Request, args: Args) -> Response:
     if fmt is None:
         return list_response(
             queries.events_page(log, filters, after=after, limit=limit),
-            args.cursor_kind("events"),
+            args,
+            "events",
             render_event,
         )
     upto = queries.last_event_position(db)
@@ -615,7 +618,7 @@ def _history(request: Request, args: Args, kind: str) -> Response:
     )
     table = "users" if kind == "user" else "organizations"
     _require_known(db, page, args, table, object_id, kind)
-    return list_response(page, args.cursor_kind(f"{kind}-history"), render_history)
+    return list_response(page, args, f"{kind}-history", render_history)
 
 
 def user_history(request: Request, args: Args) -> Response:
@@ -650,7 +653,7 @@ def _owned(
     )
     parent_table = "users" if parent == "user" else "organizations"
     _require_known(db, page, args, parent_table, object_id, parent)
-    return list_response(page, args.cursor_kind(kind), render)
+    return list_response(page, args, kind, render)
 
 
 def user_sessions(request: Request, args: Args) -> Response:
@@ -725,7 +728,7 @@ def session_timeline(request: Request, args: Args) -> Response:
         until=args.time("until"),
     )
     _require_known(db, page, args, "sessions", session_id, "session")
-    return list_response(page, args.cursor_kind("timeline"), render_timeline_entry)
+    return list_response(page, args, "timeline", render_timeline_entry)
 
 
 def list_changes(request: Request, args: Args) -> Response:
@@ -744,7 +747,8 @@ def list_changes(request: Request, args: Args) -> Response:
     if fmt is None:
         return list_response(
             queries.changes_page(db, filters, after=after, limit=limit),
-            args.cursor_kind("changes"),
+            args,
+            "changes",
             render_change,
         )
     upto = queries.last_change_position(db)

@@ -12,6 +12,8 @@ import binascii
 import json
 from typing import Any
 
+from audit.jsontext import is_unicode
+
 MAX_CURSOR_LENGTH = 1024
 
 
@@ -49,14 +51,6 @@ def decode_cursor(kind: str, cursor: str, types: tuple[type | tuple[type, ...], 
         # no lone surrogate).
         if isinstance(value, int) and not -(2**62) <= value < 2**62:
             raise CursorError("The cursor is malformed.")
-        if isinstance(value, str) and ("\x00" in value or not _is_unicode(value)):
+        if isinstance(value, str) and ("\x00" in value or not is_unicode(value)):
             raise CursorError("The cursor is malformed.")
     return tuple(values)
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

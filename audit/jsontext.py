@@ -61,3 +61,15 @@ def loads(text: str, **fallback: Any) -> Any:
         except orjson.JSONDecodeError:
             pass
     return json.loads(text, **fallback)
+
+
+def is_unicode(text: str) -> bool:
+    """False for text holding a lone UTF-16 surrogate (`"\ud800"`, which JSON escapes can
+    carry): not Unicode, so nothing can encode, hash, index or bind it."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

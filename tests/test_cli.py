@@ -14,12 +14,12 @@ import pytest
 
 from audit.aggregates.delivery import parse_delivery
 from audit.application import AuditLog
-from audit.config import PostgresDatabase, SqliteDatabase
+from audit.config import Database, PostgresDatabase, SqliteDatabase
 from audit.projections.parallel import usable_cores
 from audit.projections.runner import Projector, active_tables
 from audit.samples import sample_bodies
 from audit.storage import store_exists
-from tests.conftest import new_postgres_database, new_secret
+from tests.conftest import new_secret
 from tests.soak.scenario import free_port
 from tests.test_projections import ARRIVAL_COLUMNS, all_rows, sample_deliveries
 from tests.webhook_helpers import payload
@@ -166,14 +166,25 @@ def test_serve_refuses_a_port_or_worker_count_out_of_range_in_one_line(
     assert "Traceback" not in result.stderr
 
 
-def test_show_takes_the_secrets_out_as_the_api_does(tmp_path) -> None:
+def url_of(database: Database) -> str:
+    """The AUDIT_DATABASE_URL of a test's database (conftest's `database`, either backend)."""
+    if isinstance(database, SqliteDatabase):
+        return f"sqlite:///{database.path}"
+    password = f":{database.password}" if database.password else ""
+    return (
+        f"postgresql://{database.user}{password}@{database.host}:{database.port}"
+        f"/{database.dbname}?schema={database.schema}"
+    )
+
+
+def test_show_takes_the_secrets_out_as_the_api_does(tmp_path, database: Database) -> None:
     """What `audit show` prints is pasted into tickets: no code, no invitation url."""
-    env = base_env(tmp_path)
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(database)}
     user = payload("user.created")
     user["data"]["private_metadata"] = {"otp_code": "73519864"}
     invitation = payload("organizationInvitation.created")
     url = invitation["data"]["url"]
-    log = AuditLog(SqliteDatabase(path=tmp_path / "audit.db"))
+    log = AuditLog(database)
     try:
         log.record(
             [
@@ -195,31 +206,15 @@ def test_show_takes_the_secrets_out_as_the_api_does(tmp_path) -> None:
     assert '"otp_code": "[redacted]"' in run_audit("show", user["data"]["id"], env=env).stdout
 
 
-@pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
 @pytest.mark.parametrize("command", [["projections"], ["show", "user_x"], ["rebuild", "--all"]])
 def test_reading_a_store_never_opened_is_one_line_and_creates_nothing(
-    tmp_path, backend: str, command: list[str]
+    tmp_path, database: Database, command: list[str]
 ) -> None:
     """A typo in AUDIT_DATABASE_URL made an empty store that looked healthy (all projections
     live at position 0); only `serve` and `project`, which record or follow, create one."""
-    env = base_env(tmp_path)
-    if backend == "sqlite":
-        path = tmp_path / "typo" / "audti.db"
-        env["AUDIT_DATABASE_URL"] = f"sqlite:///{path}"
-    else:
-        database = new_postgres_database()
-        password = f":{database.password}" if database.password else ""
-        env["AUDIT_DATABASE_URL"] = (
-            f"postgresql://{database.user}{password}@{database.host}:{database.port}"
-            f"/{database.dbname}?schema={database.schema}"
-        )
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(database)}
     result = run_audit(*command, env=env)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("AUDIT_DATABASE_URL: no store at ")
-    if backend == "sqlite":
-        assert not path.parent.exists()
-    else:
-        assert not store_exists(database)
+    assert not store_exists(database)

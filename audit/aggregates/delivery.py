@@ -10,7 +10,7 @@ from typing import Any
 
 from audit.aggregates.changes import MAX_FIELD_LENGTH, field_path
 from audit.aggregates.routing import related_ids
-from audit.jsontext import loads
+from audit.jsontext import is_unicode, loads
 from audit.timeparse import epoch_ms
 
 
@@ -80,11 +80,8 @@ def _holds_lone_surrogate(value: Any) -> bool:
     while pending:
         item = pending.pop()
         if isinstance(item, str):
-            if not item.isascii():
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    return True
+            if not is_unicode(item):
+                return True
         elif isinstance(item, dict):
             pending.extend(item)
             pending.extend(item.values())
