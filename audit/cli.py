@@ -27,6 +27,7 @@ from audit.timeparse import TimeParseError, format_time, parse_time
 
 EXIT_CONFIG = 2
 EXIT_NOT_FOUND = 1
+EXIT_BUSY = 3  # another process holds what this command needs
 
 
 def open_log(database, *, existing: bool = False):  # type: ignore[no-untyped-def]
@@ -35,7 +36,7 @@ def open_log(database, *, existing: bool = False):  # type: ignore[no-untyped-de
     `existing`: a command that only reads or rebuilds refuses a store never opened before,
     rather than create an empty one that looks healthy (a typo in the URL)."""
     from audit.application import AuditLog
-    from audit.storage import UNAVAILABLE_ERRORS, store_exists
+    from audit.storage import UNAVAILABLE_ERRORS, store_exists, unavailable_reason
 
     try:
         if existing and not store_exists(database):
@@ -45,9 +46,9 @@ def open_log(database, *, existing: bool = False):  # type: ignore[no-untyped-de
             )
         return AuditLog(database)
     except (*UNAVAILABLE_ERRORS, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
-            DATABASE_VARIABLE, f"cannot reach the database at {database.url}: {first_line}"
+            DATABASE_VARIABLE,
+            f"cannot reach the database at {database.url}: {unavailable_reason(exc)}",
         ) from exc
 
 
@@ -126,53 +127,79 @@ def cmd_projections(args: argparse.Namespace) -> int:
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
+    from audit.storage import LockHeld, held_exclusively, unavailable_reason
+
+    log = open_log(database_from_env(), existing=True)
+    try:
+        # Two at once would each drop the other's build, and one would say it had switched.
+        with held_exclusively(log.database, "rebuild"):
+            return _rebuild(log, args)
+    except LockHeld:
+        print(
+            "audit rebuild: another `audit rebuild` is running on this store;"
+            " try again when it has finished",
+            file=sys.stderr,
+        )
+        return EXIT_BUSY
+    except Exception as exc:
+        reason = unavailable_reason(exc)
+        if reason is None:
+            raise
+        print(
+            f"audit rebuild: the database could not be used: {reason}. A build not yet"
+            " switched is carried on by a running `audit serve` or `audit project`, or by"
+            " `audit rebuild` again",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        log.close()
+
+
+def _rebuild(log, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     from tqdm import tqdm
 
     from audit.projections import parallel
     from audit.projections.runner import Projector, UnknownProjection, active_tables
 
-    log = open_log(database_from_env(), existing=True)
-    try:
-        projector = Projector(log)
-        names = list(projector.projections) if args.all else [args.name]
-        generations = {}
-        for name in names:
-            try:
-                generations[name] = projector.rebuild(name)
-            except UnknownProjection:
-                known = ", ".join(projector.projections)
-                print(f"{name}: no such projection (known: {known})", file=sys.stderr)
-                return EXIT_NOT_FOUND
-        # Progress counts stored records read (deliveries and their markers), by position, for
-        # each projection.
-        total = (log.recorder.max_notification_id() or 0) * len(names)
-        desc = ", ".join(f"{name} g{generation}" for name, generation in generations.items())
-        chosen = [projector.projections[name] for name in names]
-        groups = parallel.rebuild_groups(log.database, chosen)
+    projector = Projector(log)
+    names = list(projector.projections) if args.all else [args.name]
+    generations = {}
+    for name in names:
+        try:
+            generations[name] = projector.rebuild(name)
+        except UnknownProjection:
+            known = ", ".join(projector.projections)
+            print(f"{name}: no such projection (known: {known})", file=sys.stderr)
+            return EXIT_NOT_FOUND
+    # Progress counts stored records read (deliveries and their markers), by position, for
+    # each projection.
+    total = (log.recorder.max_notification_id() or 0) * len(names)
+    desc = ", ".join(f"{name} g{generation}" for name, generation in generations.items())
+    chosen = [projector.projections[name] for name in names]
+    groups = parallel.rebuild_groups(log.database, chosen)
+    if len(groups) > 1:
+        print(f"in {len(groups)} processes: {' | '.join(', '.join(g) for g in groups)}")
+    with tqdm(total=total, desc=desc, unit=" records") as bar:
         if len(groups) > 1:
-            print(f"in {len(groups)} processes: {' | '.join(', '.join(g) for g in groups)}")
-        with tqdm(total=total, desc=desc, unit=" records") as bar:
-            if len(groups) > 1:
-                try:
-                    parallel.catch_up_in_processes(log.database, groups, lambda _, n: bar.update(n))
-                except parallel.CatchUpFailed as exc:
-                    bar.close()
-                    print(f"rebuild failed:\n{exc}", file=sys.stderr)
-                    for name, generation in generations.items():
-                        serving = active_tables(log.db, name).generation
-                        state = "switched" if serving == generation else "not switched"
-                        print(f"{name}: {state}; reads use generation {serving}", file=sys.stderr)
-                    return 1
-            else:  # the builds step in turn, sharing each batch's decoding
-                projector.catch_up(
-                    *(projector.projections[name] for name in names),
-                    progress=lambda _, n: bar.update(n),
-                )
-        for name, generation in generations.items():
-            print(f"{name}: reads switched to generation {generation}")
-        return 0
-    finally:
-        log.close()
+            try:
+                parallel.catch_up_in_processes(log.database, groups, lambda _, n: bar.update(n))
+            except parallel.CatchUpFailed as exc:
+                bar.close()
+                print(f"rebuild failed:\n{exc}", file=sys.stderr)
+                for name, generation in generations.items():
+                    serving = active_tables(log.db, name).generation
+                    state = "switched" if serving == generation else "not switched"
+                    print(f"{name}: {state}; reads use generation {serving}", file=sys.stderr)
+                return 1
+        else:  # the builds step in turn, sharing each batch's decoding
+            projector.catch_up(
+                *(projector.projections[name] for name in names),
+                progress=lambda _, n: bar.update(n),
+            )
+    for name, generation in generations.items():
+        print(f"{name}: reads switched to generation {generation}")
+    return 0
 
 
 def cmd_send_samples(args: argparse.Namespace) -> int:

@@ -63,6 +63,20 @@ UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+def unavailable_reason(exc: BaseException) -> str | None:
+    """The first line of why the database could not be used, when that is what `exc` is, or
+    was raised from or while handling; None for anything else (a bug keeps its traceback)."""
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (*UNAVAILABLE_ERRORS, StoreUnavailable, OSError)):
+            text = str(current).strip()
+            return text.splitlines()[0] if text else type(current).__name__
+        current = current.__cause__ or current.__context__
+    return None
+
+
 class AuditSqliteRecorder(SQLiteApplicationRecorder):
     """eventsourcing's SQLite recorder, also writing the owners that `owners=` names."""
 
@@ -236,6 +250,35 @@ def setup_lock(database: Database) -> Iterator[None]:
             yield
         finally:
             conn.execute("SELECT pg_advisory_unlock(7303001)")
+
+
+class LockHeld(Exception):
+    """Another process holds the lock this one asked for."""
+
+
+@contextmanager
+def held_exclusively(database: Database, purpose: str) -> Iterator[None]:
+    """Hold this store's lock for `purpose` for the block, or raise LockHeld at once when another
+    process holds it. The lock goes with the process however it ends (`kill -9` included): a
+    PostgreSQL session's advisory lock, an open file's flock beside the SQLite file.
+    """
+    if isinstance(database, SqliteDatabase):
+        import fcntl  # POSIX; SQLite's own locks are fcntl ranges, which flock does not touch
+
+        path = database.path.with_name(f"{database.path.name}-{purpose}.lock")
+        with open(path, "a") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LockHeld(purpose) from None
+            yield
+        return
+    key = f"clerk-audit {database.schema} {purpose}"  # one store's, not the database's
+    with psycopg.connect(**postgres_connect_args(database), autocommit=True) as conn:
+        taken = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [key]).fetchone()
+        if not (taken and taken[0]):
+            raise LockHeld(purpose)
+        yield  # closing the connection releases it
 
 
 def postgres_connect_args(database: PostgresDatabase) -> dict[str, Any]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -18,9 +20,10 @@ from audit.config import Database, PostgresDatabase, SqliteDatabase
 from audit.projections.parallel import usable_cores
 from audit.projections.runner import Projector, active_tables
 from audit.samples import sample_bodies
-from audit.storage import store_exists
-from tests.conftest import new_secret
+from audit.storage import held_exclusively, store_exists
+from tests.conftest import drop_postgres_schema, new_postgres_database, new_secret
 from tests.soak.scenario import free_port
+from tests.tcp_proxy import TcpProxy
 from tests.test_projections import ARRIVAL_COLUMNS, all_rows, sample_deliveries
 from tests.webhook_helpers import payload
 
@@ -218,3 +221,70 @@ def test_reading_a_store_never_opened_is_one_line_and_creates_nothing(
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("AUDIT_DATABASE_URL: no store at ")
     assert not store_exists(database)
+
+
+def test_a_rebuild_while_another_runs_is_refused_and_changes_nothing(
+    tmp_path: Path, log: AuditLog
+) -> None:
+    """Two at once each dropped the other's build, and one then said it had switched (on
+    PostgreSQL they could deadlock instead). This test holds the lock `audit rebuild` takes."""
+    log.record(sample_deliveries())
+    projector = Projector(log)
+    projector.run_once()
+    before = {name: projector.registration(name) for name in projector.projections}
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(log.database)}
+    with held_exclusively(log.database, "rebuild"):
+        refused = run_audit("rebuild", "--all", env=env)
+    assert refused.returncode == 3
+    [line] = refused.stderr.strip().splitlines()
+    assert line.startswith("audit rebuild: another `audit rebuild` is running on this store")
+    assert {name: projector.registration(name) for name in before} == before
+    # The lock went with its holder.
+    rebuilt = run_audit("rebuild", "objects", env=env)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    generation = before["objects"].generation + 1
+    assert f"objects: reads switched to generation {generation}" in rebuilt.stdout
+
+
+@pytest.mark.postgres
+def test_losing_the_database_mid_rebuild_says_so_in_a_few_lines(tmp_path: Path) -> None:
+    """It printed each process's chained tracebacks, some 460 lines, for a network blip."""
+    database = new_postgres_database()
+    proxy = TcpProxy(database.host, database.port)
+    proxy.start()
+    log = AuditLog(database)
+    try:
+        user = payload("user.updated")
+        log.record(
+            [
+                parse_delivery(
+                    json.dumps({**user, "data": {**user["data"], "id": f"user_{i}"}}).encode(),
+                    svix_id=f"msg_{i}",
+                    svix_timestamp=1,
+                    received_at=1,
+                )
+                for i in range(3000)
+            ]
+        )
+        env = {**base_env(tmp_path)}
+        env["AUDIT_DATABASE_URL"] = url_of(replace(database, host="127.0.0.1", port=proxy.port))
+        rebuild = subprocess.Popen(
+            [*AUDIT, "rebuild", "--all"], env=env, stderr=subprocess.PIPE, text=True
+        )
+        assert rebuild.stderr is not None
+        seen = ""
+        while not re.search(r"\| *[1-9]\d*/\d+ ", seen):  # the bar's first step: cut then
+            read = rebuild.stderr.read(1)
+            assert read, f"the rebuild ended before its first step: {seen}"
+            seen += read
+        proxy.stop()
+        rest = rebuild.stderr.read()
+        assert rebuild.wait(timeout=60) == 1
+    finally:
+        log.close()
+        proxy.stop()
+        drop_postgres_schema(database)
+    lines = [line for line in (seen + rest).splitlines() if "records/s]" not in line]
+    assert "Traceback" not in rest
+    assert lines[-1].startswith("audit rebuild: the database could not be used: ")
+    assert len(lines) <= 12, "\n".join(lines)

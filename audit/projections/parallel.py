@@ -26,6 +26,7 @@ from audit.config import Database, PostgresDatabase
 from audit.projections.base import Projection
 from audit.projections.runner import BATCH_SIZE, Projector
 from audit.runtime import collect_garbage_less_often
+from audit.storage import unavailable_reason
 
 
 def groups(projections: Sequence[Projection], cores: int) -> list[list[str]]:
@@ -148,6 +149,8 @@ def _catch_up(database: Database, names: list[str], batch_size: int, sender: Con
             )
         finally:
             log.close()
-    except BaseException:
-        sender.send(("failed", ",".join(names), traceback.format_exc()))
+    except BaseException as exc:
+        reason = unavailable_reason(exc)  # one line for an outage; a bug keeps its traceback
+        why = f"the database could not be used: {reason}" if reason else traceback.format_exc()
+        sender.send(("failed", ",".join(names), why))
         raise SystemExit(1) from None
