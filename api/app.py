@@ -22,6 +22,7 @@ from audit.config import Settings, load_settings
 from audit.intake import COMMIT_TIMEOUT_SECONDS, Intake
 from audit.projections.runner import Projector
 from audit.runtime import collect_garbage_less_often
+from audit.serving import stop_with_spawning_parent
 
 # Threads that may run the read API's handlers (and export chunks) at once in one worker process.
 # Python runs one of them at a time (the GIL); a second lets one compute while the other waits on
@@ -89,6 +90,7 @@ def create_app(
 def app_from_env() -> Starlette:
     """The factory `audit serve --workers N` hands to uvicorn (each worker builds its own)."""
     collect_garbage_less_often()
+    stop_with_spawning_parent()
     settings = load_settings()
     log = AuditLog(settings.database)
     return create_app(settings, log, projector=Projector(log), own_log=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -68,7 +69,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # uvicorn raises the signal that stopped it again once it has shut down. SIGTERM's default
     # action would then end this process before it could stop its projections' child.
     signal.signal(signal.SIGTERM, _exit_quietly)
-    with ProjectionProcess(settings.database):
+    # Without: the projections run in `audit project` processes of their own (SPEC 7).
+    projecting: contextlib.AbstractContextManager[object] = (
+        contextlib.nullcontext() if args.no_projections else ProjectionProcess(settings.database)
+    )
+    with projecting:
         if args.workers > 1:
             log.close()
             uvicorn.run(
@@ -271,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_bounded(0, 65535), default=8000)
     serve.add_argument("--workers", type=_bounded(1, 256), default=1)
+    serve.add_argument(
+        "--no-projections",
+        action="store_true",
+        help="serve only; the projections run in `audit project` processes elsewhere",
+    )
     serve.set_defaults(func=cmd_serve)
 
     project = commands.add_parser("project", help="run the projections alone")

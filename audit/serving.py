@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -121,5 +122,22 @@ def stop_when_orphaned(stop: threading.Event, parent: int) -> None:
                 stop.set()
             if stop.wait(PARENT_CHECK_SECONDS):
                 return
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def stop_with_spawning_parent() -> None:
+    """In a process spawned by multiprocessing (a uvicorn worker of `audit serve --workers N`):
+    SIGTERM this process, a graceful stop, once the parent is gone. A parent killed outright
+    (`kill -9`) otherwise left its workers taking webhooks with nothing projecting them, and
+    holding the port, so that a restarted server could not bind it."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # its sentinel: ready exactly when the parent has exited
+        logger.warning("the serving process is gone; this worker stops")
+        os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()

@@ -22,7 +22,7 @@ import uvicorn
 from audit.config import Database
 from audit.samples import signed_headers
 from tests.conftest import API_TOKEN, new_secret
-from tests.soak.scenario import PROJECT, live_processes, processes, projector_children
+from tests.soak.scenario import AUDIT, PROJECT, live_processes, processes, projector_children
 from tests.webhook_helpers import payload
 
 
@@ -150,3 +150,41 @@ def test_the_child_stops_by_itself_when_the_server_is_killed(database: Database)
         os.kill(server.pid, signal.SIGKILL)  # no chance to stop its child
         server.wait(timeout=30)
         wait_for(lambda: not projectors_of_store(database.url), "orphan's exit", timeout=15)
+
+
+def test_serve_without_projections_leaves_them_to_audit_project(database: Database) -> None:
+    """SPEC 7: stateless API processes, with the projections in `audit project` processes."""
+    secret = new_secret()
+    env = serve_env(database, secret)
+    with processes(env) as running:
+        base = running.serve("api", "--no-projections").removesuffix("/webhooks/clerk")
+        post_sample(base, secret, "user.created")
+        assert projector_of(running.running["api"]) is None
+        assert not projected_everything(base)
+        once = subprocess.run(
+            [*AUDIT, "project", "--once"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert once.returncode == 0, once.stderr
+        assert projected_everything(base)
+        assert versions_of_user(base, payload("user.created")["data"]["id"]) == 1
+
+
+def test_the_workers_stop_by_themselves_when_the_server_is_killed(database: Database) -> None:
+    """They went on taking webhooks with nothing projecting them, and held the port."""
+    with processes(serve_env(database, new_secret())) as running:
+        url = running.serve("api", workers=2)
+        server = running.running["api"]
+        workers = wait_for(lambda: workers_of(server.pid), "workers")
+        os.kill(server.pid, signal.SIGKILL)  # the server alone, not its process group
+        server.wait(timeout=30)
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "exit")
+        port = int(url.split(":")[2].split("/")[0])
+        with socket.socket() as again:  # a restarted server could listen there
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            again.bind(("127.0.0.1", port))
+
+
+def workers_of(server: int) -> list[int]:
+    """The uvicorn workers of `audit serve --workers N` (spawned by multiprocessing)."""
+    found = [p.pid for p in live_processes() if p.parent == server and "spawn_main" in p.command]
+    return found if len(found) == 2 else []

@@ -91,9 +91,9 @@ class Processes:
         self.running[name] = process
         return process
 
-    def serve(self, name: str, *, workers: int = 1) -> str:
+    def serve(self, name: str, *options: str, workers: int = 1) -> str:
         port = free_port()
-        self.start(name, "serve", "--port", str(port), "--workers", str(workers))
+        self.start(name, "serve", "--port", str(port), "--workers", str(workers), *options)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
