@@ -93,7 +93,7 @@ EVENT_SUBJECT = Param(
 CHANGE_SUBJECT = Param(
     "subject",
     "A Clerk id: changes to that object, or to any object it owns (a user's sessions, an "
-    "organization's memberships, invitations and domains).",
+    "organization's memberships, invitations and domains), and a user's memberships.",
     {"type": "string"},
 )
 FIELD = Param(

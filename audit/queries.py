@@ -670,6 +670,12 @@ def changes_page(
         candidates: list[tuple[list[tuple[str, list[Any]]], _Side]] = []
         if filters.subject is not None:
             subject = [("object_id = %s", [filters.subject]), ("owner_id = %s", [filters.subject])]
+            # A membership is its organization's, and concerns its user too (SPEC 3): a
+            # user's role changes are theirs to see. The ids first, so that each branch walks
+            # an index in position order (a subquery left the planner free to walk them all).
+            memberships = _memberships_of(db, t, filters.subject)
+            if memberships:
+                subject.append(_in(db, "object_id", memberships))
             candidates.append((subject, history))
         if filters.fields:
             candidates.append(([("field = %s", [name]) for name in filters.fields], changes))
@@ -723,6 +729,12 @@ def changes_page(
         )
 
     return _with_tables(db, "objects", query)
+
+
+def _memberships_of(db: Db, t: Tables, clerk_id: str) -> list[str]:
+    """The ids of the memberships whose user is `clerk_id`, deleted ones included."""
+    rows = db.fetchall(f"SELECT id FROM {t['memberships']} WHERE user_id = %s", [clerk_id])
+    return [row["id"] for row in rows]
 
 
 # From which version each projection's generations keep time marks, as the projections say.

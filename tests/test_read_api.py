@@ -490,6 +490,10 @@ def test_changes_and_filters(world: World) -> None:
     assert by_ip == rename
     by_subject = world.walk("/v1/changes", {"subject": FRESH_USER, "field": "first_name"})
     assert [(c["from"], c["to"]) for c in by_subject] == [(None, "Ada"), ("Ada", "Grace")]
+    # A membership is its organization's, and concerns its user too: their role changes.
+    member = world.walk("/v1/changes", {"subject": FRESH_USER, "type": "organizationMembership.*"})
+    assert member and {c["subject"]["id"] for c in member} == {FRESH_MEMBERSHIP}
+    assert ["role", None, "org:admin"] in [[c["field"], c["from"], c["to"]] for c in member]
     owned = world.walk("/v1/changes", {"subject": SAMPLE_ORG}, limit=9)
     assert {c["subject"]["object"] for c in owned} >= {"organization", "organization_invitation"}
     assert all(c["owner_id"] == SAMPLE_ORG or c["subject"]["id"] == SAMPLE_ORG for c in owned)
@@ -535,7 +539,8 @@ def test_filtered_changes_are_exactly_the_matching_changes_in_order(
     since = sorted({c["occurred_at"] for c in everything if c["owner_id"] == SAMPLE_ORG})[1]
     filters: list[tuple[dict[str, Any], Callable[[dict[str, Any]], bool]]] = [
         ({"subject": SAMPLE_ORG}, lambda c: SAMPLE_ORG in (c["owner_id"], c["subject"]["id"])),
-        ({"subject": FRESH_USER}, lambda c: FRESH_USER in (c["owner_id"], c["subject"]["id"])),
+        ({"subject": FRESH_USER}, lambda c: concerns(c, FRESH_USER)),
+        ({"subject": SAMPLE_MEMBER}, lambda c: concerns(c, SAMPLE_MEMBER)),
         ({"field": "first_name"}, lambda c: c["field"] == "first_name"),
         ({"actor_ip": ip}, lambda c: c["actor"]["ip"] == ip),
         ({"type": "user.*"}, lambda c: c["type"].startswith("user.")),
@@ -572,6 +577,16 @@ def test_filtered_changes_are_exactly_the_matching_changes_in_order(
             assert world.walk("/v1/changes", params, limit=limit) == expected, (params, limit)
     if small_rounds:
         assert widest[0] == 2, "rounds must be capped at _MAX_ROUND_ROWS positions"
+
+
+SAMPLE_MEMBER = "user_3ZdpuWvXe6A43qR6avXueEkyC5D"  # of the sample payloads' membership
+MEMBER_OF = {FRESH_MEMBERSHIP: FRESH_USER, "orgmem_3fzLnAnCfOtFoi5ooFvtpBuPdZe": SAMPLE_MEMBER}
+
+
+def concerns(change: dict[str, Any], subject: str) -> bool:
+    """What `/v1/changes?subject=` selects: the object, what it owns, a user's memberships."""
+    changed = change["subject"]["id"]
+    return subject in (changed, change["owner_id"]) or MEMBER_OF.get(changed) == subject
 
 
 def _back_and_forth(world: World, count: int) -> None:
@@ -682,6 +697,7 @@ def test_changes_and_history_read_a_live_objects_v3_generation_alike(world: Worl
         ("/v1/changes", {"type": "user.*"}),
         ("/v1/changes", {"since": since}),
         ("/v1/changes", {"subject": SAMPLE_ORG, "type": "organizationMembership.*"}),
+        ("/v1/changes", {"subject": FRESH_USER}),
         ("/v1/changes", {"field": "first_name", "type": "user.updated"}),
         ("/v1/changes", {"field": "first_name", "actor_ip": ip}),
         (f"/v1/users/{FRESH_USER}/history", {}),
@@ -713,6 +729,8 @@ def test_changes_and_history_read_a_live_objects_v3_generation_alike(world: Worl
         ),
         f"CREATE INDEX {v3.index('history_object')} ON {v3['history']} (object_id, position)",
         f"CREATE INDEX {v3.index('history_owner')} ON {v3['history']} (owner_id, position)",
+        # Every version had this table as it is (`subject=` finds a user's memberships there).
+        f"CREATE TABLE {v3['memberships']} AS SELECT * FROM {live['memberships']}",
         f"UPDATE {db.table('projection_registry')} SET version = 3, generation = "
         f"{v3.generation} WHERE name = 'objects'",
         # As a switch does: reads that remembered the dropped generation look it up again.
