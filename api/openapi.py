@@ -173,6 +173,12 @@ SCHEMAS: dict[str, Any] = {
             "state": {"type": "string", "enum": ["live", "rebuilding"]},
             "errors": {"type": "integer", "description": "Events this projection failed on."},
             "serving_version": {"type": "integer"},
+            "serving_position": {"type": "integer"},
+            "serving_lag": {
+                "type": "integer",
+                "description": "The lag of the generation reads use: while `rebuilding`,"
+                " `version`, `position` and `lag` are the build's.",
+            },
         }
     ),
 }

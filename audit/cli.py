@@ -100,7 +100,13 @@ def cmd_project(args: argparse.Namespace) -> int:
     try:
         projector = Projector(log)
         if args.once:
-            print(f"applied {projector.run_once()} events")
+            before = {row["name"]: row["position"] for row in projector.status()}
+            projector.run_once()
+            for row in projector.status():
+                start = before.get(row["name"], 0)
+                applied = projector.deliveries_between(start, row["position"])
+                events = "event" if applied == 1 else "events"
+                print(f"{row['name']}: applied {applied} {events}, at position {row['position']}")
             return 0
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -177,9 +183,8 @@ def _rebuild(log, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
             known = ", ".join(projector.projections)
             print(f"{name}: no such projection (known: {known})", file=sys.stderr)
             return EXIT_NOT_FOUND
-    # Progress counts stored records read (deliveries and their markers), by position, for
-    # each projection.
-    total = (log.recorder.max_notification_id() or 0) * len(names)
+    # Progress counts stored records read (deliveries and their markers), for each projection.
+    total = projector.stored_records() * len(names)
     desc = ", ".join(f"{name} g{generation}" for name, generation in generations.items())
     chosen = [projector.projections[name] for name in names]
     groups = parallel.rebuild_groups(log.database, chosen)

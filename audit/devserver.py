@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 import sys
 from pathlib import Path
 
 from audit import cli
+from audit.config import ConfigError, parse_secrets, parse_tokens
 
 VAR = Path("var")
 
@@ -36,6 +38,10 @@ def main() -> int:
     print(f"  signing secret: {os.environ['CLERK_WEBHOOK_SIGNING_SECRET']}")
     print(f"  API token:      {os.environ['AUDIT_API_TOKENS']}")
     print(f"  database:       {os.environ['AUDIT_DATABASE_URL']}")
+    # What the server will take: the environment's, where it overrides var/.
+    with contextlib.suppress(ConfigError):  # else serve stops with one line naming it
+        secret = parse_secrets(os.environ["CLERK_WEBHOOK_SIGNING_SECRET"])[0]
+    token = next(iter(parse_tokens(os.environ["AUDIT_API_TOKENS"])), token)
     print("Try it, from another shell:")
     print(f"  CLERK_WEBHOOK_SIGNING_SECRET={secret} .venv/bin/audit send-samples")
     print(f"  curl -H 'Authorization: Bearer {token}' http://127.0.0.1:8000/v1/events")

@@ -288,3 +288,50 @@ def test_losing_the_database_mid_rebuild_says_so_in_a_few_lines(tmp_path: Path) 
     assert "Traceback" not in rest
     assert lines[-1].startswith("audit rebuild: the database could not be used: ")
     assert len(lines) <= 12, "\n".join(lines)
+
+
+def test_make_run_shows_the_secret_and_token_the_server_takes(tmp_path: Path) -> None:
+    """Where the environment overrides var/'s, the hints showed var/'s (401 on every try)."""
+    env = base_env(tmp_path)
+    secret = new_secret()
+    env.update(CLERK_WEBHOOK_SIGNING_SECRET=f"{secret} {new_secret()}", AUDIT_API_TOKENS="t0ken")
+    devserver = subprocess.Popen(
+        [sys.executable, "-m", "audit.devserver"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert devserver.stdout is not None
+        lines = [devserver.stdout.readline() for _ in range(7)]
+    finally:
+        devserver.terminate()
+        devserver.wait(timeout=30)
+    assert f"  CLERK_WEBHOOK_SIGNING_SECRET={secret} .venv/bin/audit send-samples\n" in lines
+    assert "  curl -H 'Authorization: Bearer t0ken' http://127.0.0.1:8000/v1/events\n" in lines
+    assert (tmp_path / "var" / "dev-signing-secret").read_text().strip() != secret
+
+
+def test_the_rebuild_progress_bar_ends_full_when_positions_have_gaps(
+    tmp_path: Path, log: AuditLog
+) -> None:
+    """The bar's total was the last position; a rolled-back append (two deliveries of one
+    svix-id racing, a lost connection) leaves a gap in PostgreSQL's positions, as this test's
+    `nextval` does, and the bar stopped short of 100%. (SQLite's positions have no gaps.)"""
+    deliveries = sample_deliveries()
+    log.record(deliveries[:3])
+    if isinstance(log.database, PostgresDatabase):
+        events = log.db.table(log.db.events_table)
+        for _ in range(5):
+            log.db.fetchone(
+                "SELECT nextval(pg_get_serial_sequence(%s, 'notification_id')) AS n", [events]
+            )
+    log.record(deliveries[3:])
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(log.database)}
+    rebuilt = run_audit("rebuild", "objects", env=env)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    records = 2 * len(deliveries)
+    last_bar = re.split(r"[\r\n]", rebuilt.stderr.strip())[-1]
+    assert f" {records}/{records} " in last_bar, last_bar

@@ -251,6 +251,7 @@ def test_a_version_bump_builds_beside_the_live_one_and_switches_atomically(log: 
     Projector(log, [EventIndex()]).run_once()
     v1_tables = active_tables(log.db, "events")
     v1_rows = table_rows(log.db, "events")
+    v1_position = log.recorder.max_notification_id()
     assert len(v1_rows["events"]) == 10
     with log.db.transaction() as cursor:  # a table that only the old version had
         cursor.execute(f"CREATE TABLE {v1_tables['retired']} (x INTEGER)")
@@ -265,10 +266,15 @@ def test_a_version_bump_builds_beside_the_live_one_and_switches_atomically(log: 
     log.record(sample_deliveries()[10:12])
     assert active_tables(log.db, "events").prefix == v1_tables.prefix
     assert len(table_rows(log.db, "events")["events"]) == 10
+    # The status says both: the build's progress, and the lag of what reads use.
+    (status,) = upgraded.status()
+    assert (status["lag"], status["serving_lag"]) == (10, 2)  # 4 records read: 2 deliveries
+    assert status["serving_position"] == v1_position
 
     upgraded.run_once()
     (status,) = upgraded.status()
-    assert status == status | {"state": "live", "version": new, "lag": 0, "serving_version": new}
+    live = {"state": "live", "version": new, "lag": 0, "serving_version": new, "serving_lag": 0}
+    assert status == status | live and status["serving_position"] == status["position"]
     assert active_tables(log.db, "events").prefix != v1_tables.prefix
     assert len(table_rows(log.db, "events")["events"]) == 12
     with pytest.raises(Exception):  # noqa: B017 - the old generation's tables are gone

@@ -533,14 +533,7 @@ class Projector:
                 )
                 assert generation is not None
                 position = self._position(cursor, tracking_key(projection.name, generation))
-                cursor.execute(
-                    self.db.sql(
-                        f"SELECT COUNT(*) AS lag FROM {self.db.table(self.db.events_table)}"
-                        f" WHERE {self.db.position_column} > %s AND topic <> %s"
-                    ),
-                    [position, MARKER_TOPIC],
-                )
-                lag = cursor.fetchone()["lag"]
+                lag = self._deliveries_between(cursor, position)
                 cursor.execute(
                     self.db.sql(
                         f"SELECT COUNT(*) AS errors FROM {self.db.table('projection_errors')}"
@@ -549,6 +542,12 @@ class Projector:
                     [projection.name, generation],
                 )
                 errors = cursor.fetchone()["errors"]
+                # What reads use meanwhile: a monitor of lag should not see a build's as theirs.
+                serving_position, serving_lag = position, lag
+                if building:
+                    live = tracking_key(projection.name, registration.generation)
+                    serving_position = self._position(cursor, live)
+                    serving_lag = self._deliveries_between(cursor, serving_position)
                 rows.append(
                     {
                         "name": projection.name,
@@ -560,9 +559,34 @@ class Projector:
                         "state": "rebuilding" if building else "live",
                         "errors": errors,
                         "serving_version": registration.version,
+                        "serving_position": serving_position,
+                        "serving_lag": serving_lag,
                     }
                 )
         return rows
+
+    def stored_records(self) -> int:
+        """Every record in the store, deliveries and their markers: what a rebuild reads.
+        (Not the last position: positions have gaps, where a duplicate's append rolled back.)"""
+        table = self.db.table(self.db.events_table)
+        return self.db.fetchone(f"SELECT COUNT(*) AS records FROM {table}")["records"]
+
+    def deliveries_between(self, after: int, upto: int) -> int:
+        """How many deliveries the store holds after position `after`, up to `upto`."""
+        with self.db.reader() as cursor:
+            return self._deliveries_between(cursor, after, upto)
+
+    def _deliveries_between(self, cursor: Cursor, after: int, upto: int | None = None) -> int:
+        column = self.db.position_column
+        bound = "" if upto is None else f" AND {column} <= %s"
+        cursor.execute(
+            self.db.sql(
+                f"SELECT COUNT(*) AS deliveries FROM {self.db.table(self.db.events_table)}"
+                f" WHERE {column} > %s{bound} AND topic <> %s"
+            ),
+            [after, *([] if upto is None else [upto]), MARKER_TOPIC],
+        )
+        return cursor.fetchone()["deliveries"]
 
 
 def tracking_key(name: str, generation: int) -> str:
