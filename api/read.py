@@ -226,14 +226,45 @@ class Args:
             if chosen not in ("json", "csv", "ndjson"):
                 raise bad_request("invalid_format", "'format' must be json, csv or ndjson.")
             return None if chosen == "json" else chosen
-        accept = self.request.headers.get("accept", "").lower()
-        if "application/json" in accept:
-            return None
-        if "text/csv" in accept:
-            return "csv"
-        if "application/x-ndjson" in accept:
-            return "ndjson"
-        return None
+        return preferred_format(self.request.headers.get("accept", ""))
+
+
+# What each representation is asked for as, in order of preference at equal quality.
+FORMAT_OF_MEDIA_TYPE = {
+    "application/json": None,
+    "text/csv": "csv",
+    "application/x-ndjson": "ndjson",
+}
+
+
+def preferred_format(accept: str) -> str | None:
+    """The representation `Accept` prefers, by q-value (RFC 9110 12.5.1): each type takes the q
+    of the most specific range that names it (`text/csv`, then `text/*`, then `*/*`); q=0 refuses
+    it. JSON at a tie, and when nothing listed is one of these."""
+    qualities: dict[str, float] = {}
+    for item in accept.lower().split(","):
+        media_range, *parameters = (part.strip() for part in item.split(";"))
+        quality = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+                if not 0.0 <= quality <= 1.0:  # NaN too
+                    quality = 0.0
+        if media_range:
+            qualities[media_range] = max(quality, qualities.get(media_range, 0.0))
+    best: tuple[float, str | None] = (0.0, None)
+    for media_type, chosen in FORMAT_OF_MEDIA_TYPE.items():
+        family = media_type.split("/")[0]
+        for media_range in (media_type, f"{family}/*", "*/*"):
+            if media_range in qualities:
+                if qualities[media_range] > best[0]:
+                    best = (qualities[media_range], chosen)
+                break
+    return best[1]
 
 
 # -- rendering ----------------------------------------------------------------------------------

@@ -1145,6 +1145,27 @@ def test_exports_stream_the_whole_filtered_result(
     assert world.get("/v1/events", {"format": "json"}).json()["data"] == events[:50]
 
 
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [
+        ("text/csv;q=0.5, application/json", "application/json"),
+        ("application/json;q=0, text/csv", "text/csv"),
+        ("text/csv; q=0.2, application/x-ndjson; q=0.8", "application/x-ndjson"),
+        ("text/*", "text/csv"),
+        ("*/*", "application/json"),
+        ("*/*;q=0.1, text/csv", "text/csv"),
+        ("text/csv;q=0.5, application/json;q=0.5", "application/json"),  # a tie
+        ("text/csv;q=0, text/html", "application/json"),  # nothing it has
+        ("text/csv;q=nope", "application/json"),
+    ],
+)
+def test_accept_is_negotiated_by_quality(world: World, accept: str, content_type: str) -> None:
+    """`Accept: text/csv;q=0.5, application/json` asks for JSON; any mention of JSON won."""
+    response = world.get("/v1/events", {"subject": FRESH_USER}, {"Accept": accept})
+    assert response.status_code == 200
+    assert response.headers["content-type"].split(";")[0] == content_type
+
+
 def test_csv_cells_cannot_run_as_formulas() -> None:
     assert read.csv_cell("=HYPERLINK(1)") == "'=HYPERLINK(1)"
     assert read.csv_cell("@x") == "'@x"
