@@ -803,7 +803,8 @@ def list_projections(request: Request, args: Args) -> Response:
             "This process does not run projections, so it cannot report on them.",
             {"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
-    return JSONResponse({"data": projector.status()})
+    # Shaped as every list is, for clients that walk lists alike: all on one page.
+    return JSONResponse({"data": projector.status(), "next_cursor": None})
 
 
 # -- the route table ----------------------------------------------------------------------------

@@ -858,7 +858,9 @@ def test_a_late_update_after_a_deletion_is_stale_and_does_not_resurrect(world: W
 
 
 def test_projections_status(world: World, settings: Settings, log: AuditLog) -> None:
-    status = world.ok("/v1/projections")["data"]
+    listed = world.ok("/v1/projections")
+    assert listed["next_cursor"] is None  # a list like the others, on one page
+    status = listed["data"]
     assert {p["name"] for p in status} == {"events", "objects", "timelines"}
     assert all(p["state"] == "live" and p["lag"] == 0 and p["version"] >= 1 for p in status)
     world.deliver(payload("user.updated"))
