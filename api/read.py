@@ -730,7 +730,7 @@ def organization_invitations(request: Request, args: Args) -> Response:
         parent="organization",
         table="invitations",
         by="owner_id",
-        include_deleted=True,
+        include_deleted=False,  # none are deleted (revoked is a status); their organization may be
         render=render_invitation,
     )
 

@@ -378,15 +378,12 @@ def test_sessions_memberships_invitations_domains_timeline(world: World) -> None
         key: reported[key] for key in sessions[0]["latest_activity"]
     }
 
-    # The sample organization is deleted: no current membership or domain (see below).
+    # The sample organization is deleted: no current membership, invitation or domain (see
+    # test_memberships_domains_invitations_are_current_while_their_organization_is).
     assert world.ok(f"/v1/organizations/{SAMPLE_ORG}")["deleted"] is True
     assert world.walk(f"/v1/users/{FRESH_USER}/organizations") == []
     assert world.walk(f"/v1/organizations/{SAMPLE_ORG}/members", limit=1) == []
-
-    invitations = world.walk(f"/v1/organizations/{SAMPLE_ORG}/invitations")
-    assert [(i["id"], i["status"]) for i in invitations] == [
-        ("orginv_3Lsx2feLHKwcUEYjQ8svkDKsMP5", "revoked")
-    ]
+    assert world.walk(f"/v1/organizations/{SAMPLE_ORG}/invitations") == []
     assert world.walk(f"/v1/organizations/{SAMPLE_ORG}/domains") == []
 
     timeline = world.walk(f"/v1/sessions/{SAMPLE_SESSION}/timeline", limit=2)
@@ -411,7 +408,7 @@ def test_sessions_memberships_invitations_domains_timeline(world: World) -> None
         assert response.json()["error"]["code"] == "not_found"
 
 
-def test_memberships_and_domains_are_current_while_their_organization_and_user_are(
+def test_memberships_domains_invitations_are_current_while_their_organization_is(
     world: World,
 ) -> None:
     """A membership of a deleted organization or of a deleted user is not current, whether or
@@ -430,6 +427,11 @@ def test_memberships_and_domains_are_current_while_their_organization_and_user_a
     domain = copy.deepcopy(payload("organizationDomain.created")["data"])
     domain.update(id="orgdmn_2live", organization_id=org_id, name="live.example")
     deliveries.append(_envelope("organizationDomain.created", domain, T_CREATED, "198.51.100.1"))
+    invitation = dict(payload("organizationInvitation.created")["data"], id="orginv_2live")
+    invitation.update(organization_id=org_id, status="pending")
+    deliveries.append(
+        _envelope("organizationInvitation.created", invitation, T_CREATED, "198.51.100.1")
+    )
     for body in deliveries:
         world.deliver(body)
     world.projector.run_once()
@@ -442,6 +444,8 @@ def test_memberships_and_domains_are_current_while_their_organization_and_user_a
     # The sample user is deleted: its membership is not among the members.
     assert _ids(world.walk(f"/v1/organizations/{org_id}/members")) == ["orgmem_2live1"]
     assert _ids(world.walk(f"/v1/organizations/{org_id}/domains")) == ["orgdmn_2live"]
+    invitations = world.walk(f"/v1/organizations/{org_id}/invitations")
+    assert [(i["id"], i["status"]) for i in invitations] == [("orginv_2live", "pending")]
 
     deleted = {"object": "organization", "id": org_id, "deleted": True}
     world.deliver(_envelope("organization.deleted", deleted, T_UPDATED, "198.51.100.1"))
@@ -449,6 +453,7 @@ def test_memberships_and_domains_are_current_while_their_organization_and_user_a
     assert world.walk(f"/v1/users/{FRESH_USER}/organizations") == []
     assert world.walk(f"/v1/organizations/{org_id}/members") == []
     assert world.walk(f"/v1/organizations/{org_id}/domains") == []
+    assert world.walk(f"/v1/organizations/{org_id}/invitations") == []  # not "pending" for ever
     # Who was a member stays in the organization's history.
     history = world.walk(f"/v1/organizations/{org_id}/history")
     assert "orgmem_2live1" in {entry["object"]["id"] for entry in history}

@@ -386,12 +386,17 @@ class OrganizationState:
         return self._stream.entries(object_id)
 
     def view(self) -> dict[str, Any]:
+        # As the API lists them: none current of an organization deleted.
         members = [
             membership_view(mid, versions)
             for mid, versions in self.memberships.items()
-            if not versions.deleted and not self.organization.deleted  # as the API lists them
+            if not versions.deleted and not self.organization.deleted
         ]
-        invitations = [invitation_view(iid, v) for iid, v in self.invitations.items()]
+        invitations = [
+            invitation_view(iid, versions)
+            for iid, versions in self.invitations.items()
+            if not self.organization.deleted
+        ]
         domains = [domain_view(did, v) for did, v in self.domains.items()]
         return {
             "id": self.organization_id,
