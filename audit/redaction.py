@@ -2,6 +2,8 @@
 
 - `otp_code`, wherever it appears (Clerk puts it in `email.data.data.otp_code`), and every other
   occurrence of that code inside the same item (the sample e-mail's `subject` repeats it);
+- likewise `magic_link` and `action_url`, which Clerk's e-mail templates carry in the same place:
+  a sign-in link, or an invitation's or verification's link with its ticket, as good as a code;
 - an e-mail's `body` and `body_plain`;
 - an SMS's `message`;
 - an invitation's `url`, of an organization or of the application (it carries the invitation
@@ -22,7 +24,7 @@ from audit.aggregates.changes import field_keys
 REDACTED = "[redacted]"
 
 # Keys that are secret in any object, at any depth.
-SECRET_ANYWHERE = frozenset({"otp_code"})
+SECRET_ANYWHERE = frozenset({"otp_code", "magic_link", "action_url"})
 
 # Keys that are secret at the top level of one kind of object (by its `object` value).
 SECRET_BY_OBJECT: dict[str, frozenset[str]] = {
