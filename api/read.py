@@ -99,7 +99,9 @@ CHANGE_SUBJECT = Param(
 FIELD = Param(
     "field",
     "Dotted field path (`first_name`, `email_addresses.idn_x.email_address`); a key's own `.`"
-    " and `\\` are escaped with `\\` (`unsafe_metadata.a\\.b`); repeatable.",
+    " and `\\` are escaped with `\\` (`unsafe_metadata.a\\.b`); repeatable. A change listed"
+    " at an enclosing path (`email_addresses.idn_x`: the element added or removed whole) is"
+    " one of the field's too.",
     {"type": "array", "items": {"type": "string"}, "maxItems": MAX_REPEATS},
     repeatable=True,
     example=["first_name"],

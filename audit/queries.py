@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
+from audit.aggregates.changes import with_enclosing
 from audit.application import AuditLog
 from audit.projections.base import Tables, from_json, marked_start
 from audit.projections.runner import UnknownProjection, active_tables, all_projections
@@ -675,7 +676,10 @@ def changes_page(
             subject.append((_is_membership_of(db, t), [filters.subject]))
             candidates.append((subject, history))
         if filters.fields:
-            candidates.append(([("field = %s", [name]) for name in filters.fields], changes))
+            # An address removed is one change at `email_addresses.idn_x`: it is a change of
+            # `email_addresses.idn_x.email_address` too.
+            paths = dict.fromkeys(path for name in filters.fields for path in with_enclosing(name))
+            candidates.append(([("field = %s", [path]) for path in paths], changes))
         if filters.actor_ip is not None:
             candidates.append(([("actor_ip = %s", [filters.actor_ip])], facts))
         if types:

@@ -286,6 +286,33 @@ def test_a_nested_object_set_after_creation_is_found_by_its_leaf_field(world: Wo
     ]
 
 
+def test_an_element_added_or_removed_whole_is_found_by_its_leaf_field(world: World) -> None:
+    """An address added or removed is one change at `email_addresses.<id>`; `field=` of its
+    `email_address` found only its creation, never its removal (found by review)."""
+    user_id = "user_2elementsAuditReadApi01"
+
+    def address(element_id: str) -> dict[str, Any]:
+        return {"id": element_id, "object": "email_address", "email_address": f"{element_id}@x"}
+
+    for step, ids in enumerate((["idn_a"], ["idn_a", "idn_b"], ["idn_b"])):
+        user = dict(payload("user.updated")["data"], id=user_id, updated_at=T_CREATED + step)
+        user["email_addresses"] = [address(element_id) for element_id in ids]
+        world.deliver(_envelope("user.updated", user, T_CREATED + step, "198.51.100.1"))
+    world.projector.run_once()
+
+    def found(field: str) -> list[tuple[str, Any, Any]]:
+        changes = world.walk("/v1/changes", {"subject": user_id, "field": field}, limit=1)
+        return [(c["field"], c["from"], c["to"]) for c in changes]
+
+    assert found("email_addresses.idn_a.email_address") == [
+        ("email_addresses.idn_a.email_address", None, "idn_a@x"),
+        ("email_addresses.idn_a", address("idn_a"), None),
+    ]
+    assert found("email_addresses.idn_b.email_address") == [
+        ("email_addresses.idn_b", None, address("idn_b"))
+    ]
+
+
 def test_users_state_and_as_of(world: World) -> None:
     deleted = world.ok(f"/v1/users/{SAMPLE_USER}")
     assert deleted["id"] == SAMPLE_USER and deleted["deleted"] is True and deleted["as_of"] is None

@@ -71,6 +71,13 @@ def field_path(keys: list[str]) -> str:
     return ".".join(_escaped(key) for key in keys)
 
 
+def with_enclosing(field: str) -> list[str]:
+    """`field` and every path enclosing it, outermost first: where a change to it may be listed
+    (an element or object added or removed whole is one change at its own path)."""
+    keys = field_keys(field)
+    return [field_path(keys[:depth]) for depth in range(1, len(keys))] + [field]
+
+
 def _change(field: str, old: Any, new: Any) -> Change:
     return {"field": field, "from": old, "to": new}
 
