@@ -155,16 +155,18 @@ class AuditLog(Application[UUID]):
             for delivery in deliveries
         ]
 
-    @staticmethod
-    def _answer(delivery: Delivery, first: Delivery, outcome: Outcome) -> Outcome:
+    def _answer(self, delivery: Delivery, first: Delivery, outcome: Outcome) -> Outcome:
         """The answer to one copy, given what happened to the first copy of its svix-id."""
         if delivery is first:
             return outcome
-        if delivery.sha256 != first.sha256:
-            return Conflict(delivery.svix_id)
-        if isinstance(outcome, Recorded):
-            return Duplicate(outcome.event_id, outcome.position)
-        return outcome
+        if delivery.sha256 == first.sha256:
+            if isinstance(outcome, Recorded):
+                return Duplicate(outcome.event_id, outcome.position)
+            return outcome
+        if isinstance(outcome, Conflict):
+            # The first copy differed from the body recorded before; this one may be that body.
+            return self._outcome_of_existing(delivery)
+        return Conflict(delivery.svix_id)
 
     def _record_one(self, delivery: Delivery) -> Outcome:
         for _ in range(MAX_STREAM_CONFLICT_RETRIES):

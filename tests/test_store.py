@@ -66,6 +66,23 @@ def test_racing_copies_across_separate_stores_record_once(database, log: AuditLo
         other.close()
 
 
+def test_copies_of_a_recorded_body_are_duplicates_behind_a_conflicting_one(log: AuditLog) -> None:
+    """Copies of one svix-id in one group commit were answered by the first copy's body: behind
+    a copy with another body (409), those with the recorded body got 409 too (found by review:
+    16 racing posts of each)."""
+    from audit.aggregates.delivery import parse_delivery
+
+    def copy(body: dict) -> object:
+        raw = json.dumps(body).encode()
+        return parse_delivery(raw, svix_id="msg_one", svix_timestamp=1, received_at=1)
+
+    recorded, other = payload("user.created"), payload("user.updated")
+    [first] = log.record([copy(recorded)])
+    outcomes = log.record([copy(other), copy(recorded), copy(other), copy(recorded)])
+    assert [o.status for o in outcomes] == ["conflict", "duplicate", "conflict", "duplicate"]
+    assert {o.position for o in outcomes if o.status == "duplicate"} == {first.position}
+
+
 def test_8_different_deliveries_to_one_user_all_record(database, log: AuditLog) -> None:
     """Separate AuditLog instances (no shared version cache) force real version conflicts."""
     from audit.aggregates.delivery import parse_delivery
