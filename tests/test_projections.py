@@ -311,6 +311,32 @@ def test_a_forced_rebuild_leaves_the_live_generation_following_the_store(log: Au
     assert status["lag"] == 0 and status["state"] == "live"
 
 
+def test_while_a_build_catches_up_the_other_projections_keep_following(log: AuditLog) -> None:
+    """Found by review: in `audit rebuild --all`, once `events` and `timelines` had switched,
+    neither they nor a follower's live generations were stepped again until the `objects` build
+    (the longest, by minutes) had caught up: their reads stood still meanwhile."""
+    deliveries = sample_deliveries()
+    log.record(deliveries[:-3])
+    projector = Projector(log, batch_size=5)
+    projector.run_once()
+    projector.rebuild("objects")
+    arrivals = iter(deliveries[-3:])
+    pending: list[str] = []
+    served: list[bool] = []
+
+    def progress(name: str, count: int) -> None:
+        assert name == "objects"  # only the build's steps are told while one runs
+        served.extend(queries.event_by_id(log, svix_id) is not None for svix_id in pending)
+        pending.clear()
+        arriving = next(arrivals, None)
+        if arriving is not None:  # a webhook arrives while the build is under way
+            log.record([arriving])
+            pending.append(arriving.svix_id)
+
+    projector.catch_up(*projector.projections.values(), progress=progress)
+    assert served == [True, True, True], "events did not follow the store beside the build"
+
+
 def test_a_rebuild_does_not_also_step_a_live_generation_that_is_behind_it(log: AuditLog) -> None:
     """A live generation at the build's position or behind it would only repeat the build's
     work (a bench store's never-stepped generation 1 doubled a 1,000,000-event rebuild)."""
