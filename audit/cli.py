@@ -36,6 +36,8 @@ def open_log(database, *, existing: bool = False):  # type: ignore[no-untyped-de
 
     `existing`: a command that only reads or rebuilds refuses a store never opened before,
     rather than create an empty one that looks healthy (a typo in the URL)."""
+    import sqlite3
+
     from audit.application import AuditLog
     from audit.storage import UNAVAILABLE_ERRORS, store_exists, unavailable_reason
 
@@ -46,10 +48,14 @@ def open_log(database, *, existing: bool = False):  # type: ignore[no-untyped-de
                 f"no store at {database.url}: nothing was ever recorded there (a typo?)",
             )
         return AuditLog(database)
-    except (*UNAVAILABLE_ERRORS, OSError) as exc:
+    except (
+        *UNAVAILABLE_ERRORS,
+        sqlite3.DatabaseError,
+        OSError,
+    ) as exc:  # not one: "not a database"
         raise ConfigError(
             DATABASE_VARIABLE,
-            f"cannot reach the database at {database.url}: {unavailable_reason(exc)}",
+            f"cannot use the database at {database.url}: {unavailable_reason(exc)}",
         ) from exc
 
 

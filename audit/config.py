@@ -109,7 +109,15 @@ def parse_database_url(value: str) -> Database:
             port = parts.port or 5432
         except ValueError:
             raise ConfigError(DATABASE_VARIABLE, "the port is not a number")
-        schema = parse_qs(parts.query).get("schema", [DEFAULT_POSTGRES_SCHEMA])[0]
+        parameters = parse_qs(parts.query, keep_blank_values=True)
+        unread = sorted(set(parameters) - {"schema"})
+        if unread:  # `sslmode=verify-full` quietly dropped would connect in clear text
+            raise ConfigError(
+                DATABASE_VARIABLE,
+                f"the URL parameter {unread[0]!r} is not read (only schema is); libpq's environment"
+                " variables set the others (PGSSLMODE, PGSSLROOTCERT, PGAPPNAME, ...)",
+            )
+        schema = parameters.get("schema", [DEFAULT_POSTGRES_SCHEMA])[0]
         if not _SCHEMA_NAME.match(schema):
             raise ConfigError(DATABASE_VARIABLE, f"schema {schema!r} is not a plain lowercase name")
         return PostgresDatabase(

@@ -70,7 +70,7 @@ def unavailable_reason(exc: BaseException) -> str | None:
     seen: set[int] = set()
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, (*UNAVAILABLE_ERRORS, StoreUnavailable, OSError)):
+        if isinstance(current, (*UNAVAILABLE_ERRORS, StoreUnavailable, OSError, sqlite3.Error)):
             text = str(current).strip()
             return text.splitlines()[0] if text else type(current).__name__
         current = current.__cause__ or current.__context__

@@ -49,6 +49,13 @@ def base_env(tmp_path: Path) -> dict[str, str]:
         ("CLERK_WEBHOOK_SIGNING_SECRET", "whsec_***", "CLERK_WEBHOOK_SIGNING_SECRET"),
         ("AUDIT_DATABASE_URL", "mysql://x/y", "AUDIT_DATABASE_URL"),
         ("AUDIT_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/none", "AUDIT_DATABASE_URL"),
+        # Not read, so refused: TLS asked for must not quietly become a clear-text connection.
+        (
+            "AUDIT_DATABASE_URL",
+            "postgresql://u@127.0.0.1/d?sslmode=verify-full",
+            "AUDIT_DATABASE_URL",
+        ),
+        ("AUDIT_DATABASE_URL", "postgresql://u@127.0.0.1/d?schema=", "AUDIT_DATABASE_URL"),
         ("AUDIT_MAX_BODY_BYTES", "lots", "AUDIT_MAX_BODY_BYTES"),
     ],
 )
@@ -207,6 +214,20 @@ def test_show_takes_the_secrets_out_as_the_api_does(tmp_path, database: Database
         assert shown.returncode == 0, shown.stderr
         assert secret not in shown.stdout
     assert '"otp_code": "[redacted]"' in run_audit("show", user["data"]["id"], env=env).stdout
+
+
+@pytest.mark.parametrize(
+    "command", [["serve", "--port", "1"], ["project", "--once"], ["projections"]]
+)
+def test_a_file_that_is_not_a_database_is_one_line(tmp_path, command: list[str]) -> None:
+    """It was a 53-line traceback, exit 1 (found by review)."""
+    env = {**base_env(tmp_path), "CLERK_WEBHOOK_SIGNING_SECRET": new_secret()}
+    (tmp_path / "audit.db").write_text("notes, not a database\n")
+    result = run_audit(*command, env=env)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("AUDIT_DATABASE_URL: cannot use the database at sqlite:///")
+    assert line.endswith(": file is not a database")
 
 
 @pytest.mark.parametrize("command", [["projections"], ["show", "user_x"], ["rebuild", "--all"]])
