@@ -173,6 +173,11 @@ class Projector:
     ) -> int:
         generation = max(registration.generation, registration.building_generation or 0) + 1
         if registration.building_generation is not None:
+            # A follower may be stepping that build: wait for its step (which holds the tracking
+            # row) before taking its tables, in the order a step takes them. Dropping them first
+            # deadlocked with a step that had written some and went on to the others.
+            key = tracking_key(projection.name, registration.building_generation)
+            self._position(cursor, key, lock=True)
             self._drop_generation(cursor, projection, registration.building_generation)
         self._create_generation(cursor, projection, generation, live=False)
         cursor.execute(
