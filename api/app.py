@@ -21,7 +21,7 @@ from audit.application import AuditLog
 from audit.config import Settings, load_settings
 from audit.intake import COMMIT_TIMEOUT_SECONDS, Intake
 from audit.projections.runner import Projector
-from audit.runtime import collect_garbage_less_often
+from audit.runtime import collect_garbage_less_often, configure_logging
 from audit.serving import stop_with_spawning_parent
 
 # Threads that may run the read API's handlers (and export chunks) at once in one worker process.
@@ -89,6 +89,7 @@ def create_app(
 
 def app_from_env() -> Starlette:
     """The factory `audit serve --workers N` hands to uvicorn (each worker builds its own)."""
+    configure_logging()
     collect_garbage_less_often()
     stop_with_spawning_parent()
     settings = load_settings()

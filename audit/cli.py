@@ -23,7 +23,7 @@ from audit.config import (
     parse_secrets,
 )
 from audit.redaction import redact
-from audit.runtime import collect_garbage_less_often
+from audit.runtime import collect_garbage_less_often, configure_logging
 from audit.timeparse import TimeParseError, format_time, parse_time
 
 EXIT_CONFIG = 2
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging()
     args = build_parser().parse_args(argv)
     collect_garbage_less_often()  # spawned workers set it themselves (api.app, parallel)
     try:

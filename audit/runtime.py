@@ -1,4 +1,10 @@
-"""How the service's long-running processes set up Python's cyclic garbage collector.
+"""How the service's processes set up their runtime: logging, and the garbage collector.
+
+Logging: INFO and above from every logger, timestamped, to stderr; in each process, the spawned
+uvicorn workers of `audit serve --workers N` included, which start with no logging set up (their
+access log went nowhere, and warnings came out bare).
+
+The garbage collector:
 
 Answering webhooks and projecting allocate many short-lived containers (parsed bodies, decoded
 deliveries, rows, diffs), nearly all freed by reference counting as soon as they are done with.
@@ -14,6 +20,9 @@ before it is found, so memory stays flat (tests/test_runtime.py).
 from __future__ import annotations
 
 import gc
+import logging
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 YOUNGEST_GENERATION_THRESHOLD = 10_000
 
@@ -23,3 +32,7 @@ def collect_garbage_less_often() -> None:
     containers, not every 700 (the older generations keep their ratios)."""
     _, middle, oldest = gc.get_threshold()
     gc.set_threshold(YOUNGEST_GENERATION_THRESHOLD, middle, oldest)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,7 +23,15 @@ import uvicorn
 from audit.config import Database
 from audit.samples import signed_headers
 from tests.conftest import API_TOKEN, new_secret
-from tests.soak.scenario import AUDIT, PROJECT, live_processes, processes, projector_children
+from tests.soak.scenario import (
+    AUDIT,
+    PROJECT,
+    free_port,
+    live_processes,
+    processes,
+    projector_children,
+    terminate,
+)
 from tests.webhook_helpers import payload
 
 
@@ -190,3 +199,33 @@ def workers_of(server: int) -> list[int]:
     """The uvicorn workers of `audit serve --workers N` (spawned by multiprocessing)."""
     found = [p.pid for p in live_processes() if p.parent == server and "spawn_main" in p.command]
     return found if len(found) == 2 else []
+
+
+def test_the_workers_write_the_access_log(database: Database, tmp_path: Path) -> None:
+    """Spawned workers start with no logging set up: with --workers 2 the access log went
+    nowhere and warnings came out bare (found by review)."""
+    port = free_port()
+    with open(tmp_path / "stderr", "wb") as stderr:
+        server = subprocess.Popen(
+            [*AUDIT, "serve", "--port", str(port), "--workers", "2", "--no-projections"],
+            env=serve_env(database, new_secret()),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_for(lambda: _answers(f"{base}/healthz"), "server")
+            headers = {"Authorization": f"Bearer {API_TOKEN}"}
+            assert httpx.get(f"{base}/v1/events?limit=1", headers=headers).status_code == 200
+        finally:
+            terminate(server)
+    logged = (tmp_path / "stderr").read_text()
+    assert re.search(r"^\S+ \S+ INFO audit\.access GET /v1/events 200 ", logged, re.M), logged
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.TransportError:
+        return False
