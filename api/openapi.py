@@ -300,6 +300,7 @@ OTHER_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             },
             "400": _error("Headers missing or malformed, or the body is not an event."),
             "401": _error("No signature matches, or the timestamp is outside tolerance."),
+            "408": _error("The body did not arrive in time (a stalled sender); nothing is kept."),
             "409": _error("This svix-id is recorded with a different body."),
             "413": _error("The body is too large."),
             "503": _error("The event store is unavailable; retry later."),

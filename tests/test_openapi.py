@@ -95,6 +95,9 @@ def test_every_route_is_documented_and_every_documented_route_exists(
     documented = documented_routes(document)
     assert served == documented
     assert ("POST", "/webhooks/clerk") in documented
+    # Every status the webhook answers with (SPEC 2, and 408 for a body that never arrives).
+    webhook = document["paths"]["/webhooks/clerk"]["post"]["responses"]
+    assert set(webhook) == {"200", "400", "401", "408", "409", "413", "503"}
     assert {("GET", endpoint.full_path) for endpoint in ENDPOINTS} <= documented
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
