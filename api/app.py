@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.routing import Route
@@ -23,6 +23,10 @@ from audit.intake import COMMIT_TIMEOUT_SECONDS, Intake
 from audit.projections.runner import Projector
 from audit.runtime import collect_garbage_less_often, configure_logging
 from audit.serving import stop_with_spawning_parent
+from audit.storage import StoreUnavailable
+
+# How long /readyz waits for the store to answer before saying it is not ready.
+READINESS_SECONDS = 3.0
 
 # Threads that may run the read API's handlers (and export chunks) at once in one worker process.
 # Python runs one of them at a time (the GIL); a second lets one compute while the other waits on
@@ -55,7 +59,16 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> JSONResponse:
-        await run_in_threadpool(log.db.ping)
+        try:
+            with anyio.fail_after(READINESS_SECONDS):
+                # A network stall holds a connection without an error, for as long as it lasts
+                # (102 s seen): the probe then answers 503 and gives its read thread back,
+                # leaving the ping to finish or fail on its own.
+                await anyio.to_thread.run_sync(log.db.ping, abandon_on_cancel=True)
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"The store did not answer within {READINESS_SECONDS:.0f} s."
+            ) from None
         return JSONResponse({"status": "ready"})
 
     @contextlib.asynccontextmanager

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import pytest
 from starlette.testclient import TestClient
 
-from api.app import create_app
+from api.app import READINESS_SECONDS, create_app
 from audit.application import AuditLog
 from audit.config import Settings
 from tests.conftest import API_TOKEN, drop_postgres_schema, new_postgres_database, new_secret
@@ -88,3 +88,23 @@ def test_first_delivery_after_a_long_outage_records(served: BehindProxy) -> None
     back = post(client, secret, payload("user.updated"))
     assert back.status_code == 200, back.text
     assert back.json()["status"] == "recorded"
+
+
+@pytest.mark.postgres
+def test_readiness_answers_503_during_a_network_stall(served: BehindProxy) -> None:
+    """A stall (bytes held, connections open, no error) hung /readyz for as long as it lasted,
+    102 s in review, holding one of the worker's two read threads."""
+    client, proxy = served.client, served.proxy
+    assert client.get("/readyz").status_code == 200
+    proxy.freeze()
+    try:
+        started = time.monotonic()
+        stalled = client.get("/readyz")
+        assert stalled.status_code == 503, stalled.text
+        assert stalled.json()["error"]["code"] == "store_unavailable"
+        assert stalled.headers["Retry-After"].isdigit()
+        assert time.monotonic() - started < READINESS_SECONDS + 2
+        assert client.get("/healthz").status_code == 200
+    finally:
+        proxy.thaw()
+    assert client.get("/readyz").status_code == 200
