@@ -4,6 +4,8 @@ process stays up, and the same delivery records once the database is back."""
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -14,6 +16,7 @@ from starlette.testclient import TestClient
 from api.app import READINESS_SECONDS, create_app
 from audit.application import AuditLog
 from audit.config import Settings
+from audit.projections.runner import Projector
 from tests.conftest import API_TOKEN, drop_postgres_schema, new_postgres_database, new_secret
 from tests.tcp_proxy import TcpProxy
 from tests.webhook_helpers import payload, post
@@ -108,3 +111,28 @@ def test_readiness_answers_503_during_a_network_stall(served: BehindProxy) -> No
     finally:
         proxy.thaw()
     assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.postgres
+def test_the_projector_logs_an_outage_in_one_line_a_retry(
+    served: BehindProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each retry logged a full traceback, about a hundred lines (found by review)."""
+    log = served.client.app.state.log
+    projector = Projector(log)
+    stop = threading.Event()
+    served.proxy.stop()
+    with caplog.at_level(logging.WARNING, logger="audit.projections"):
+        runner = threading.Thread(target=projector.run_forever, args=(stop,))
+        runner.start()
+        try:
+            deadline = time.monotonic() + 30
+            while not any("database unavailable" in r.message for r in caplog.records):
+                assert time.monotonic() < deadline, "no retry logged"
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            runner.join(30)
+            served.proxy.start()
+    retries = [r for r in caplog.records if r.name == "audit.projections"]
+    assert all(r.levelno == logging.WARNING and r.exc_info is None for r in retries), retries

@@ -31,7 +31,7 @@ from audit.projections.events import EventIndex
 from audit.projections.objects import ObjectsProjection
 from audit.projections.pace import FollowingPace
 from audit.projections.timelines import SessionTimelines
-from audit.storage import Cursor, Db, EventWaiter, setup_lock
+from audit.storage import Cursor, Db, EventWaiter, setup_lock, unavailable_reason
 
 log = logging.getLogger("audit.projections")
 
@@ -517,8 +517,14 @@ class Projector:
                             # is applied as one batch rather than event by event.
                             stop.wait(COALESCE_SECONDS)
                         continue
-                except Exception:  # the database went away, or a build raced: retry shortly
-                    log.exception("projection runner: step failed; retrying")
+                except Exception as exc:  # the database went away, or a build raced: retry
+                    reason = unavailable_reason(exc)
+                    if reason is None:
+                        log.exception("projection runner: step failed; retrying")
+                    else:  # a line a retry, not a hundred: an outage is not a bug
+                        log.warning(
+                            "projection runner: database unavailable (%s); retrying", reason
+                        )
                     stop.wait(poll_seconds)
                     continue
                 waiter(stop, poll_seconds)
