@@ -48,11 +48,8 @@ def open_log(database, *, existing: bool = False):  # type: ignore[no-untyped-de
                 f"no store at {database.url}: nothing was ever recorded there (a typo?)",
             )
         return AuditLog(database)
-    except (
-        *UNAVAILABLE_ERRORS,
-        sqlite3.DatabaseError,
-        OSError,
-    ) as exc:  # not one: "not a database"
+    # sqlite3.DatabaseError: a file that is not a database, which is no outage.
+    except (*UNAVAILABLE_ERRORS, sqlite3.DatabaseError, OSError) as exc:
         raise ConfigError(
             DATABASE_VARIABLE,
             f"cannot use the database at {database.url}: {unavailable_reason(exc)}",
