@@ -980,7 +980,7 @@ def endpoint_view(endpoint: Endpoint) -> Callable[[Request], Response]:
     def view(request: Request) -> Response:
         args = Args(request, endpoint)
         try:
-            return endpoint.handler(request, args)
+            return db_of(request).read(lambda: endpoint.handler(request, args))
         except ProjectionNotReady as exc:
             raise not_ready(exc) from None
 

@@ -39,7 +39,6 @@ from audit.aggregates.streams import (
 from audit.config import Database
 from audit.storage import (
     APPLICATION_NAME,
-    UNAVAILABLE_ERRORS,
     Db,
     StoreUnavailable,
     dialect_of,
@@ -124,11 +123,8 @@ class AuditLog(Application[UUID]):
         Raises StoreUnavailable when the database cannot take the write: then nothing of the
         batch is written, and a retry (Svix's) will succeed later.
         """
-        try:
+        with self.db.guarded():
             return self._record_batch(deliveries)
-        except UNAVAILABLE_ERRORS as exc:
-            self.db.heal()
-            raise StoreUnavailable(str(exc)) from exc
 
     def _record_batch(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
         first_of: dict[str, Delivery] = {}
@@ -277,7 +273,8 @@ class AuditLog(Application[UUID]):
         return event.delivery()
 
     def stream_events(self, stream: UUID) -> list[RecordedDelivery]:
-        return list(self.events.get(stream))  # type: ignore[arg-type]
+        with self.db.guarded():
+            return list(self.events.get(stream))  # type: ignore[arg-type]
 
     def user_state(self, user_id: str, *, as_of: int | None = None) -> UserState:
         stream = stream_id("user", user_id)
@@ -306,12 +303,13 @@ class AuditLog(Application[UUID]):
         reads fold the whole stream: a snapshot at a stream version may already hold events
         that occurred after the requested time, since delivery order is not event order.)
         """
-        aggregate = self.repository.get(stream)
-        assert self.snapshots is not None
-        latest = list(self.snapshots.get(stream, desc=True, limit=1))
-        snapshot_version = latest[0].originator_version if latest else 0
-        if aggregate.version - snapshot_version >= SNAPSHOT_EVERY:
-            self.snapshots.put([Snapshot.take(aggregate)])
+        with self.db.guarded():
+            aggregate = self.repository.get(stream)
+            assert self.snapshots is not None
+            latest = list(self.snapshots.get(stream, desc=True, limit=1))
+            snapshot_version = latest[0].originator_version if latest else 0
+            if aggregate.version - snapshot_version >= SNAPSHOT_EVERY:
+                self.snapshots.put([Snapshot.take(aggregate)])
         return aggregate
 
 

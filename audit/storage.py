@@ -10,9 +10,9 @@ import contextlib
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -22,10 +22,12 @@ from eventsourcing.persistence import PersistenceError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
 from psycopg import sql as pgsql
+from psycopg_pool import PoolTimeout
 
 from audit.config import Database, PostgresDatabase, SqliteDatabase
 
 Dialect = Literal["sqlite", "postgresql"]
+T = TypeVar("T")
 APPLICATION_NAME = "audit"
 # Which organization owns each sub-object (membership, invitation, domain), so that a deletion
 # stub naming none finds its stream. Written in the transaction that appends the deliveries.
@@ -63,18 +65,35 @@ UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def unavailable_reason(exc: BaseException) -> str | None:
-    """The first line of why the database could not be used, when that is what `exc` is, or
-    was raised from or while handling; None for anything else (a bug keeps its traceback)."""
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what it was raised from or while handling, and so on."""
     current: BaseException | None = exc
     seen: set[int] = set()
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, (*UNAVAILABLE_ERRORS, StoreUnavailable, OSError, sqlite3.Error)):
-            text = str(current).strip()
-            return text.splitlines()[0] if text else type(current).__name__
+        yield current
         current = current.__cause__ or current.__context__
+
+
+def unavailable_reason(exc: BaseException) -> str | None:
+    """The first line of why the database could not be used, when that is what `exc` is, or
+    was raised from or while handling; None for anything else (a bug keeps its traceback)."""
+    for cause in _causes(exc):
+        if isinstance(cause, (*UNAVAILABLE_ERRORS, StoreUnavailable, OSError, sqlite3.Error)):
+            text = str(cause).strip()
+            return text.splitlines()[0] if text else type(cause).__name__
     return None
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """Whether `exc` comes from a PostgreSQL connection that broke under the statement (the
+    server or the network closed it), rather than from the server refusing the statement (an
+    error with an SQLSTATE) or from waiting for a connection that never came (a pool timeout:
+    the database is down, or busy)."""
+    for cause in _causes(exc):
+        if isinstance(cause, psycopg.Error):
+            return cause.sqlstate is None and not isinstance(cause, PoolTimeout)
+    return False
 
 
 class AuditSqliteRecorder(SQLiteApplicationRecorder):
@@ -115,9 +134,9 @@ class AuditPostgresRecorder(PostgresApplicationRecorder):
     arrays. (eventsourcing's own POSTGRES_ENABLE_DB_FUNCTIONS path skips the lock: not that one.)
     It also writes the owners that `owners=` names into the owner index.
 
-    The stock recorder also retries a failed insert ten times with a connect timeout each: over
-    a minute while the database is down, far past Svix's 15 s. We answer 503 at once instead and
-    let Svix retry.
+    The stock recorder also retries a failed insert (and read) ten times with a connect timeout
+    each: over a minute while the database is down, far past Svix's 15 s. We answer 503 at once
+    instead and let Svix (or the reader) retry.
     """
 
     def __init__(self, datastore: Any, *, events_table_name: str = "stored_events") -> None:
@@ -186,6 +205,10 @@ class AuditPostgresRecorder(PostgresApplicationRecorder):
                 prepare=True,
             )
             return [row["notification_id"] for row in cursor.fetchall()]
+
+    # The stock read of a stream retries too: ten tries with the pool's wait each, about 32 s
+    # before an `as_of` read answered 503 while the database was down.
+    select_events = PostgresApplicationRecorder.select_events.__wrapped__  # type: ignore[attr-defined]
 
 
 def eventsourcing_env(database: Database) -> dict[str, str]:
@@ -363,7 +386,7 @@ class Db:
         returns before its WAL reaches disk (asynchronous commit): a server crash can lose the
         last such commits whole, rows and position together, and they are derived again.
         """
-        try:
+        with self.guarded():
             if self.dialect == "sqlite":
                 with self.datastore.get_connection(commit=True) as conn:
                     cursor = conn.cursor()
@@ -379,20 +402,24 @@ class Db:
                     if not wait_for_flush:
                         cursor.execute("SET LOCAL synchronous_commit = off")
                     yield cursor
-        except UNAVAILABLE_ERRORS as exc:
-            self.heal()
-            raise StoreUnavailable(str(exc)) from exc
 
     @contextmanager
     def reader(self) -> Iterator[Cursor]:
         """A cursor for reads (one consistent snapshot per statement)."""
-        try:
+        with self.guarded():
             if self.dialect == "sqlite":
                 with self.datastore.get_connection(commit=False) as conn:
                     yield conn.cursor()
             else:
                 with self.datastore.get_connection() as conn, conn.cursor() as cursor:
                     yield cursor
+
+    @contextmanager
+    def guarded(self) -> Iterator[None]:
+        """Raise what says the database could not be used as StoreUnavailable (a 503, a
+        retry), after dropping the pool's broken connections."""
+        try:
+            yield
         except UNAVAILABLE_ERRORS as exc:
             self.heal()
             raise StoreUnavailable(str(exc)) from exc
@@ -460,6 +487,22 @@ class Db:
             with contextlib.suppress(Exception):
                 self.datastore.pool.check()
 
+    def read(self, read: Callable[[], T]) -> T:
+        """`read()`, run once more when it failed on a connection that had broken while idle in
+        the pool.
+
+        A database restart or failover cuts every pooled connection; without this, the first
+        read after the database was back failed with 503 on each dead one. `heal` has dropped
+        the rest by the time of the second try, which gets a live connection or a new one.
+        Only for reads: running one twice changes nothing.
+        """
+        try:
+            return read()
+        except StoreUnavailable as exc:
+            if self.dialect != "postgresql" or not lost_connection(exc):
+                raise
+        return read()
+
     def fetchall(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
         with self.reader() as cursor:
             cursor.execute(self.sql(statement), list(params))
@@ -472,7 +515,7 @@ class Db:
 
     def ping(self) -> None:
         try:
-            self.fetchone("SELECT 1 AS one")
+            self.read(lambda: self.fetchone("SELECT 1 AS one"))
         except PersistenceError as exc:
             raise StoreUnavailable(str(exc)) from exc
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -14,9 +15,11 @@ import pytest
 from starlette.testclient import TestClient
 
 from api.app import READINESS_SECONDS, create_app
+from api.read import AS_OF, ENDPOINTS
 from audit.application import AuditLog
 from audit.config import Settings
 from audit.projections.runner import Projector
+from audit.storage import CONNECTION_WAIT_SECONDS
 from tests.conftest import API_TOKEN, drop_postgres_schema, new_postgres_database, new_secret
 from tests.tcp_proxy import TcpProxy
 from tests.webhook_helpers import payload, post
@@ -40,7 +43,8 @@ def served() -> Iterator[BehindProxy]:
     settings = Settings((secret,), behind_proxy, (API_TOKEN,), 1_048_576)
     log = AuditLog(behind_proxy)
     try:
-        with TestClient(create_app(settings, log), raise_server_exceptions=False) as client:
+        app = create_app(settings, log, projector=Projector(log))
+        with TestClient(app, raise_server_exceptions=False) as client:
             yield BehindProxy(client, proxy, secret)
     finally:
         log.close()
@@ -136,3 +140,73 @@ def test_the_projector_logs_an_outage_in_one_line_a_retry(
             served.proxy.start()
     retries = [r for r in caplog.records if r.name == "audit.projections"]
     assert all(r.levelno == logging.WARNING and r.exc_info is None for r in retries), retries
+
+
+@pytest.mark.postgres
+def test_reads_after_a_blip_answer_on_the_first_try(served: BehindProxy) -> None:
+    """Connections cut while idle in the pool (a database restart, a failover) failed the first
+    read after the database was back, once per dead connection: 503s for a database that was up."""
+    client, proxy, secret = served.client, served.proxy, served.secret
+    created = payload("user.created")
+    assert post(client, secret, created).status_code == 200
+    Projector(client.app.state.log).run_once()
+    user = f"/v1/users/{created['data']['id']}"
+    headers = {"Authorization": f"Bearer {API_TOKEN}"}
+    # Two reads at once leave two connections idle in the pool.
+    barrier = threading.Barrier(2)
+    statuses: list[int] = []
+
+    def read() -> None:
+        barrier.wait()
+        statuses.append(client.get(user, headers=headers).status_code)
+
+    threads = [threading.Thread(target=read) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [200, 200]
+
+    proxy.stop()
+    proxy.start()
+    for _ in range(3):
+        answer = client.get(user, headers=headers)
+        assert answer.status_code == 200, answer.text
+    assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.postgres
+def test_every_read_route_answers_503_during_an_outage(served: BehindProxy) -> None:
+    """`as_of` reads the stream through eventsourcing, whose own errors answered 500."""
+    client, proxy, secret = served.client, served.proxy, served.secret
+    assert post(client, secret, payload("user.created")).status_code == 200
+    Projector(client.app.state.log).run_once()
+    # Each request waits for a pooled connection that cannot come: shorten that wait here.
+    client.app.state.log.db.datastore.pool.timeout = 0.3
+    proxy.stop()
+    headers = {"Authorization": f"Bearer {API_TOKEN}"}
+    for endpoint in ENDPOINTS:
+        path = re.sub(r"\{\w+\}", "some_id", endpoint.full_path)
+        queries = ["", "?as_of=2024-05-28T08:06:40.018Z"] if AS_OF in endpoint.params else [""]
+        for query in queries:
+            answer = client.get(path + query, headers=headers)
+            assert answer.status_code == 503, (path + query, answer.text)
+            assert answer.json()["error"]["code"] == "store_unavailable"
+            assert answer.headers["Retry-After"].isdigit()
+
+
+@pytest.mark.postgres
+def test_an_as_of_read_answers_503_at_once_during_an_outage(served: BehindProxy) -> None:
+    """eventsourcing retries a failed read of a stream ten times, each waiting out the pool:
+    about 32 s for an `as_of` read to answer 503."""
+    client, proxy, secret = served.client, served.proxy, served.secret
+    created = payload("user.created")
+    assert post(client, secret, created).status_code == 200
+    proxy.stop()
+    started = time.monotonic()
+    answer = client.get(
+        f"/v1/users/{created['data']['id']}?as_of=2100-01-01",
+        headers={"Authorization": f"Bearer {API_TOKEN}"},
+    )
+    assert answer.status_code == 503, answer.text
+    assert time.monotonic() - started < 2 * CONNECTION_WAIT_SECONDS
