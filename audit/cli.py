@@ -27,6 +27,7 @@ from audit.runtime import collect_garbage_less_often, configure_logging
 from audit.timeparse import TimeParseError, format_time, parse_time
 
 EXIT_CONFIG = 2
+EXIT_USAGE = 2  # as argparse's own usage errors
 EXIT_NOT_FOUND = 1
 EXIT_BUSY = 3  # another process holds what this command needs
 
@@ -141,8 +142,17 @@ def cmd_projections(args: argparse.Namespace) -> int:
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
+    from audit.projections.runner import all_projections
     from audit.storage import LockHeld, held_exclusively, unavailable_reason
 
+    known = [projection.name for projection in all_projections()]
+    if not args.all and args.name not in known:
+        # A usage error, as argparse's own: exit 2, before touching the store.
+        print(
+            f"audit rebuild: no such projection {args.name!r} (known: {', '.join(known)})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     log = open_log(database_from_env(), existing=True)
     try:
         # Two at once would each drop the other's build, and one would say it had switched.
@@ -174,18 +184,11 @@ def _rebuild(log, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
     from tqdm import tqdm
 
     from audit.projections import parallel
-    from audit.projections.runner import Projector, UnknownProjection, active_tables
+    from audit.projections.runner import Projector, active_tables
 
     projector = Projector(log)
     names = list(projector.projections) if args.all else [args.name]
-    generations = {}
-    for name in names:
-        try:
-            generations[name] = projector.rebuild(name)
-        except UnknownProjection:
-            known = ", ".join(projector.projections)
-            print(f"{name}: no such projection (known: {known})", file=sys.stderr)
-            return EXIT_NOT_FOUND
+    generations = {name: projector.rebuild(name) for name in names}
     # Progress counts stored records read (deliveries and their markers), for each projection.
     total = projector.stored_records() * len(names)
     desc = ", ".join(f"{name} g{generation}" for name, generation in generations.items())

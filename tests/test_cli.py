@@ -230,6 +230,15 @@ def test_a_file_that_is_not_a_database_is_one_line(tmp_path, command: list[str])
     assert line.endswith(": file is not a database")
 
 
+def test_rebuilding_an_unknown_projection_is_a_usage_error(tmp_path: Path) -> None:
+    """It exited 1, as a missing record does, and only after opening the store."""
+    result = run_audit("rebuild", "nope", env=base_env(tmp_path))
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line == "audit rebuild: no such projection 'nope' (known: events, objects, timelines)"
+    assert not (tmp_path / "audit.db").exists()
+
+
 @pytest.mark.parametrize("command", [["projections"], ["show", "user_x"], ["rebuild", "--all"]])
 def test_reading_a_store_never_opened_is_one_line_and_creates_nothing(
     tmp_path, database: Database, command: list[str]
