@@ -328,7 +328,7 @@ def session_view(session_id: str, versions: ObjectVersions) -> dict[str, Any]:
         "id": session_id,
         "status": status,
         "created_at": data.get("created_at"),
-        "ended_at": None if status in LIVE_SESSION_STATUSES else data.get("updated_at"),
+        "ended_at": None if _str(status) in LIVE_SESSION_STATUSES else data.get("updated_at"),
         "last_active_at": data.get("last_active_at"),
         "latest_activity": found[1] if found else None,
         "actor": actor if isinstance(actor, dict) else None,

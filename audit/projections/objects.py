@@ -464,7 +464,7 @@ class _Batch:
             owner_id,
             user_id,
             organization_id,
-            view.get("status"),
+            _text(view.get("status")),  # the view keeps whatever the payload said
             int(versions.deleted),
             epoch_ms(data.get("created_at")),
             epoch_ms(data.get("updated_at")),
@@ -568,3 +568,7 @@ def _version_from_row(row: Any) -> Version:
         deletion=bool(row["deletion"]),
         occurred_at=row["occurred_at"],
     )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
