@@ -51,7 +51,8 @@ class WebhookReceiver:
                 received_at=time.time_ns() // 1_000_000,
             )
         except InvalidPayload as exc:
-            raise ApiError(400, "invalid_payload", f"{str(exc).capitalize()}.")
+            reason = str(exc)  # capitalize() would lower-case the rest ("json", "nan")
+            raise ApiError(400, "invalid_payload", f"{reason[:1].upper()}{reason[1:]}.")
         outcome = await self.intake.submit(delivery)
         if isinstance(outcome, Conflict):
             raise ApiError(

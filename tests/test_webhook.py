@@ -303,3 +303,11 @@ def test_a_commit_that_outlasts_the_timeout_is_503_and_its_retry_a_duplicate(
     assert retried.json()["status"] in ("recorded", "duplicate")
     stream = expected_stream(envelope, svix_id).stream_id
     assert [e.svix_id for e in log.stream_events(stream)].count(svix_id) == 1
+
+
+def test_a_bad_body_is_told_in_its_own_words(client: TestClient, secret: str) -> None:
+    """The message was capitalize()d, which lower-cased the rest: "not valid json"."""
+    raw = b'{"type": "user.created", "data": {}'
+    response = post(client, secret, raw)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"] == "The body is not valid JSON."
