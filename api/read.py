@@ -828,6 +828,12 @@ class Endpoint:
         return "/v1" + self.path
 
     @property
+    def route_path(self) -> str:
+        """`path` as routed: a svix-id is whatever its sender chose, `/` included (a Clerk id
+        is not), and is the last segment of its route, so it takes the rest of the path."""
+        return self.path.replace("{svix_id}", "{svix_id:path}")
+
+    @property
     def not_found(self) -> bool:
         return any(p.location == "path" for p in self.params)
 
@@ -992,7 +998,8 @@ def endpoint_view(endpoint: Endpoint) -> Callable[[Request], Response]:
 def read_router() -> Router:
     return Router(
         routes=[
-            Route(endpoint.path, endpoint_view(endpoint), methods=["GET"]) for endpoint in ENDPOINTS
+            Route(endpoint.route_path, endpoint_view(endpoint), methods=["GET"])
+            for endpoint in ENDPOINTS
         ]
     )
 

@@ -51,9 +51,11 @@ def served_routes(app: Starlette) -> set[tuple[str, str]]:
             if isinstance(route, Mount):
                 walk(route.routes, prefix + route.path)
             elif isinstance(route, Route):
+                # OpenAPI's templates have no convertors: `{svix_id:path}` is `{svix_id}`.
+                path = re.sub(r"{(\w+):\w+}", r"{\1}", prefix + route.path)
                 for method in route.methods or ():
                     if method != "HEAD":
-                        found.add((method, prefix + route.path))
+                        found.add((method, path))
             else:
                 raise AssertionError(f"a route of an unexpected kind: {route!r}")
 

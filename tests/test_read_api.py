@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import anyio.to_thread
 import pytest
@@ -248,6 +249,17 @@ def test_event_filters(world: World) -> None:
         "/v1/events", {"subject": FRESH_USER, "type": "user.*", "since": T_UPDATED}
     )
     assert [e["data"]["first_name"] for e in combined] == ["Grace"]
+
+
+@pytest.mark.parametrize("svix_id", ["msg_a/b", "msg_/", "a/b/history"])
+def test_an_event_is_found_by_any_svix_id_its_sender_chose(world: World, svix_id: str) -> None:
+    """A svix-id with `/` was recorded, then never found: 404 (found by review)."""
+    response = post(world.client, world.secret, payload("role.created"), svix_id=svix_id)
+    assert response.status_code == 200, response.text
+    world.projector.run_once()
+    found = world.ok(f"/v1/events/{quote(svix_id, safe='')}")
+    assert found["id"] == svix_id
+    assert found["type"] == "role.created"
 
 
 def test_a_domain_deletion_stub_is_found_by_its_organization(world: World) -> None:
