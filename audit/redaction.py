@@ -4,6 +4,9 @@
   occurrence of that code inside the same item (the sample e-mail's `subject` repeats it);
 - likewise `magic_link` and `action_url`, which Clerk's e-mail templates carry in the same place:
   a sign-in link, or an invitation's or verification's link with its ticket, as good as a code;
+- likewise an OAuth verification's `external_verification_redirect_url` (in a user's external
+  accounts while one is being connected): its `state` lets whoever opens it finish connecting
+  their own provider account to that user;
 - an e-mail's `body` and `body_plain`;
 - an SMS's `message`;
 - an invitation's `url`, of an organization or of the application (it carries the invitation
@@ -24,7 +27,9 @@ from audit.aggregates.changes import field_keys
 REDACTED = "[redacted]"
 
 # Keys that are secret in any object, at any depth.
-SECRET_ANYWHERE = frozenset({"otp_code", "magic_link", "action_url"})
+SECRET_ANYWHERE = frozenset(
+    {"otp_code", "magic_link", "action_url", "external_verification_redirect_url"}
+)
 
 # Keys that are secret at the top level of one kind of object (by its `object` value).
 SECRET_BY_OBJECT: dict[str, frozenset[str]] = {

@@ -1437,6 +1437,56 @@ def test_links_in_e_mails_are_secrets_as_codes_are(world: World) -> None:
     assert event["data"]["subject"] == f"Sign in: {REDACTED}"
 
 
+def test_an_oauth_redirect_url_being_verified_is_a_secret(world: World) -> None:
+    """An external account's verification carries the provider's sign-in URL with its `state`:
+    served as sent on every route of the user (found by review)."""
+    url = "https://accounts.google.com/o/oauth2/auth?state=OAUTHSTATE1"
+    user = dict(payload("user.created")["data"], id="user_oauthRedirect", updated_at=T_CREATED)
+    user["external_accounts"] = [
+        {
+            "object": "external_account",
+            "id": "eac_1",
+            "provider": "oauth_google",
+            "verification": {
+                "object": "verification_oauth",
+                "status": "unverified",
+                "strategy": "oauth_google",
+                "external_verification_redirect_url": url,
+            },
+        }
+    ]
+    world.deliver(_envelope("user.created", user, T_CREATED, UPDATE_IP))
+    verified = copy.deepcopy(user)
+    verified["updated_at"] = T_UPDATED
+    verified["external_accounts"][0]["verification"].update(
+        status="verified", external_verification_redirect_url=None
+    )
+    world.deliver(_envelope("user.updated", verified, T_UPDATED, UPDATE_IP))
+    world.projector.run_once()
+    path = "/v1/users/user_oauthRedirect"
+    served = [
+        world.get(path).text,
+        world.get(path, {"as_of": T_CREATED}).text,
+        world.get(f"{path}/history").text,
+        world.get("/v1/changes", {"subject": "user_oauthRedirect"}).text,
+        world.get("/v1/changes", {"subject": "user_oauthRedirect", "format": "csv"}).text,
+        world.get("/v1/events", {"subject": "user_oauthRedirect", "format": "ndjson"}).text,
+    ]
+    for text in served:
+        assert "OAUTHSTATE1" not in text
+    as_created = world.ok(path, {"as_of": T_CREATED})["data"]["external_accounts"][0]
+    assert as_created["verification"]["external_verification_redirect_url"] == REDACTED
+    [change] = world.walk(
+        "/v1/changes",
+        {
+            "subject": "user_oauthRedirect",
+            "field": "external_accounts.eac_1.verification.external_verification_redirect_url",
+            "type": "user.updated",
+        },
+    )
+    assert (change["from"], change["to"]) == (REDACTED, None)
+
+
 @given(
     object_type=st.sampled_from([None, "user", "email", "sms", "organization_invitation", "x"]),
     field=st.lists(
