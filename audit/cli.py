@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 
 from eventsourcing.application import AggregateNotFoundError
 
-from audit.aggregates.state import has_versions
 from audit.config import (
     DATABASE_VARIABLE,
     SECRET_VARIABLE,
@@ -269,7 +268,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     finally:
         log.close()
     view = state.view()
-    if as_of is not None and not has_versions(view):
+    # The aggregate, not only the object: a user known so far by a session alone is shown,
+    # as without --as-of (the API's /v1/users/{id} is about the user's own record: 404).
+    if as_of is not None and view["first_seen_at"] is None:
         print(f"{args.id}: nothing recorded about it as of {format_time(as_of)}", file=sys.stderr)
         return EXIT_NOT_FOUND
     # The store keeps every secret; what is printed is pasted into tickets and chats.

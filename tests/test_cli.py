@@ -187,6 +187,38 @@ def url_of(database: Database) -> str:
     )
 
 
+def test_show_as_of_any_later_time_is_show_now(tmp_path, database: Database) -> None:
+    """A user known by a session alone, an organization by a membership alone: `show` printed
+    the aggregate, and `show --as-of` after every event said nothing was recorded about it
+    (found by review)."""
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(database)}
+    session, membership = payload("session.created"), payload("organizationMembership.created")
+    log = AuditLog(database)
+    try:
+        log.record(
+            [
+                parse_delivery(
+                    json.dumps(body).encode(), svix_id=f"msg_{i}", svix_timestamp=1, received_at=1
+                )
+                for i, body in enumerate((session, membership))
+            ]
+        )
+    finally:
+        log.close()
+    for clerk_id in (session["data"]["user_id"], membership["data"]["organization"]["id"]):
+        now = run_audit("show", clerk_id, env=env)
+        assert now.returncode == 0, now.stderr
+        later = run_audit("show", clerk_id, "--as-of", "2100-01-01", env=env)
+        assert later.returncode == 0, later.stderr
+        assert json.loads(later.stdout) == json.loads(now.stdout)
+        assert json.loads(now.stdout)["data"] is None  # no version of the object itself
+        before = run_audit("show", clerk_id, "--as-of", "1900-01-01", env=env)
+        assert before.returncode == 1
+        assert before.stderr.strip().endswith(
+            "nothing recorded about it as of 1900-01-01T00:00:00.000Z"
+        )
+
+
 def test_show_takes_the_secrets_out_as_the_api_does(tmp_path, database: Database) -> None:
     """What `audit show` prints is pasted into tickets: no code, no invitation url."""
     env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(database)}
