@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -157,10 +159,29 @@ def test_a_nested_object_that_appears_or_goes_is_listed_leaf_by_leaf() -> None:
         {"field": "verification.status", "from": "verified", "to": None},
         {"field": "verification.strategy", "from": "email_code", "to": None},
     ]
-    assert diff({"verification": None}, {"verification": {}}) == []
+    assert diff(None, {"verification": {}}) == []  # a first version lists values, not empties
     assert diff(None, {"verification": verification}) == diff(
         {"verification": None}, {"verification": verification}
     )
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "before", "after"),
+    [
+        ({"v": None}, {"v": {}}, "v", None, {}),
+        ({}, {"v": {}}, "v", None, {}),
+        ({"v": {}}, {}, "v", {}, None),
+        ({"v": {}}, {"v": {"k": {}}}, "v.k", None, {}),
+        ({"v": {"k": {}}}, {"v": {}}, "v.k", {}, None),
+        ({"v": None}, {"v": {"object": "x", "k": None}}, "v", None, {"object": "x", "k": None}),
+        ({"m_metadata": {"a": None}}, {"m_metadata": {"a": {}}}, "m_metadata.a", None, {}),
+    ],
+)
+def test_an_empty_object_set_or_unset_is_a_change(
+    old: dict, new: dict, field: str, before: Any, after: Any
+) -> None:
+    """`null` -> `{}` differs, and `as_of` shows it: the change was missing (found by review)."""
+    assert diff(old, new) == [{"field": field, "from": before, "to": after}]
 
 
 def test_a_key_with_a_dot_is_not_the_field_of_a_nested_object() -> None:

@@ -1437,6 +1437,33 @@ def test_links_in_e_mails_are_secrets_as_codes_are(world: World) -> None:
     assert event["data"]["subject"] == f"Sign in: {REDACTED}"
 
 
+def test_metadata_set_to_an_empty_object_is_a_change_as_as_of_shows(world: World) -> None:
+    """`as_of` showed `{}` where there had been nothing, and history listed no change."""
+    user_id = "user_emptyObjectChange"
+    steps = [{"v": None}, {"v": {}}, {"v": {"k": {}}}, {}]
+    for step, metadata in enumerate(steps):
+        user = dict(payload("user.updated")["data"], id=user_id, updated_at=T_CREATED + step)
+        user["public_metadata"] = metadata
+        world.deliver(_envelope("user.updated", user, T_CREATED + step, UPDATE_IP))
+    world.projector.run_once()
+    history = world.walk(f"/v1/users/{user_id}/history")
+    metadata_changes = [
+        [(c["field"], c["from"], c["to"]) for c in entry["changes"]] for entry in history[1:]
+    ]
+    assert metadata_changes == [
+        [("public_metadata.v", None, {})],
+        [("public_metadata.v.k", None, {})],
+        [("public_metadata.v", {"k": {}}, None)],
+    ]
+    # With the changes at its enclosing path, `v`, set and unset whole.
+    found = world.walk("/v1/changes", {"subject": user_id, "field": "public_metadata.v.k"})
+    assert [(c["field"], c["from"], c["to"]) for c in found] == [
+        ("public_metadata.v", None, {}),
+        ("public_metadata.v.k", None, {}),
+        ("public_metadata.v", {"k": {}}, None),
+    ]
+
+
 def test_an_oauth_redirect_url_being_verified_is_a_secret(world: World) -> None:
     """An external account's verification carries the provider's sign-in URL with its `state`:
     served as sent on every route of the user (found by review)."""

@@ -198,12 +198,15 @@ def _diff_values(old: Any, new: Any, path: str, ignored: frozenset[str]) -> Iter
         yield from _diff_mappings(old, new, path, ignored)
         return
     # A nested object that appears or goes (a domain's `verification`, null until verified):
-    # its leaves, as a first version lists them, so a field filter finds them either way.
+    # its leaves, as a first version lists them, so a field filter finds them either way. One
+    # with none (`{}`, set where there was nothing) is a change still, listed whole.
     if old is None and isinstance(new, Mapping):
-        yield from (_change(leaf, None, value) for leaf, value in _leaves(new, path, ignored))
+        leaves = [_change(leaf, None, value) for leaf, value in _leaves(new, path, ignored)]
+        yield from leaves or [_change(path, None, new)]
         return
     if new is None and isinstance(old, Mapping):
-        yield from (_change(leaf, value, None) for leaf, value in _leaves(old, path, ignored))
+        leaves = [_change(leaf, value, None) for leaf, value in _leaves(old, path, ignored)]
+        yield from leaves or [_change(path, old, None)]
         return
     old_elements, new_elements = _by_id(old), _by_id(new)
     if old_elements is not None and new_elements is not None:

@@ -133,7 +133,7 @@ VIEW_OF_TABLE = {
 
 class ObjectsProjection(Projection):
     name = "objects"
-    version = 9
+    version = 10  # 10: an empty object set or unset is a change
     time_marks_from = 5
     rebuild_seconds = 233.5
     table_names = ("versions", "history", "changes", "time_marks", *VIEW_OF_TABLE)
