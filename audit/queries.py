@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
+from audit.aggregates.actor import actor_of
 from audit.aggregates.changes import with_enclosing
 from audit.application import AuditLog
 from audit.projections.base import Tables, from_json, marked_start
@@ -293,16 +294,18 @@ def _event(log: AuditLog, row: Any) -> dict[str, Any]:
             f"event {row['svix_id']!r}: the store holds"
             f" {delivery.svix_id if delivery else 'nothing'!r} at position {row['position']}"
         )
+    # What was signed, from the delivery: the index's text columns hold U+FFFD for a NUL on
+    # PostgreSQL, and an event must read the same on either backend.
     return {
         "id": row["svix_id"],
         "position": row["position"],
-        "type": row["type"],
-        "subject_id": row["subject_id"],
-        "subject_object": row["subject_object"],
+        "type": delivery.type,
+        "subject_id": delivery.subject_id,
+        "subject_object": delivery.subject_object,
         "occurred_at": row["occurred_at"],
         "received_at": row["received_at"],
-        "instance_id": row["instance_id"],
-        "actor": from_json(row["actor"]),
+        "instance_id": delivery.instance_id,
+        "actor": actor_of(delivery),
         "data": delivery.data,
     }
 

@@ -196,6 +196,23 @@ def test_nul_bytes_and_huge_numbers_in_a_real_payload(
     [event] = response.json()["data"]
     assert event["data"]["id"] == "user_\u0000nul" and event["data"]["first_name"] == "a\u0000b"
     assert client.get(f"/v1/events/{event['id']}", headers=auth).json()["data"] == event["data"]
+    # So does the envelope around it, on either backend (PostgreSQL served U+FFFD here).
+    assert event["subject"]["id"] == "user_\u0000nul"
+    odd = {"type": "x.\u0000y", "instance_id": "ins_\u0000", "data": {"id": "x_\u0000"}}
+    odd["event_attributes"] = {"http_request": {"client_ip": "10.0.0.\u0000"}}
+    assert post(client, secret, odd).status_code == 200
+    projector.run_once()
+    [event] = [
+        e
+        for e in client.get("/v1/events", headers=auth).json()["data"]
+        if e["type"] != "user.updated"
+    ]
+    assert (event["type"], event["instance_id"], event["subject"]["id"], event["actor"]["ip"]) == (
+        "x.\u0000y",
+        "ins_\u0000",
+        "x_\u0000",
+        "10.0.0.\u0000",
+    )
     # PostgreSQL text cannot hold NUL: the read models keep U+FFFD in its place (JSON values
     # keep their escaped \u0000). SQLite keeps the NUL.
     response = client.get("/v1/changes", params={"field": "first_name"}, headers=auth)
