@@ -54,6 +54,19 @@ CONNECTION_WAIT_SECONDS = 3
 # delivery meanwhile would get 503 although the database was back. Shorter than the wait, so
 # the first request after the database returns gets a connection.
 RECONNECT_GIVE_UP_SECONDS = 2.0
+# How a connection whose server has gone silent (a failover moving the database's address, a
+# dropped network path) is given up, rather than waited on for the kernel's defaults: two
+# hours before the first keepalive probe, about fifteen minutes of retransmissions. libpq's
+# options: probes after 30 s idle, every 10 s, 3 unanswered ones close it; data unacknowledged
+# for 60 s closes it (TCP_USER_TIMEOUT, Linux). A live server answers probes from its kernel,
+# so a long query is not cut.
+TCP_LIVENESS: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}
 
 # What a lost connection, a refused connect, a pool timeout or a busy SQLite file raise.
 UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
@@ -140,6 +153,9 @@ class AuditPostgresRecorder(PostgresApplicationRecorder):
     """
 
     def __init__(self, datastore: Any, *, events_table_name: str = "stored_events") -> None:
+        # eventsourcing passes the pool no such options. The pool reads them on each connect,
+        # and opens (connecting) in the stock recorder's constructor: so before it.
+        datastore.pool.kwargs.update(TCP_LIVENESS)
         super().__init__(datastore, events_table_name=events_table_name)
         schema = pgsql.Identifier(datastore.schema)
         function = pgsql.Identifier(f"{events_table_name}_append")
@@ -312,6 +328,7 @@ def postgres_connect_args(database: PostgresDatabase) -> dict[str, Any]:
         "password": database.password,
         "dbname": database.dbname,
         "connect_timeout": CONNECTION_WAIT_SECONDS,
+        **TCP_LIVENESS,
     }
 
 

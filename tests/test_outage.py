@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
+import psycopg
 import pytest
 from starlette.testclient import TestClient
 
@@ -19,7 +22,7 @@ from api.read import AS_OF, ENDPOINTS
 from audit.application import AuditLog
 from audit.config import Settings
 from audit.projections.runner import Projector
-from audit.storage import CONNECTION_WAIT_SECONDS
+from audit.storage import CONNECTION_WAIT_SECONDS, postgres_connect_args
 from tests.conftest import API_TOKEN, drop_postgres_schema, new_postgres_database, new_secret
 from tests.tcp_proxy import TcpProxy
 from tests.webhook_helpers import payload, post
@@ -210,3 +213,37 @@ def test_an_as_of_read_answers_503_at_once_during_an_outage(served: BehindProxy)
     )
     assert answer.status_code == 503, answer.text
     assert time.monotonic() - started < 2 * CONNECTION_WAIT_SECONDS
+
+
+def _liveness(connection: Any) -> tuple[int, int, int, int, int]:
+    """The kernel's settings on a connection's socket: keepalive on, idle, interval, count, and
+    how long unacknowledged data may wait."""
+    sock = socket.socket(fileno=connection.pgconn.socket)
+    try:
+        return (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        )
+    finally:
+        sock.detach()  # the descriptor is libpq's
+
+
+@pytest.mark.postgres
+def test_connections_give_up_on_a_silent_server_within_a_minute_or_so() -> None:
+    """With the kernel's defaults a read on a connection whose server vanished (a failover, a
+    dropped path) waited about fifteen minutes, or two hours before a first keepalive probe.
+    (Dropping packets needs a firewall this machine lacks: the sockets' settings are checked.)"""
+    expected = (1, 30, 10, 3, 60_000)
+    database = new_postgres_database()
+    log = AuditLog(database)
+    try:
+        with log.db.reader() as cursor:  # the pool's: reads, webhooks, projections
+            assert _liveness(cursor.connection) == expected
+        with psycopg.connect(**postgres_connect_args(database)) as conn:  # locks, LISTEN
+            assert _liveness(conn) == expected
+    finally:
+        log.close()
+        drop_postgres_schema(database)
