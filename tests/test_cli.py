@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -187,12 +188,8 @@ def url_of(database: Database) -> str:
     )
 
 
-def test_show_as_of_any_later_time_is_show_now(tmp_path, database: Database) -> None:
-    """A user known by a session alone, an organization by a membership alone: `show` printed
-    the aggregate, and `show --as-of` after every event said nothing was recorded about it
-    (found by review)."""
-    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(database)}
-    session, membership = payload("session.created"), payload("organizationMembership.created")
+def record(database: Database, *bodies: dict[str, Any]) -> None:
+    """Store these deliveries as the webhook would (svix ids msg_0, msg_1 ...)."""
     log = AuditLog(database)
     try:
         log.record(
@@ -200,11 +197,20 @@ def test_show_as_of_any_later_time_is_show_now(tmp_path, database: Database) -> 
                 parse_delivery(
                     json.dumps(body).encode(), svix_id=f"msg_{i}", svix_timestamp=1, received_at=1
                 )
-                for i, body in enumerate((session, membership))
+                for i, body in enumerate(bodies)
             ]
         )
     finally:
         log.close()
+
+
+def test_show_as_of_any_later_time_is_show_now(tmp_path, database: Database) -> None:
+    """A user known by a session alone, an organization by a membership alone: `show` printed
+    the aggregate, and `show --as-of` after every event said nothing was recorded about it
+    (found by review)."""
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(database)}
+    session, membership = payload("session.created"), payload("organizationMembership.created")
+    record(database, session, membership)
     for clerk_id in (session["data"]["user_id"], membership["data"]["organization"]["id"]):
         now = run_audit("show", clerk_id, env=env)
         assert now.returncode == 0, now.stderr
@@ -226,18 +232,7 @@ def test_show_takes_the_secrets_out_as_the_api_does(tmp_path, database: Database
     user["data"]["private_metadata"] = {"otp_code": "73519864"}
     invitation = payload("organizationInvitation.created")
     url = invitation["data"]["url"]
-    log = AuditLog(database)
-    try:
-        log.record(
-            [
-                parse_delivery(
-                    json.dumps(body).encode(), svix_id=f"msg_{i}", svix_timestamp=1, received_at=1
-                )
-                for i, body in enumerate((user, invitation))
-            ]
-        )
-    finally:
-        log.close()
+    record(database, user, invitation)
     for clerk_id, secret in (
         (user["data"]["id"], "73519864"),
         (invitation["data"]["organization_id"], url),
