@@ -606,17 +606,31 @@ def _state(request: Request, args: Args, kind: str) -> Response:
             else:
                 view = log.organization_state(object_id, as_of=as_of).view()
         except AggregateNotFoundError:
-            raise not_found(f"No {label} {object_id[:80]!r}.") from None
+            raise _no_state(label, object_id, known=False, as_of=as_of) from None
         if not has_versions(view):
-            raise not_found(f"No {label} {object_id[:80]!r} as of {format_time(as_of)}.")
+            known = view["first_seen_at"] is not None  # its sessions, say, by then
+            raise _no_state(label, object_id, known=known, as_of=as_of)
         return JSONResponse(render_state(object_id, view["deleted"], view["data"], as_of))
-    row = queries.current_object(
-        db_of(request), "users" if kind == "user" else "organizations", object_id
-    )
+    db = db_of(request)
+    row = queries.current_object(db, "users" if kind == "user" else "organizations", object_id)
     if row is None:
-        raise not_found(f"No {label} {object_id[:80]!r}.")
+        raise _no_state(label, object_id, known=queries.is_known_id(db, object_id))
     view = row["view"] or {}
     return JSONResponse(render_state(object_id, row["deleted"], view.get("data"), None))
+
+
+def _no_state(label: str, object_id: str, *, known: bool, as_of: int | None = None) -> ApiError:
+    """404; for an id other events concern (`known`: a user of a store begun after the user was
+    created, known so far by their sessions), with where those events are."""
+    shown = object_id[:80]
+    then = "" if as_of is None else f" as of {format_time(as_of)}"
+    if not known:
+        return not_found(f"No {label} {shown!r}{then}.")
+    family = "user" if label == "user" else "organization"
+    return not_found(
+        f"No {family}.* event is recorded for {shown!r}{then}, so its state is unknown; other"
+        f" events concern it: /v1/events?subject={shown}."
+    )
 
 
 def get_user(request: Request, args: Args) -> Response:

@@ -1437,6 +1437,29 @@ def test_links_in_e_mails_are_secrets_as_codes_are(world: World) -> None:
     assert event["data"]["subject"] == f"Sign in: {REDACTED}"
 
 
+def test_a_user_known_by_sessions_alone_is_a_404_that_says_where_to_look(world: World) -> None:
+    """A store begun after a user was created knows them by their sessions until their next
+    update: "No user" read as if nothing were recorded about them."""
+    session = dict(payload("session.created")["data"], id="sess_only", user_id="user_bySessions")
+    world.deliver(_envelope("session.created", session, T_CREATED, UPDATE_IP))
+    world.projector.run_once()
+    for params, then in (({}, ""), ({"as_of": T_UPDATED}, f" as of {format_time(T_UPDATED)}")):
+        missing = world.get("/v1/users/user_bySessions", params)
+        assert missing.status_code == 404
+        assert missing.json()["error"]["message"] == (
+            f"No user.* event is recorded for 'user_bySessions'{then}, so its state is unknown;"
+            " other events concern it: /v1/events?subject=user_bySessions."
+        )
+    before = world.get("/v1/users/user_bySessions", {"as_of": T_CREATED - 1})
+    assert before.json()["error"]["message"] == (
+        f"No user 'user_bySessions' as of {format_time(T_CREATED - 1)}."
+    )
+    assert _ids(world.walk("/v1/users/user_bySessions/sessions")) == ["sess_only"]
+    assert world.get("/v1/users/user_nobody").json()["error"]["message"] == (
+        "No user 'user_nobody'."
+    )
+
+
 def test_metadata_set_to_an_empty_object_is_a_change_as_as_of_shows(world: World) -> None:
     """`as_of` showed `{}` where there had been nothing, and history listed no change."""
     user_id = "user_emptyObjectChange"
