@@ -22,7 +22,12 @@ from api.read import AS_OF, ENDPOINTS
 from audit.application import AuditLog
 from audit.config import Settings
 from audit.projections.runner import Projector
-from audit.storage import CONNECTION_WAIT_SECONDS, postgres_connect_args
+from audit.storage import (
+    CONNECTION_WAIT_SECONDS,
+    StoreUnavailable,
+    lost_connection,
+    postgres_connect_args,
+)
 from tests.conftest import API_TOKEN, drop_postgres_schema, new_postgres_database, new_secret
 from tests.tcp_proxy import TcpProxy
 from tests.webhook_helpers import payload, post
@@ -247,3 +252,41 @@ def test_connections_give_up_on_a_silent_server_within_a_minute_or_so() -> None:
     finally:
         log.close()
         drop_postgres_schema(database)
+
+
+@pytest.mark.postgres
+def test_only_a_lost_connection_runs_a_read_again(served: BehindProxy) -> None:
+    """A read that the server refused (an SQLSTATE) or that waited out the pool is not run a
+    second time: the one would fail again, the other would double the wait before the 503."""
+    db = served.client.app.state.log.db
+    runs: list[int] = []
+
+    def refused() -> None:
+        runs.append(1)
+        with db.reader() as cursor:  # an OperationalError, as a lost connection is, but with
+            cursor.execute("SET statement_timeout = 1")  # an SQLSTATE: the server's answer
+            try:
+                cursor.execute("SELECT pg_sleep(1)")
+            finally:
+                cursor.execute("RESET statement_timeout")
+
+    with pytest.raises(StoreUnavailable) as error:
+        db.read(refused)
+    assert isinstance(error.value.__cause__.__cause__, psycopg.errors.QueryCanceled)
+    assert len(runs) == 1
+
+    db.datastore.pool.timeout = 0.3
+    served.proxy.stop()
+    runs.clear()
+
+    def waited() -> None:
+        runs.append(1)
+        db.fetchone("SELECT 1 AS one")
+
+    with pytest.raises(StoreUnavailable) as unavailable:
+        db.read(waited)
+    assert not lost_connection(unavailable.value) and len(runs) <= 2
+    runs.clear()
+    with pytest.raises(StoreUnavailable) as unavailable:  # the pool now holds no connection
+        db.read(waited)
+    assert len(runs) == 1
