@@ -1,3 +1,5 @@
+# make run PORT=8001 serves on another port
+PORT ?= 8000
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +14,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m audit.devserver
+	$(BIN)/python -m audit.devserver --port $(PORT)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -46,6 +46,16 @@ ACTOR["description"] = (
     "Who caused the event, as far as it tells: the client IP and user agent of the request, the "
     "Clerk user named as acting, and the impersonator of an impersonation session."
 )
+TIMELINE_ACTOR = _object(
+    {
+        **ACTOR["properties"],
+        "session_actor": {
+            "type": ["object", "null"],
+            "description": "The session's own `actor` (an impersonation), or null.",
+        },
+    }
+)
+TIMELINE_ACTOR["description"] = ACTOR["description"]
 FIELD_CHANGE = _object({"field": {"type": "string"}, "from": {}, "to": {}})
 
 SCHEMAS: dict[str, Any] = {
@@ -160,7 +170,7 @@ SCHEMAS: dict[str, Any] = {
             "type": {"type": "string"},
             "status": NULLABLE_STRING,
             "occurred_at": TIME,
-            "actor": {"$ref": "#/components/schemas/Actor"},
+            "actor": TIMELINE_ACTOR,
             "activity": ANY_OBJECT,
         }
     ),

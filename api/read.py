@@ -945,8 +945,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/organizations/{org_id}/invitations",
         organization_invitations,
         "An organization's invitations",
-        "Invitations with their status (pending, accepted, revoked), ordered by creation. "
-        "Invitation URLs are never shown.",
+        "Invitations with their status (pending, accepted, revoked), ordered by creation; "
+        "none of a deleted organization. Invitation URLs are never shown.",
         (ORG_ID, *PAGING),
         "Invitation",
         is_list=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import os
@@ -26,7 +27,10 @@ def _kept(name: str, make: callable) -> str:  # type: ignore[valid-type]
     return value
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make run", description=__doc__)
+    parser.add_argument("--port", type=int, default=8000, help="default 8000 (make run PORT=...)")
+    port = parser.parse_args(argv).port
     secret = _kept(
         "dev-signing-secret", lambda: "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
     )
@@ -43,10 +47,12 @@ def main() -> int:
         secret = parse_secrets(os.environ["CLERK_WEBHOOK_SIGNING_SECRET"])[0]
     token = next(iter(parse_tokens(os.environ["AUDIT_API_TOKENS"])), token)
     print("Try it, from another shell:")
-    print(f"  CLERK_WEBHOOK_SIGNING_SECRET={secret} .venv/bin/audit send-samples")
-    print(f"  curl -H 'Authorization: Bearer {token}' http://127.0.0.1:8000/v1/events")
+    base = f"http://127.0.0.1:{port}"
+    url = "" if port == 8000 else f" --url {base}/webhooks/clerk"
+    print(f"  CLERK_WEBHOOK_SIGNING_SECRET={secret} .venv/bin/audit send-samples{url}")
+    print(f"  curl -H 'Authorization: Bearer {token}' {base}/v1/events")
     sys.stdout.flush()
-    return cli.main(["serve", "--host", "127.0.0.1", "--port", "8000"])
+    return cli.main(["serve", "--host", "127.0.0.1", "--port", str(port)])
 
 
 if __name__ == "__main__":

@@ -225,6 +225,28 @@ def test_show_as_of_any_later_time_is_show_now(tmp_path, database: Database) -> 
         )
 
 
+def test_show_into_a_reader_that_stops_early_is_quiet(tmp_path: Path) -> None:
+    """`audit show ... | head` printed a BrokenPipeError traceback (found by review)."""
+    database = SqliteDatabase(path=tmp_path / "audit.db")
+    user = payload("user.created")
+    user["data"]["unsafe_metadata"] = {"notes": "x" * 300_000}  # more than a pipe holds
+    record(database, user)
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(database)}
+    show = subprocess.Popen(
+        [*AUDIT, "show", user["data"]["id"]],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
+    assert show.stdout is not None and show.stderr is not None
+    assert show.stdout.read(1) == b"{"
+    show.stdout.close()  # as `head -1` does once it has its line
+    errors = show.stderr.read().decode()
+    assert show.wait(timeout=60) == 0
+    assert "Traceback" not in errors and "BrokenPipe" not in errors, errors
+
+
 def test_show_takes_the_secrets_out_as_the_api_does(tmp_path, database: Database) -> None:
     """What `audit show` prints is pasted into tickets: no code, no invitation url."""
     env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(database)}
@@ -352,8 +374,9 @@ def test_make_run_shows_the_secret_and_token_the_server_takes(tmp_path: Path) ->
     env = base_env(tmp_path)
     secret = new_secret()
     env.update(CLERK_WEBHOOK_SIGNING_SECRET=f"{secret} {new_secret()}", AUDIT_API_TOKENS="t0ken")
+    port = free_port()  # `make run PORT=...`; 8000 may be taken
     devserver = subprocess.Popen(
-        [sys.executable, "-m", "audit.devserver"],
+        [sys.executable, "-m", "audit.devserver", "--port", str(port)],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -366,8 +389,12 @@ def test_make_run_shows_the_secret_and_token_the_server_takes(tmp_path: Path) ->
     finally:
         devserver.terminate()
         devserver.wait(timeout=30)
-    assert f"  CLERK_WEBHOOK_SIGNING_SECRET={secret} .venv/bin/audit send-samples\n" in lines
-    assert "  curl -H 'Authorization: Bearer t0ken' http://127.0.0.1:8000/v1/events\n" in lines
+    url = f"http://127.0.0.1:{port}"
+    assert (
+        f"  CLERK_WEBHOOK_SIGNING_SECRET={secret} .venv/bin/audit send-samples"
+        f" --url {url}/webhooks/clerk\n"
+    ) in lines
+    assert f"  curl -H 'Authorization: Bearer t0ken' {url}/v1/events\n" in lines
     assert (tmp_path / "var" / "dev-signing-secret").read_text().strip() != secret
 
 
