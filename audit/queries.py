@@ -266,10 +266,10 @@ def _resolve_types(db: Db, table: str, types: TypeFilter) -> list[str]:
 
 # -- events ---------------------------------------------------------------------------------------
 
+# The rest of an event (type, subject, instance, actor) is read from its stored delivery.
 _EVENT_COLUMNS = (
-    "e.position AS position, e.svix_id AS svix_id, e.type AS type, e.subject_id AS subject_id,"
-    " e.subject_object AS subject_object, e.occurred_at AS occurred_at,"
-    " e.received_at AS received_at, e.instance_id AS instance_id, e.actor AS actor"
+    "e.position AS position, e.svix_id AS svix_id, e.occurred_at AS occurred_at,"
+    " e.received_at AS received_at"
 )
 _STORED_COLUMNS = (
     "st.topic AS topic, st.originator_id AS originator_id,"

@@ -148,8 +148,8 @@ class AuditPostgresRecorder(PostgresApplicationRecorder):
     It also writes the owners that `owners=` names into the owner index.
 
     The stock recorder also retries a failed insert (and read) ten times with a connect timeout
-    each: over a minute while the database is down, far past Svix's 15 s. We answer 503 at once
-    instead and let Svix (or the reader) retry.
+    each: over a minute while the database is down, far past Svix's 15 s. We answer 503 after
+    one try instead and let Svix (or the reader) retry.
     """
 
     def __init__(self, datastore: Any, *, events_table_name: str = "stored_events") -> None:
