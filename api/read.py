@@ -614,6 +614,9 @@ def _state(request: Request, args: Args, kind: str) -> Response:
     db = db_of(request)
     row = queries.current_object(db, "users" if kind == "user" else "organizations", object_id)
     if row is None:
+        behind = queries.current_state_behind(db)
+        if behind is not None:
+            raise _not_yet(label, object_id, behind)
         raise _no_state(label, object_id, known=queries.is_known_id(db, object_id))
     view = row["view"] or {}
     return JSONResponse(render_state(object_id, row["deleted"], view.get("data"), None))
@@ -630,6 +633,18 @@ def _no_state(label: str, object_id: str, *, known: bool, as_of: int | None = No
     return not_found(
         f"No {family}.* event is recorded for {shown!r}{then}, so its state is unknown; other"
         f" events concern it: /v1/events?subject={shown}."
+    )
+
+
+def _not_yet(label: str, object_id: str, behind: queries.Behind) -> ApiError:
+    """404 while the current-state tables are catching up with the store (a version's build,
+    or a burst being applied): the object may be among the deliveries not applied yet."""
+    building = "" if behind.building is None else f"; version {behind.building} is being built"
+    return not_found(
+        f"No {label} {object_id[:80]!r} in the current state, which is behind the store"
+        f" (applied up to position {behind.applied} of {behind.stored}{building}): it may be"
+        " among the deliveries not applied yet. as_of reads the store itself; the lag is at"
+        " /v1/projections."
     )
 
 

@@ -42,7 +42,6 @@ from audit.storage import (
     Db,
     StoreUnavailable,
     dialect_of,
-    events_table_name,
     eventsourcing_env,
     owner_index_holds,
     prepare_database,
@@ -97,7 +96,6 @@ class AuditLog(Application[UUID]):
             self.db = Db(
                 self.recorder.datastore,  # type: ignore[attr-defined]
                 dialect,
-                events_table_name(dialect),
                 getattr(database, "schema", ""),
             )
             self.db.protect_events_table()

@@ -129,14 +129,33 @@ def cmd_projections(args: argparse.Namespace) -> int:
 
     log = open_log(database_from_env(), existing=True)
     try:
-        rows = Projector(log).status()
+        projector = Projector(log, register=False)  # a status command writes nothing
+        rows = projector.status()
     finally:
         log.close()
+    if not rows:
+        print("no projection has run on this store yet")
+        return 0
     columns = ("name", "version", "position", "lag", "state", "errors")
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in rows:
         print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in rows:
+        name, serving = row["name"], row["serving_version"]
+        if row["state"] == "rebuilding":
+            print(
+                f"{name}: reads use v{serving} until the build switches,"
+                f" {row['serving_lag']} deliveries behind the store"
+            )
+        known = projector.projections[name].version
+        if serving > known:
+            print(f"{name}: reads use v{serving}, which this release (v{known}) cannot step")
+        elif serving < known and row["version"] != known:
+            print(
+                f"{name}: reads use v{serving}; this release's `audit serve` or"
+                f" `audit project` will build v{known}"
+            )
     return 0
 
 
@@ -183,11 +202,25 @@ def _rebuild(log, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
     from tqdm import tqdm
 
     from audit.projections import parallel
-    from audit.projections.runner import Projector, active_tables
+    from audit.projections.runner import NewerVersion, Projector, active_tables
 
     projector = Projector(log)
     names = list(projector.projections) if args.all else [args.name]
-    generations = {name: projector.rebuild(name) for name in names}
+    if not args.downgrade:
+        try:
+            for name in names:
+                projector.check_rebuild(name)
+        except NewerVersion as exc:
+            print(
+                f"audit rebuild: reads of {exc.name} use v{exc.store_version}, newer than this"
+                f" release's v{exc.release_version}. Rebuilding would leave the releases that"
+                f" know v{exc.store_version} unable to step it. Run the newer release's"
+                " `audit rebuild`, or, to roll back on purpose once every newer release is"
+                " stopped, `audit rebuild --downgrade`",
+                file=sys.stderr,
+            )
+            return 1
+    generations = {name: projector.rebuild(name, downgrade=args.downgrade) for name in names}
     # Progress counts stored records read (deliveries and their markers), for each projection.
     total = projector.stored_records() * len(names)
     desc = ", ".join(f"{name} g{generation}" for name, generation in generations.items())
@@ -308,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     target = rebuild.add_mutually_exclusive_group(required=True)
     target.add_argument("name", nargs="?", help="the projection to rebuild")
     target.add_argument("--all", action="store_true", help="rebuild every projection")
+    rebuild.add_argument(
+        "--downgrade",
+        action="store_true",
+        help="build this release's version even if the store's is newer (a deliberate roll-back)",
+    )
     rebuild.set_defaults(func=cmd_rebuild)
 
     samples = commands.add_parser("send-samples", help="sign and POST the bundled sample payloads")

@@ -345,10 +345,11 @@ _PLACEHOLDER = re.compile(r"%s")
 class Db:
     """SQL access to the store's database through eventsourcing's own connection pool."""
 
-    def __init__(self, datastore: Any, dialect: Dialect, events_table: str, schema: str) -> None:
+    def __init__(self, datastore: Any, dialect: Dialect, schema: str) -> None:
         self.datastore = datastore
         self.dialect = dialect
-        self.events_table = events_table
+        self.events_table = events_table_name(dialect)
+        self.tracking_table = tracking_table_name(dialect)
         self.schema = schema
         if dialect == "postgresql":
             # eventsourcing builds the pool without this setting; the pool reads it per retry.
@@ -701,6 +702,11 @@ class _NulFreeCursor:
 
 def events_table_name(dialect: Dialect) -> str:
     return "stored_events" if dialect == "sqlite" else f"{APPLICATION_NAME}_events"
+
+
+def tracking_table_name(dialect: Dialect) -> str:
+    """Where projections record their positions (eventsourcing's tracking recorder's table)."""
+    return "tracking" if dialect == "sqlite" else f"{APPLICATION_NAME}_tracking"
 
 
 def dialect_of(database: Database) -> Dialect:

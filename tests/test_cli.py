@@ -18,8 +18,9 @@ import pytest
 from audit.aggregates.delivery import parse_delivery
 from audit.application import AuditLog
 from audit.config import Database, PostgresDatabase, SqliteDatabase
+from audit.projections.objects import ObjectsProjection
 from audit.projections.parallel import usable_cores
-from audit.projections.runner import Projector, active_tables
+from audit.projections.runner import Projector, Registration, active_tables
 from audit.samples import sample_bodies
 from audit.storage import held_exclusively, store_exists
 from tests.conftest import drop_postgres_schema, new_postgres_database, new_secret
@@ -323,6 +324,58 @@ def test_a_rebuild_while_another_runs_is_refused_and_changes_nothing(
     assert rebuilt.returncode == 0, rebuilt.stderr
     generation = before["objects"].generation + 1
     assert f"objects: reads switched to generation {generation}" in rebuilt.stdout
+
+
+def test_a_store_at_another_version_is_reported_and_a_downgrade_refused(
+    tmp_path: Path, log: AuditLog
+) -> None:
+    """Review E: `audit projections`, a status command, registered this release's build on a
+    store an older release had left; an older release's `audit rebuild` switched a newer store
+    back to its own version, which the newer release's processes then did not step."""
+    log.record(sample_deliveries()[:6])
+    projector = Projector(log)
+    projector.run_once()
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(log.database)}
+    ours = ObjectsProjection.version
+
+    def store_version(version: int) -> Registration:
+        with log.db.transaction() as cursor:
+            cursor.execute(
+                log.db.sql(
+                    f"UPDATE {log.db.table('projection_registry')} SET version = %s"
+                    " WHERE name = 'objects'"
+                ),
+                [version],
+            )
+        return projector.registration("objects")
+
+    left_by_older = store_version(ours - 1)
+    status = run_audit("projections", env=env)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.splitlines()[-1] == (
+        f"objects: reads use v{ours - 1}; this release's `audit serve` or `audit project`"
+        f" will build v{ours}"
+    )
+    assert projector.registration("objects") == left_by_older  # nothing written
+
+    left_by_newer = store_version(ours + 1)
+    status = run_audit("projections", env=env)
+    assert status.stdout.splitlines()[-1] == (
+        f"objects: reads use v{ours + 1}, which this release (v{ours}) cannot step"
+    )
+    events = projector.registration("events")
+    for command in (["rebuild", "objects"], ["rebuild", "--all"]):
+        refused = run_audit(*command, env=env)
+        assert refused.returncode == 1
+        [line] = refused.stderr.strip().splitlines()
+        assert line.startswith(
+            f"audit rebuild: reads of objects use v{ours + 1}, newer than this release's v{ours}."
+        )
+        assert projector.registration("objects") == left_by_newer
+        assert projector.registration("events") == events  # --all started none
+    rolled_back = run_audit("rebuild", "objects", "--downgrade", env=env)
+    assert rolled_back.returncode == 0, rolled_back.stderr
+    assert projector.registration("objects").version == ours
 
 
 @pytest.mark.postgres

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import random
 import threading
 import time
@@ -26,7 +27,13 @@ from audit.config import Database, SqliteDatabase
 from audit.projections.base import StoredDelivery, Tables
 from audit.projections.events import EventIndex
 from audit.projections.parallel import CatchUpFailed, catch_up_in_processes, groups
-from audit.projections.runner import Projector, active_tables, all_projections, tracking_key
+from audit.projections.runner import (
+    NewerVersion,
+    Projector,
+    active_tables,
+    all_projections,
+    tracking_key,
+)
 from audit.storage import Cursor, Db
 from tests.conftest import drop_postgres_schema, new_postgres_database
 from tests.test_domain_state import organization_histories, user_histories
@@ -282,6 +289,58 @@ def test_a_version_bump_builds_beside_the_live_one_and_switches_atomically(log: 
     with log.db.reader() as cursor:
         left = [name for name in log.db.table_names(cursor) if name.startswith(v1_tables.prefix)]
     assert left == [], "every table of the old generation is dropped, known to this version or not"
+
+
+def test_an_older_release_s_rebuild_is_refused_and_if_forced_built_over_again(
+    log: AuditLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older release's `audit rebuild` switched reads back to its version, and a running
+    newer process then stepped neither generation, silently, until restarted (review E)."""
+    log.record(sample_deliveries()[:10])
+    newer = Projector(log, [EventIndexRaised()])
+    newer.run_once()
+    older = Projector(log, [EventIndex()])
+    with pytest.raises(NewerVersion):
+        older.rebuild("events")
+    assert newer.registration("events").building_generation is None
+    older.rebuild("events", downgrade=True)  # a roll-back on purpose, or an older `rebuild`
+    older.run_once()
+    assert newer.registration("events").version == EventIndex.version
+    log.record(sample_deliveries()[10:12])
+    with caplog.at_level(logging.WARNING, logger="audit.projections"):
+        newer.run_once()
+    registration = newer.registration("events")
+    assert (registration.version, registration.building_version) == (EventIndexRaised.version, None)
+    assert len(table_rows(log.db, "events")["events"]) == 12
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "audit.projections"]
+    assert warning == (
+        f"projection events: reads use v{EventIndex.version} (another release's build);"
+        f" building v{EventIndexRaised.version} again"
+    )
+
+
+def test_an_older_release_leaves_newer_reads_be_and_says_so_once(
+    log: AuditLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    log.record(sample_deliveries()[:10])
+    newer = Projector(log, [EventIndexRaised()])
+    newer.run_once()
+    registration = newer.registration("events")
+    older = Projector(log, [EventIndex()])
+    log.record(sample_deliveries()[10:12])
+    with caplog.at_level(logging.WARNING, logger="audit.projections"):
+        older.run_once()
+        older.run_once()
+    assert newer.registration("events") == registration
+    assert len(table_rows(log.db, "events")["events"]) == 10  # not stepped by the older code
+    warnings = [r.getMessage() for r in caplog.records if r.name == "audit.projections"]
+    assert warnings == [
+        f"projection events: reads use v{EventIndexRaised.version}, newer than this release's"
+        f" v{EventIndex.version}, which cannot apply it: they fall behind the store until a"
+        f" release that knows v{EventIndexRaised.version} steps them"
+    ]
+    newer.run_once()
+    assert len(table_rows(log.db, "events")["events"]) == 12
 
 
 def test_a_forced_rebuild_leaves_the_live_generation_following_the_store(log: AuditLog) -> None:

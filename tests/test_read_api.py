@@ -35,6 +35,7 @@ from audit.config import Settings, parse_tokens
 from audit.cursors import CursorError, decode_cursor, encode_cursor
 from audit.projections import base
 from audit.projections.base import Tables
+from audit.projections.objects import ObjectsProjection
 from audit.projections.runner import Projector, active_tables
 from audit.redaction import REDACTED, SECRET_BY_OBJECT, kind_of, redact, redact_change
 from audit.timeparse import MAX_EPOCH_MS, format_time, parse_time
@@ -48,6 +49,12 @@ FRESH_USER = "user_2freshAuditReadApiTest01"
 FRESH_SESSION = "sess_2freshAuditReadApiTest01"
 FRESH_MEMBERSHIP = "orgmem_2freshAuditReadApiTest01"
 FRESH_DOMAIN = "orgdmn_2freshAuditReadApiTest01"
+
+
+class ObjectsRaised(ObjectsProjection):
+    version = ObjectsProjection.version + 1
+
+
 T_CREATED = 1_716_900_000_000
 T_UPDATED = 1_716_900_600_000
 UPDATE_IP = "203.0.113.7"
@@ -1455,6 +1462,36 @@ def test_a_user_known_by_sessions_alone_is_a_404_that_says_where_to_look(world: 
         f"No user 'user_bySessions' as of {format_time(T_CREATED - 1)}."
     )
     assert _ids(world.walk("/v1/users/user_bySessions/sessions")) == ["sess_only"]
+    assert world.get("/v1/users/user_nobody").json()["error"]["message"] == (
+        "No user 'user_nobody'."
+    )
+
+
+def test_a_404_while_current_state_is_behind_the_store_says_so(world: World) -> None:
+    """During a version's build (minutes at a million events) reads use the old generation,
+    and a user created meanwhile was "No user.* event is recorded" (review E)."""
+    user = dict(payload("user.created")["data"], id="user_notApplied", updated_at=T_CREATED)
+    applied = world.log.recorder.max_notification_id()
+    world.deliver(_envelope("user.created", user, T_CREATED, UPDATE_IP))
+    stored = world.log.recorder.max_notification_id()
+
+    def message() -> str:
+        missing = world.get("/v1/users/user_notApplied")
+        assert missing.status_code == 404
+        return missing.json()["error"]["message"]
+
+    said = (
+        "No user 'user_notApplied' in the current state, which is behind the store (applied up"
+        f" to position {applied} of {stored}{{building}}): it may be among the deliveries not"
+        " applied yet. as_of reads the store itself; the lag is at /v1/projections."
+    )
+    assert message() == said.format(building="")
+    assert world.ok("/v1/users/user_notApplied", {"as_of": T_UPDATED})["data"]["id"] == user["id"]
+    Projector(world.log, [ObjectsRaised()])  # a release with a raised version starts its build
+    building = f"; version {ObjectsRaised.version} is being built"
+    assert message() == said.format(building=building)
+    world.projector.run_once()  # this release's live generation follows beside the build
+    assert world.ok("/v1/users/user_notApplied")["data"]["id"] == user["id"]
     assert world.get("/v1/users/user_nobody").json()["error"]["message"] == (
         "No user 'user_nobody'."
     )

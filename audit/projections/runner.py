@@ -52,6 +52,14 @@ class UnknownProjection(LookupError):
     pass
 
 
+class NewerVersion(Exception):
+    """The store's reads of a projection use a newer version than this release's."""
+
+    def __init__(self, name: str, store_version: int, release_version: int) -> None:
+        super().__init__(name, store_version, release_version)
+        self.name, self.store_version, self.release_version = name, store_version, release_version
+
+
 class _PoisonInBatch(Exception):
     """An event of the batch failed: apply the batch again, one guarded event at a time."""
 
@@ -74,19 +82,21 @@ class Projector:
         projections: Sequence[Projection] | None = None,
         *,
         batch_size: int = BATCH_SIZE,
+        register: bool = True,
     ) -> None:
+        """`register`: set up the registry and start the builds of raised versions, as every
+        process that steps or serves does; without, only `status` can be used (no writes)."""
         self.log = audit_log
         self.db: Db = audit_log.db
         self.projections = {p.name: p for p in (projections or all_projections())}
         self.batch_size = batch_size
         # Every projection reads the same events: decode each once, not once per projection.
         self._decoded: OrderedDict[int, StoredDelivery] = OrderedDict()
-        self.tracking_table = (
-            "tracking" if self.db.dialect == "sqlite" else f"{audit_log.name.lower()}_tracking"
-        )
-        with setup_lock(audit_log.database):
-            self.tracking = audit_log.factory.tracking_recorder()
-            self.setup()
+        self._warned_newer: dict[str, int] = {}  # the newer store versions warned of
+        if register:
+            with setup_lock(audit_log.database):
+                self.tracking = audit_log.factory.tracking_recorder()
+                self.setup()
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -104,22 +114,27 @@ class Projector:
                 " event_id TEXT, error TEXT NOT NULL, PRIMARY KEY (name, generation, position))"
             )
         for projection in self.projections.values():
-            with self.db.transaction() as cursor:
-                registration = self._registration(cursor, projection.name, lock=True)
-                if registration is None:
-                    self._create_generation(cursor, projection, 1, live=True)
-                    cursor.execute(
-                        self.db.sql(
-                            f"INSERT INTO {self.db.table('projection_registry')}"
-                            " (name, version, generation) VALUES (%s, %s, 1)"
-                        ),
-                        [projection.name, projection.version],
-                    )
-                elif (
-                    registration.version < projection.version
-                    and registration.building_version != projection.version
-                ):
-                    self._start_build(cursor, projection, registration)
+            self._register(projection)
+
+    def _register(self, projection: Projection) -> Registration:
+        """Register a projection new to the store, or start the build of its version if the
+        store's is older; returns its registration as it then stands."""
+        with self.db.transaction() as cursor:
+            registration = self._registration(cursor, projection.name, lock=True)
+            if registration is None:
+                self._create_generation(cursor, projection, 1, live=True)
+                cursor.execute(
+                    self.db.sql(
+                        f"INSERT INTO {self.db.table('projection_registry')}"
+                        " (name, version, generation) VALUES (%s, %s, 1)"
+                    ),
+                    [projection.name, projection.version],
+                )
+            elif _needs_build(projection, registration):
+                self._start_build(cursor, projection, registration)
+            found = self._registration(cursor, projection.name)
+            assert found is not None
+            return found
 
     def _registration(
         self, cursor: Cursor, name: str, *, lock: bool = False
@@ -210,7 +225,7 @@ class Projector:
                 cursor.execute(f"DROP TABLE IF EXISTS {self.db.table(name)}")
 
     def _tracking(self) -> str:
-        return self.db.table(self.tracking_table)
+        return self.db.table(self.db.tracking_table)
 
     # -- applying events -------------------------------------------------------------------
 
@@ -410,6 +425,22 @@ class Projector:
         build's work, and the build replaces it when it catches up.
         """
         registration = self.registration(projection.name)
+        if _needs_build(projection, registration):
+            # Reads were switched to an older version since this process started (another
+            # release's `audit rebuild`): build this one again, as at start, rather than stop
+            # stepping a generation this code cannot apply.
+            log.warning(
+                "projection %s: reads use v%d (another release's build); building v%d again",
+                projection.name,
+                registration.version,
+                projection.version,
+            )
+            registration = self._register(projection)
+        elif (
+            registration.version > projection.version
+            and registration.building_version != projection.version
+        ):
+            self._warn_newer(projection, registration)
         live = (projection, registration.generation, False)
         knows_live = registration.version == projection.version
         if registration.building_generation is None or (
@@ -423,6 +454,20 @@ class Projector:
             live_at = self._position(cursor, tracking_key(projection.name, live[1]))
             build_at = self._position(cursor, tracking_key(projection.name, build[1]))
         return [live, build] if live_at > build_at else [build]
+
+    def _warn_newer(self, projection: Projection, registration: Registration) -> None:
+        """Once per store version: a release older than the store's projection leaves it be."""
+        if self._warned_newer.get(projection.name) == registration.version:
+            return
+        self._warned_newer[projection.name] = registration.version
+        log.warning(
+            "projection %s: reads use v%d, newer than this release's v%d, which cannot apply"
+            " it: they fall behind the store until a release that knows v%d steps them",
+            projection.name,
+            registration.version,
+            projection.version,
+            registration.version,
+        )
 
     def _switch(self, projection: Projection, generation: int) -> None:
         """Point reads at a caught-up build, in one transaction, and drop the old tables."""
@@ -463,26 +508,27 @@ class Projector:
         log.info("projection %s: reads switched to generation %d", projection.name, generation)
 
     def _position(self, cursor: Cursor, key: str, *, lock: bool = False) -> int:
-        suffix = " FOR UPDATE" if lock and self.db.dialect == "postgresql" else ""
-        cursor.execute(
-            self.db.sql(
-                f"SELECT notification_id FROM {self._tracking()}"
-                f" WHERE application_name = %s{suffix}"
-            ),
-            [key],
-        )
-        row = cursor.fetchone()
-        return row["notification_id"] if row else 0
+        return tracked_position(self.db, cursor, key, lock=lock)
 
-    def rebuild(self, name: str) -> int:
-        """Start a fresh build of `name` beside the live one (caught up by `run_once`)."""
+    def rebuild(self, name: str, *, downgrade: bool = False) -> int:
+        """Start a fresh build of `name` beside the live one (caught up by `run_once`).
+
+        Refused (NewerVersion) when reads use a newer version than this release's, unless
+        `downgrade`: the build would switch the releases that know that version to one they
+        do not step (a rolling deploy's old release, run by mistake)."""
         projection = self.projections.get(name)
         if projection is None:
             raise UnknownProjection(name)
         with self.db.transaction() as cursor:
             registration = self._registration(cursor, name, lock=True)
             assert registration is not None
+            if not downgrade:
+                _refuse_downgrade(projection, registration)
             return self._start_build(cursor, projection, registration)
+
+    def check_rebuild(self, name: str) -> None:
+        """Raise NewerVersion if `rebuild(name)` would be refused (before starting any)."""
+        _refuse_downgrade(self.projections[name], self.registration(name))
 
     def run_forever(
         self,
@@ -534,8 +580,10 @@ class Projector:
     # -- status ------------------------------------------------------------------------------
 
     def status(self) -> list[dict[str, Any]]:
-        rows = []
+        rows: list[dict[str, Any]] = []
         with self.db.reader() as cursor:
+            if "projection_registry" not in self.db.table_names(cursor):
+                return rows  # never projected (a store only written to, so far)
             for projection in self.projections.values():
                 registration = self._registration(cursor, projection.name)
                 if registration is None:
@@ -602,6 +650,19 @@ class Projector:
         return cursor.fetchone()["deliveries"]
 
 
+def _needs_build(projection: Projection, registration: Registration) -> bool:
+    """Whether reads use an older version than `projection`'s, and no build of it is under way."""
+    return (
+        registration.version < projection.version
+        and registration.building_version != projection.version
+    )
+
+
+def _refuse_downgrade(projection: Projection, registration: Registration) -> None:
+    if registration.version > projection.version:
+        raise NewerVersion(projection.name, registration.version, projection.version)
+
+
 def tracking_key(name: str, generation: int) -> str:
     return f"projection:{name}:g{generation}"
 
@@ -615,3 +676,48 @@ def active_tables(db: Db, name: str) -> Tables:
     if row is None:
         raise UnknownProjection(name)
     return Tables(db, name, row["generation"], row["version"])
+
+
+@dataclass(frozen=True)
+class Behind:
+    """The generation reads of a projection use has applied the store up to `applied` of
+    `stored` (positions); `building`: the version being built meanwhile, if any."""
+
+    applied: int
+    stored: int
+    building: int | None
+
+
+def reads_behind(db: Db, name: str) -> Behind | None:
+    """How far the reads of projection `name` are behind the store, or None if they are not."""
+    with db.reader() as cursor:
+        cursor.execute(
+            db.sql(
+                "SELECT generation, building_version"
+                f" FROM {db.table('projection_registry')} WHERE name = %s"
+            ),
+            [name],
+        )
+        row = cursor.fetchone()
+        if row is None:
+            raise UnknownProjection(name)
+        applied = tracked_position(db, cursor, tracking_key(name, row["generation"]))
+        cursor.execute(
+            f"SELECT MAX({db.position_column}) AS stored FROM {db.table(db.events_table)}"
+        )
+        stored = cursor.fetchone()["stored"] or 0
+    return Behind(applied, stored, row["building_version"]) if applied < stored else None
+
+
+def tracked_position(db: Db, cursor: Cursor, key: str, *, lock: bool = False) -> int:
+    """The last store position a projection's generation (`tracking_key`) has applied."""
+    suffix = " FOR UPDATE" if lock and db.dialect == "postgresql" else ""
+    cursor.execute(
+        db.sql(
+            f"SELECT notification_id FROM {db.table(db.tracking_table)}"
+            f" WHERE application_name = %s{suffix}"
+        ),
+        [key],
+    )
+    row = cursor.fetchone()
+    return row["notification_id"] if row else 0
