@@ -200,6 +200,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 def _rebuild(log, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from audit.projections import parallel
     from audit.projections.runner import NewerVersion, Projector, active_tables
@@ -228,7 +229,8 @@ def _rebuild(log, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
     groups = parallel.rebuild_groups(log.database, chosen)
     if len(groups) > 1:
         print(f"in {len(groups)} processes: {' | '.join(', '.join(g) for g in groups)}")
-    with tqdm(total=total, desc=desc, unit=" records") as bar:
+    # The log's lines (a switch, a poison event) are written above the bar, not through it.
+    with logging_redirect_tqdm(), tqdm(total=total, desc=desc, unit=" records") as bar:
         if len(groups) > 1:
             try:
                 parallel.catch_up_in_processes(log.database, groups, lambda _, n: bar.update(n))

@@ -219,13 +219,27 @@ def test_body_one_byte_over_the_limit_is_413(settings, log: AuditLog, secret: st
 def test_bad_bodies_are_400(client: TestClient, secret: str, raw: bytes) -> None:
     from audit.samples import signed_headers
 
-    try:
-        headers = signed_headers(secret, new_svix_id(), raw)
-    except UnicodeDecodeError:  # svix cannot sign non-UTF-8: any signature will do
-        headers = signed_headers(secret, new_svix_id(), b"x")
+    headers = signed_headers(secret, new_svix_id(), raw)
     response = client.post("/webhooks/clerk", content=raw, headers=headers)
     assert response.status_code == 400, response.text
     assert error_code(response) in ("invalid_payload",)
+
+
+def test_a_body_that_is_not_utf8_is_verified_before_it_is_read(
+    client: TestClient, secret: str
+) -> None:
+    """SPEC 2: verify the raw bytes, then parse. It was refused 400 unverified, which told
+    whoever sent it that the secret was not the problem (review F)."""
+    from audit.samples import signed_headers
+
+    raw = b'{"type": "user.created", "data": {"id": "user_\xff"}}'
+    unsigned = signed_headers(new_secret(), new_svix_id(), raw)
+    response = client.post("/webhooks/clerk", content=raw, headers=unsigned)
+    assert (response.status_code, error_code(response)) == (401, "invalid_signature")
+    signed = signed_headers(secret, new_svix_id(), raw)
+    response = client.post("/webhooks/clerk", content=raw, headers=signed)
+    assert (response.status_code, error_code(response)) == (400, "invalid_payload")
+    assert response.json()["error"]["message"] == "The body is not valid UTF-8."
 
 
 @pytest.mark.parametrize(
