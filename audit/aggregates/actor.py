@@ -7,9 +7,10 @@ the Clerk user who acted. Nothing is guessed beyond that.
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import TypedDict
 
 from audit.aggregates.delivery import Delivery, http_request_of
+from audit.aggregates.fields import nonempty_str
 
 
 class Actor(TypedDict):
@@ -24,15 +25,11 @@ class Actor(TypedDict):
 CREATOR_KEYS = ("inviter_id", "created_by")
 
 
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
 def actor_of(delivery: Delivery) -> Actor:
     request = http_request_of(delivery.event_attributes)
     return {
-        "ip": _str(request.get("client_ip")),
-        "user_agent": _str(request.get("user_agent")),
+        "ip": nonempty_str(request.get("client_ip")),
+        "user_agent": nonempty_str(request.get("user_agent")),
         "user_id": _acting_user_id(delivery),
         "impersonator": _impersonator(delivery),
     }
@@ -41,10 +38,10 @@ def actor_of(delivery: Delivery) -> Actor:
 def _acting_user_id(delivery: Delivery) -> str | None:
     data = delivery.data
     if delivery.type.startswith("session."):
-        return _str(data.get("user_id"))
+        return nonempty_str(data.get("user_id"))
     if delivery.type.endswith(".created"):
         for key in CREATOR_KEYS:
-            found = _str(data.get(key))
+            found = nonempty_str(data.get(key))
             if found:
                 return found
     return None
@@ -54,4 +51,4 @@ def _impersonator(delivery: Delivery) -> str | None:
     if not delivery.type.startswith("session."):
         return None
     actor = delivery.data.get("actor")
-    return _str(actor.get("sub")) if isinstance(actor, dict) else None
+    return nonempty_str(actor.get("sub")) if isinstance(actor, dict) else None

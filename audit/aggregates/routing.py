@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
+from audit.aggregates.fields import nonempty_str
+
 StreamKind = Literal["user", "organization", "subject"]
 
 # Fixed for ever: stored stream ids are derived from it.
@@ -47,28 +49,24 @@ def delivery_marker_id(svix_id: str) -> uuid.UUID:
     return uuid.uuid5(STREAM_NAMESPACE, f"delivery:{svix_id}")
 
 
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
 def organization_id_of(event_type: str, data: dict[str, Any]) -> str | None:
     if event_type.startswith("organization."):
-        return _str(data.get("id"))
+        return nonempty_str(data.get("id"))
     if event_type.startswith("organizationMembership."):
         organization = data.get("organization")
         if isinstance(organization, dict):
-            return _str(organization.get("id"))
-        return _str(data.get("organization_id"))
+            return nonempty_str(organization.get("id"))
+        return nonempty_str(data.get("organization_id"))
     if event_type.startswith(ORGANIZATION_PREFIX):
-        return _str(data.get("organization_id"))
+        return nonempty_str(data.get("organization_id"))
     return None
 
 
 def user_id_of(event_type: str, data: dict[str, Any]) -> str | None:
     if event_type.startswith("user."):
-        return _str(data.get("id"))
+        return nonempty_str(data.get("id"))
     if event_type.startswith(USER_PREFIXES):
-        return _str(data.get("user_id"))
+        return nonempty_str(data.get("user_id"))
     return None
 
 
@@ -90,7 +88,7 @@ def owning_stream(
         organization_id = organization_id_of(event_type, data) or known_owner
         if organization_id:
             return StreamRef("organization", organization_id)
-    subject = _str(data.get("id"))
+    subject = nonempty_str(data.get("id"))
     return StreamRef("subject", subject or f"delivery:{svix_id}")
 
 
@@ -100,7 +98,7 @@ def needs_owner_lookup(event_type: str, data: dict[str, Any]) -> bool:
         event_type.startswith(ORGANIZATION_PREFIX)
         and not event_type.startswith("organization.")
         and organization_id_of(event_type, data) is None
-        and _str(data.get("id")) is not None
+        and nonempty_str(data.get("id")) is not None
     )
 
 
@@ -109,7 +107,7 @@ def related_ids(event_type: str, data: dict[str, Any]) -> list[str]:
     ids: list[str] = []
 
     def add(value: Any) -> None:
-        found = _str(value)
+        found = nonempty_str(value)
         if found and found not in ids:
             ids.append(found)
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from audit.aggregates.actor import Actor, actor_of
 from audit.aggregates.changes import Change
 from audit.aggregates.delivery import Delivery
+from audit.aggregates.fields import nonempty_str
 from audit.aggregates.routing import organization_id_of, user_id_of
 from audit.aggregates.versions import ObjectVersions, Placement, Version
 
@@ -53,10 +54,6 @@ def object_type_of(event_type: str) -> str:
 def event_time(delivery: Delivery) -> int:
     """When the event happened: the envelope time, or the receipt time when it has none."""
     return delivery.occurred_at if delivery.occurred_at is not None else delivery.received_at
-
-
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
 
 
 @dataclass(frozen=True)
@@ -328,7 +325,9 @@ def session_view(session_id: str, versions: ObjectVersions) -> dict[str, Any]:
         "id": session_id,
         "status": status,
         "created_at": data.get("created_at"),
-        "ended_at": None if _str(status) in LIVE_SESSION_STATUSES else data.get("updated_at"),
+        "ended_at": None
+        if nonempty_str(status) in LIVE_SESSION_STATUSES
+        else data.get("updated_at"),
         "last_active_at": data.get("last_active_at"),
         "latest_activity": found[1] if found else None,
         "actor": actor if isinstance(actor, dict) else None,
@@ -437,7 +436,9 @@ def membership_view(membership_id: str, versions: ObjectVersions) -> dict[str, A
     return {
         "id": membership_id,
         "user_id": (
-            _str(public_user_data.get("user_id")) if isinstance(public_user_data, dict) else None
+            nonempty_str(public_user_data.get("user_id"))
+            if isinstance(public_user_data, dict)
+            else None
         ),
         "role": data.get("role"),
         "role_name": data.get("role_name"),
@@ -450,7 +451,7 @@ def membership_view(membership_id: str, versions: ObjectVersions) -> dict[str, A
 
 def invitation_view(invitation_id: str, versions: ObjectVersions) -> dict[str, Any]:
     data = versions.as_data() or {}
-    status = _str(data.get("status"))
+    status = nonempty_str(data.get("status"))
     current = versions.current
     if status is None and current is not None:
         status = INVITATION_STATUS_BY_ACTION.get(current.type.rsplit(".", 1)[-1])
