@@ -10,6 +10,7 @@ leaves is rendered here, with ISO times and through `audit.redaction.redact`.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -487,6 +488,7 @@ def export(
     if request.method == "HEAD":
         return Response(media_type=media_type, headers=headers)
     first = fetch(after, EXPORT_PAGE_ROWS)  # failures before the first byte get a real status
+    db = db_of(request)
 
     def chunks() -> Iterator[str]:
         page = first
@@ -505,9 +507,11 @@ def export(
             yield buffer.getvalue()
             buffer.seek(0)
             buffer.truncate()
-            if page.next_key is None:
+            key = page.next_key
+            if key is None:
                 return
-            page = fetch(page.next_key, EXPORT_PAGE_ROWS)
+            # As a handler's first query (endpoint_view): once more after a lost connection.
+            page = db.read(functools.partial(fetch, key, EXPORT_PAGE_ROWS))
 
     return StreamingResponse(chunks(), media_type=media_type, headers=headers)
 
