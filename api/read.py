@@ -31,6 +31,7 @@ from audit.aggregates.state import has_versions
 from audit.application import AuditLog
 from audit.cursors import CursorError, decode_cursor, encode_cursor
 from audit.jsontext import dumps
+from audit.projections.runner import Behind, reads_behind
 from audit.queries import ChangeFilters, EventFilters, Page, ProjectionNotReady, TypeFilter
 from audit.redaction import redact, redact_change
 from audit.storage import Db
@@ -618,9 +619,9 @@ def _state(request: Request, args: Args, kind: str) -> Response:
     db = db_of(request)
     row = queries.current_object(db, "users" if kind == "user" else "organizations", object_id)
     if row is None:
-        behind = queries.current_state_behind(db)
+        behind = reads_behind(db, "objects")
         if behind is not None:
-            raise _not_yet(label, object_id, behind)
+            raise _not_yet(label, object_id, behind, " as_of reads the store itself;")
         raise _no_state(label, object_id, known=queries.is_known_id(db, object_id))
     view = row["view"] or {}
     return JSONResponse(render_state(object_id, row["deleted"], view.get("data"), None))
@@ -640,15 +641,14 @@ def _no_state(label: str, object_id: str, *, known: bool, as_of: int | None = No
     )
 
 
-def _not_yet(label: str, object_id: str, behind: queries.Behind) -> ApiError:
-    """404 while the current-state tables are catching up with the store (a version's build,
-    or a burst being applied): the object may be among the deliveries not applied yet."""
+def _not_yet(label: str, object_id: str, behind: Behind, hint: str = "") -> ApiError:
+    """404 while the read model asked is catching up with the store (a version's build, or a
+    burst being applied): the object may be among the deliveries not applied yet."""
     building = "" if behind.building is None else f"; version {behind.building} is being built"
     return not_found(
-        f"No {label} {object_id[:80]!r} in the current state, which is behind the store"
-        f" (applied up to position {behind.applied} of {behind.stored}{building}): it may be"
-        " among the deliveries not applied yet. as_of reads the store itself; the lag is at"
-        " /v1/projections."
+        f"No {label} {object_id[:80]!r} in the read model, which is behind the store (applied"
+        f" up to position {behind.applied} of {behind.stored}{building}): it may be among the"
+        f" deliveries not applied yet.{hint} The lag is at /v1/projections."
     )
 
 
@@ -667,6 +667,9 @@ def _require_known(db: Db, page: Page, args: Args, table: str, object_id: str, l
     if queries.current_object(db, table, object_id) is None and not queries.is_known_id(
         db, object_id
     ):
+        behind = reads_behind(db, "events")  # what `is_known_id` reads
+        if behind is not None:
+            raise _not_yet(label, object_id, behind)
         raise not_found(f"No {label} {object_id[:80]!r}.")
 
 

@@ -37,13 +37,7 @@ from audit.aggregates.actor import actor_of
 from audit.aggregates.changes import with_enclosing
 from audit.application import AuditLog
 from audit.projections.base import Tables, from_json, marked_start
-from audit.projections.runner import (
-    Behind,
-    UnknownProjection,
-    active_tables,
-    all_projections,
-    reads_behind,
-)
+from audit.projections.runner import UnknownProjection, active_tables, all_projections
 from audit.storage import Db, StoreUnavailable
 
 T = TypeVar("T")
@@ -394,11 +388,6 @@ def last_event_position(db: Db) -> int:
         return row["last"] or 0
 
     return _with_tables(db, "events", query)
-
-
-def current_state_behind(db: Db) -> Behind | None:
-    """How far the current-state tables (`objects`) are behind the store, if they are."""
-    return reads_behind(db, "objects")
 
 
 def is_known_id(db: Db, clerk_id: str) -> bool:

@@ -1467,34 +1467,42 @@ def test_a_user_known_by_sessions_alone_is_a_404_that_says_where_to_look(world: 
     )
 
 
-def test_a_404_while_current_state_is_behind_the_store_says_so(world: World) -> None:
+def test_a_404_while_the_read_models_are_behind_the_store_says_so(world: World) -> None:
     """During a version's build (minutes at a million events) reads use the old generation,
     and a user created meanwhile was "No user.* event is recorded" (review E)."""
     user = dict(payload("user.created")["data"], id="user_notApplied", updated_at=T_CREATED)
+    session = dict(payload("session.created")["data"], id="sess_notApplied")
     applied = world.log.recorder.max_notification_id()
     world.deliver(_envelope("user.created", user, T_CREATED, UPDATE_IP))
+    world.deliver(_envelope("session.created", session, T_CREATED, UPDATE_IP))
     stored = world.log.recorder.max_notification_id()
 
-    def message() -> str:
-        missing = world.get("/v1/users/user_notApplied")
+    def message(path: str) -> str:
+        missing = world.get(path)
         assert missing.status_code == 404
         return missing.json()["error"]["message"]
 
-    said = (
-        "No user 'user_notApplied' in the current state, which is behind the store (applied up"
-        f" to position {applied} of {stored}{{building}}): it may be among the deliveries not"
-        " applied yet. as_of reads the store itself; the lag is at /v1/projections."
-    )
-    assert message() == said.format(building="")
+    def said(label: str, clerk_id: str, building: str = "", hint: str = "") -> str:
+        return (
+            f"No {label} '{clerk_id}' in the read model, which is behind the store (applied up"
+            f" to position {applied} of {stored}{building}): it may be among the deliveries not"
+            f" applied yet.{hint} The lag is at /v1/projections."
+        )
+
+    as_of = " as_of reads the store itself;"
+    assert message("/v1/users/user_notApplied") == said("user", "user_notApplied", hint=as_of)
+    assert message("/v1/sessions/sess_notApplied/timeline") == said("session", "sess_notApplied")
     assert world.ok("/v1/users/user_notApplied", {"as_of": T_UPDATED})["data"]["id"] == user["id"]
     Projector(world.log, [ObjectsRaised()])  # a release with a raised version starts its build
     building = f"; version {ObjectsRaised.version} is being built"
-    assert message() == said.format(building=building)
+    assert message("/v1/users/user_notApplied") == said("user", "user_notApplied", building, as_of)
     world.projector.run_once()  # this release's live generation follows beside the build
     assert world.ok("/v1/users/user_notApplied")["data"]["id"] == user["id"]
+    assert world.ok("/v1/sessions/sess_notApplied/timeline")["data"]
     assert world.get("/v1/users/user_nobody").json()["error"]["message"] == (
         "No user 'user_nobody'."
     )
+    assert message("/v1/sessions/sess_nobody/timeline") == "No session 'sess_nobody'."
 
 
 def test_metadata_set_to_an_empty_object_is_a_change_as_as_of_shows(world: World) -> None:
