@@ -621,7 +621,7 @@ def _state(request: Request, args: Args, kind: str) -> Response:
     if row is None:
         behind = reads_behind(db, "objects")
         if behind is not None:
-            raise _not_yet(label, object_id, behind, " as_of reads the store itself;")
+            raise _not_yet(label, object_id, behind, " as_of reads the store itself.")
         raise _no_state(label, object_id, known=queries.is_known_id(db, object_id))
     view = row["view"] or {}
     return JSONResponse(render_state(object_id, row["deleted"], view.get("data"), None))

@@ -1489,7 +1489,7 @@ def test_a_404_while_the_read_models_are_behind_the_store_says_so(world: World) 
             f" applied yet.{hint} The lag is at /v1/projections."
         )
 
-    as_of = " as_of reads the store itself;"
+    as_of = " as_of reads the store itself."
     assert message("/v1/users/user_notApplied") == said("user", "user_notApplied", hint=as_of)
     assert message("/v1/sessions/sess_notApplied/timeline") == said("session", "sess_notApplied")
     assert world.ok("/v1/users/user_notApplied", {"as_of": T_UPDATED})["data"]["id"] == user["id"]
