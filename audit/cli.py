@@ -149,6 +149,10 @@ def cmd_projections(args: argparse.Namespace) -> int:
                 f" {row['serving_lag']} deliveries behind the store"
             )
         known = projector.projections[name].version
+        if row["state"] == "rebuilding" and row["version"] > known:
+            print(
+                f"{name}: the build under way is v{row['version']}, which this release cannot step"
+            )
         if serving > known:
             print(f"{name}: reads use v{serving}, which this release (v{known}) cannot step")
         elif serving < known and row["version"] != known:
@@ -207,21 +211,22 @@ def _rebuild(log, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
 
     projector = Projector(log)
     names = list(projector.projections) if args.all else [args.name]
-    if not args.downgrade:
-        try:
-            for name in names:
+    try:
+        if not args.downgrade:
+            for name in names:  # all checked before any build starts
                 projector.check_rebuild(name)
-        except NewerVersion as exc:
-            print(
-                f"audit rebuild: reads of {exc.name} use v{exc.store_version}, newer than this"
-                f" release's v{exc.release_version}. Rebuilding would leave the releases that"
-                f" know v{exc.store_version} unable to step it. Run the newer release's"
-                " `audit rebuild`, or, to roll back on purpose once every newer release is"
-                " stopped, `audit rebuild --downgrade`",
-                file=sys.stderr,
-            )
-            return 1
-    generations = {name: projector.rebuild(name, downgrade=args.downgrade) for name in names}
+        generations = {name: projector.rebuild(name, downgrade=args.downgrade) for name in names}
+    except NewerVersion as exc:
+        target = "--all" if args.all else exc.name
+        print(
+            f"audit rebuild: {exc.name} is at v{exc.store_version} (live or being built), newer"
+            f" than this release's v{exc.release_version}. Rebuilding would leave the releases"
+            f" that know v{exc.store_version} unable to step it. Run the newer release's"
+            " `audit rebuild`, or, to roll back on purpose once every newer release is"
+            f" stopped, `audit rebuild {target} --downgrade`",
+            file=sys.stderr,
+        )
+        return 1
     # Progress counts stored records read (deliveries and their markers), for each projection.
     total = projector.stored_records() * len(names)
     desc = ", ".join(f"{name} g{generation}" for name, generation in generations.items())

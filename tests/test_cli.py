@@ -369,10 +369,13 @@ def test_a_store_at_another_version_is_reported_and_a_downgrade_refused(
         assert refused.returncode == 1
         [line] = refused.stderr.strip().splitlines()
         assert line.startswith(
-            f"audit rebuild: reads of objects use v{ours + 1}, newer than this release's v{ours}."
+            f"audit rebuild: objects is at v{ours + 1} (live or being built), newer than this"
+            f" release's v{ours}."
         )
         assert projector.registration("objects") == left_by_newer
         assert projector.registration("events") == events  # --all started none
+        target = "--all" if "--all" in command else "objects"
+        assert line.endswith(f"`audit rebuild {target} --downgrade`")
     rolled_back = run_audit("rebuild", "objects", "--downgrade", env=env)
     assert rolled_back.returncode == 0, rolled_back.stderr
     assert projector.registration("objects").version == ours

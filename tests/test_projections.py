@@ -314,9 +314,36 @@ def test_an_older_release_s_rebuild_is_refused_and_if_forced_built_over_again(
     assert len(table_rows(log.db, "events")["events"]) == 12
     [warning] = [r.getMessage() for r in caplog.records if r.name == "audit.projections"]
     assert warning == (
-        f"projection events: reads use v{EventIndex.version} (another release's build);"
+        f"projection events: reads use v{EventIndex.version}, older than this release's;"
         f" building v{EventIndexRaised.version} again"
     )
+
+
+class EventIndexRaisedTwice(EventIndex):
+    version = EventIndex.version + 2
+
+
+def test_a_build_of_a_newer_version_under_way_is_left_alone(log: AuditLog) -> None:
+    """Two releases newer than the store each dropped the other's build every round, so
+    neither finished; a rebuild by a release older than the build dropped it (review G)."""
+    log.record(sample_deliveries()[:10])
+    Projector(log, [EventIndex()]).run_once()
+    newest = Projector(log, [EventIndexRaisedTwice()], batch_size=4)
+    building = newest.registration("events")
+    assert building.building_version == EventIndexRaisedTwice.version
+    newer = Projector(log, [EventIndexRaised()], batch_size=4)
+    newer.run_once()  # steps nothing of its own, drops nothing
+    assert newer.registration("events") == building
+    older = Projector(log, [EventIndex()])
+    with pytest.raises(NewerVersion):
+        older.rebuild("events")
+    newest.run_once()
+    registration = newest.registration("events")
+    assert (registration.version, registration.building_version) == (
+        EventIndexRaisedTwice.version,
+        None,
+    )
+    assert len(table_rows(log.db, "events")["events"]) == 10
 
 
 def test_an_older_release_leaves_newer_reads_be_and_says_so_once(

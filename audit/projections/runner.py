@@ -425,12 +425,13 @@ class Projector:
         build's work, and the build replaces it when it catches up.
         """
         registration = self.registration(projection.name)
-        if _needs_build(projection, registration):
+        if registration.version < projection.version and registration.building_version is None:
             # Reads were switched to an older version since this process started (another
             # release's `audit rebuild`): build this one again, as at start, rather than stop
-            # stepping a generation this code cannot apply.
+            # stepping a generation this code cannot apply. Never while a build is under way:
+            # dropping another release's build each round, two releases undid each other's.
             log.warning(
-                "projection %s: reads use v%d (another release's build); building v%d again",
+                "projection %s: reads use v%d, older than this release's; building v%d again",
                 projection.name,
                 registration.version,
                 projection.version,
@@ -651,16 +652,18 @@ class Projector:
 
 
 def _needs_build(projection: Projection, registration: Registration) -> bool:
-    """Whether reads use an older version than `projection`'s, and no build of it is under way."""
-    return (
-        registration.version < projection.version
-        and registration.building_version != projection.version
+    """At start: whether reads use an older version than `projection`'s and no build of it, or
+    of a newer one, is under way (an older one's is taken over, as one left part-way)."""
+    return registration.version < projection.version and (
+        registration.building_version is None or registration.building_version < projection.version
     )
 
 
 def _refuse_downgrade(projection: Projection, registration: Registration) -> None:
-    if registration.version > projection.version:
-        raise NewerVersion(projection.name, registration.version, projection.version)
+    """A rebuild would drop a newer version's live tables, or its build under way."""
+    newest = max(registration.version, registration.building_version or 0)
+    if newest > projection.version:
+        raise NewerVersion(projection.name, newest, projection.version)
 
 
 def tracking_key(name: str, generation: int) -> str:
