@@ -32,6 +32,7 @@ from audit.projections.runner import (
     Projector,
     active_tables,
     all_projections,
+    tracked_position,
     tracking_key,
 )
 from audit.storage import Cursor, Db
@@ -433,7 +434,7 @@ def test_a_rebuild_does_not_also_step_a_live_generation_that_is_behind_it(log: A
 
     def progress(name: str, count: int) -> None:
         with log.db.reader() as cursor:
-            live_positions.append(projector._position(cursor, tracking_key("events", 1)))
+            live_positions.append(tracked_position(projector.db, cursor, tracking_key("events", 1)))
 
     projector.catch_up(projector.projections["events"], progress=progress)
     assert len(live_positions) > 3 and set(live_positions) == {0}

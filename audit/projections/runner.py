@@ -192,7 +192,7 @@ class Projector:
             # row) before taking its tables, in the order a step takes them. Dropping them first
             # deadlocked with a step that had written some and went on to the others.
             key = tracking_key(projection.name, registration.building_generation)
-            self._position(cursor, key, lock=True)
+            tracked_position(self.db, cursor, key, lock=True)
             self._drop_generation(cursor, projection, registration.building_generation)
         self._create_generation(cursor, projection, generation, live=False)
         cursor.execute(
@@ -452,8 +452,8 @@ class Projector:
         if not knows_live:
             return [build]
         with self.db.reader() as cursor:
-            live_at = self._position(cursor, tracking_key(projection.name, live[1]))
-            build_at = self._position(cursor, tracking_key(projection.name, build[1]))
+            live_at = tracked_position(self.db, cursor, tracking_key(projection.name, live[1]))
+            build_at = tracked_position(self.db, cursor, tracking_key(projection.name, build[1]))
         return [live, build] if live_at > build_at else [build]
 
     def _warn_newer(self, projection: Projection, registration: Registration) -> None:
@@ -480,7 +480,9 @@ class Projector:
             tables = Tables(self.db, projection.name, generation)
             # Locked: another process may be stepping this build; its batch must commit first,
             # or this would apply the same events again.
-            position = self._position(cursor, tracking_key(projection.name, generation), lock=True)
+            position = tracked_position(
+                self.db, cursor, tracking_key(projection.name, generation), lock=True
+            )
             rows = self._read_after(cursor, position, 1_000_000_000)
             for row in rows:
                 if row["topic"] != MARKER_TOPIC:
@@ -507,9 +509,6 @@ class Projector:
                 [registration.building_version, generation, projection.name],
             )
         log.info("projection %s: reads switched to generation %d", projection.name, generation)
-
-    def _position(self, cursor: Cursor, key: str, *, lock: bool = False) -> int:
-        return tracked_position(self.db, cursor, key, lock=lock)
 
     def rebuild(self, name: str, *, downgrade: bool = False) -> int:
         """Start a fresh build of `name` beside the live one (caught up by `run_once`).
@@ -594,7 +593,9 @@ class Projector:
                     registration.building_generation if building else registration.generation
                 )
                 assert generation is not None
-                position = self._position(cursor, tracking_key(projection.name, generation))
+                position = tracked_position(
+                    self.db, cursor, tracking_key(projection.name, generation)
+                )
                 lag = self._deliveries_between(cursor, position)
                 cursor.execute(
                     self.db.sql(
@@ -608,7 +609,7 @@ class Projector:
                 serving_position, serving_lag = position, lag
                 if building:
                     live = tracking_key(projection.name, registration.generation)
-                    serving_position = self._position(cursor, live)
+                    serving_position = tracked_position(self.db, cursor, live)
                     serving_lag = self._deliveries_between(cursor, serving_position)
                 rows.append(
                     {
