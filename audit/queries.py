@@ -208,7 +208,7 @@ def _select(
         statement = (
             f"SELECT page.*, {joined_columns} FROM ({statement}) page {clause} ORDER BY {page_key}"
         )
-    return db.fetchall(statement, all_params)
+    return db.fetchall(statement, all_params, payloads=joined is not None)
 
 
 def _page(rows: list[Any], limit: int, key: Callable[[Any], tuple[Any, ...]], render) -> Page:

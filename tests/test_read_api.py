@@ -574,13 +574,13 @@ def test_filtered_changes_are_exactly_the_matching_changes_in_order(
         db = world.log.db
         fetchall = db.fetchall
 
-        def counting(statement: str, params: Any = ()) -> list[Any]:
+        def counting(statement: str, params: Any = (), **options: Any) -> list[Any]:
             # `IN (%s, ...)` on SQLite; one array on PostgreSQL, its first parameter.
             looked_up = re.search(r'_changes" WHERE position (?:IN \(([^)]*)\)|= ANY)', statement)
             if looked_up:
                 count = len(params[0]) if looked_up[1] is None else looked_up[1].count("%s")
                 widest[0] = max(widest[0], count)
-            return fetchall(statement, params)
+            return fetchall(statement, params, **options)
 
         monkeypatch.setattr(db, "fetchall", counting)
     everything = world.walk("/v1/changes", limit=500)
@@ -1754,9 +1754,9 @@ def test_documented_filters_use_indexes(world: World, monkeypatch: pytest.Monkey
     original = db.fetchall
     seen: list[tuple[str, list[Any]]] = []
 
-    def spy(statement: str, params: Any = ()) -> list[Any]:
+    def spy(statement: str, params: Any = (), **options: Any) -> list[Any]:
         seen.append((statement, list(params)))
-        return original(statement, params)
+        return original(statement, params, **options)
 
     monkeypatch.setattr(db, "fetchall", spy)
     mid = 1_800_000_000_000 + SYNTHETIC * 500

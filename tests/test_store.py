@@ -129,3 +129,27 @@ def test_8_concurrent_http_deliveries_to_one_user(
     assert [r.json()["status"] for r in responses] == ["recorded"] * 8
     stored = log.stream_events(stream_id("user", body["data"]["user_id"]))
     assert len(stored) == 8
+
+
+def test_payload_reads_return_what_a_plain_read_returns(
+    client: TestClient, log: AuditLog, secret
+) -> None:
+    """`fetch_payloads` (binary rows on PostgreSQL) and a plain read agree on every value,
+    for a body with non-ASCII text and an escaped NUL, and on what decodes from the payload."""
+    body = payload("user.updated")
+    body["data"]["first_name"] = "Zoë \u0000 \u65e5\u672c"
+    assert post(client, secret, body).status_code == 200
+    db = log.db
+    statement = (
+        f"SELECT {db.position_column} AS position, topic, originator_id, originator_version,"
+        f" state FROM {db.table(db.events_table)} ORDER BY {db.position_column}"
+    )
+    with db.reader() as cursor:
+        binary = [dict(row) for row in db.fetch_payloads(cursor, statement, [])]
+        cursor.execute(statement)
+        plain = [dict(row) for row in cursor.fetchall()]
+    assert binary == plain
+    assert len(binary) == 2  # the delivery and its marker
+    assert all(isinstance(row["state"], bytes) for row in binary)
+    delivery = next(log.stored_delivery(row) for row in binary if "Marker" not in row["topic"])
+    assert delivery.data["first_name"] == "Zoë \u0000 \u65e5\u672c"

@@ -289,15 +289,13 @@ class Projector:
         newest_decoded = next(reversed(self._decoded), None)
         first_reader = newest_decoded is None or newest_decoded <= position
         stored = ", originator_id, originator_version, state" if first_reader else ""
-        cursor.execute(
-            self.db.sql(
-                f"SELECT {column} AS position, topic{stored}"
-                f" FROM {self.db.table(self.db.events_table)}"
-                f" WHERE {column} > %s ORDER BY {column} LIMIT %s"
-            ),
+        rows = self.db.fetch_payloads(
+            cursor,
+            f"SELECT {column} AS position, topic{stored}"
+            f" FROM {self.db.table(self.db.events_table)}"
+            f" WHERE {column} > %s ORDER BY {column} LIMIT %s",
             [position, limit],
         )
-        rows = cursor.fetchall()
         if self.db.dialect == "sqlite":  # sqlite3.Row cannot take the decoded delivery
             rows = [dict(row) for row in rows]
         if first_reader:
@@ -317,15 +315,14 @@ class Projector:
 
     def _fetch_stored(self, cursor: Cursor, rows: list[dict[str, Any]]) -> None:
         column = self.db.position_column
-        cursor.execute(
-            self.db.sql(
-                f"SELECT {column} AS position, originator_id, originator_version, state"
-                f" FROM {self.db.table(self.db.events_table)}"
-                f" WHERE {column} >= %s AND {column} <= %s AND topic <> %s"
-            ),
+        found_rows = self.db.fetch_payloads(
+            cursor,
+            f"SELECT {column} AS position, originator_id, originator_version, state"
+            f" FROM {self.db.table(self.db.events_table)}"
+            f" WHERE {column} >= %s AND {column} <= %s AND topic <> %s",
             [rows[0]["position"], rows[-1]["position"], MARKER_TOPIC],
         )
-        stored = {found["position"]: found for found in cursor.fetchall()}
+        stored = {found["position"]: found for found in found_rows}
         for row in rows:
             found = stored[row["position"]]
             row["originator_id"] = found["originator_id"]
