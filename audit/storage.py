@@ -537,10 +537,8 @@ class Db:
         PostgreSQL sends them in binary: as text, the server hex-encodes every payload and
         psycopg decodes it again, which was half the time of reading a batch of them
         (bench/README.md). The rows' Python values are the same either way."""
-        if self.dialect == "postgresql":
-            cursor.execute(self.sql(statement), list(params), binary=True)
-        else:
-            cursor.execute(self.sql(statement), list(params))
+        binary = {"binary": True} if self.dialect == "postgresql" else {}
+        cursor.execute(self.sql(statement), list(params), **binary)
         return list(cursor.fetchall())
 
     def fetchone(self, statement: str, params: Sequence[Any] = ()) -> Any:
