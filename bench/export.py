@@ -23,8 +23,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.*
 
-from audit.config import PostgresDatabase, parse_database_url
-from bench.query import DEFAULT_POSTGRES, TOKEN, build_store, schema_has_store, start_server
+from bench.query import DEFAULT_POSTGRES, TOKEN, BenchStore, build_store, start_server
 
 # Smallest first, so that each peak can only have grown.
 EXPORTS = [
@@ -64,10 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES)
     args = parser.parse_args(argv)
     url = f"{args.postgres}?schema={quote(args.schema)}"
-    database = parse_database_url(url)
-    assert isinstance(database, PostgresDatabase)
-    if not schema_has_store(database):
-        build_store(url, args.events, seed=1)
+    store = BenchStore(url)
+    if not store.exists():
+        build_store(store, args.events, seed=1)
     headers = {"Authorization": f"Bearer {TOKEN}"}
     with tempfile.NamedTemporaryFile(prefix="bench_export_", suffix=".log") as log:
         server = start_server(url, log)

@@ -20,8 +20,10 @@ import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -44,12 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.sto
 
 from audit import queries
 from audit.application import AuditLog
-from audit.config import PostgresDatabase, parse_database_url
+from audit.config import PostgresDatabase, SqliteDatabase, parse_database_url
 from audit.queries import ChangeFilters, EventFilters, TypeFilter
 from audit.storage import events_table_name
 from bench.procstat import machine_busy_seconds, read_stat
 from bench.serverproc import ServerProcess, audit_command, free_port
-from bench.store_fill import World, bulk_load, project_parallel
+from bench.store_fill import World, bulk_load, project, project_parallel
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 TOKEN = "benchtoken"
@@ -135,35 +137,91 @@ def connect(database: PostgresDatabase, **kwargs: Any) -> psycopg.Connection[Any
     )
 
 
-def schema_has_store(database: PostgresDatabase) -> bool:
-    with connect(database) as conn:
-        row = conn.execute(
-            "SELECT 1 FROM information_schema.tables WHERE table_schema = %s AND table_name = %s",
-            [database.schema, "projection_registry"],
-        ).fetchone()
-    return row is not None
+class BenchStore:
+    """The store the routes read, for the benchmark's own look at it: a PostgreSQL schema or a
+    SQLite file. Statements are written with `%s` placeholders and plain SQL both accept."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.database = parse_database_url(url)
+
+    @property
+    def name(self) -> str:
+        if isinstance(self.database, PostgresDatabase):
+            return f"schema {self.database.schema}"
+        return f"file {self.database.path}"
+
+    def _qualified(self, table: str) -> str:
+        if isinstance(self.database, PostgresDatabase):
+            return f'"{self.database.schema}"."{table}"'
+        return f'"{table}"'
+
+    def query(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        if isinstance(self.database, PostgresDatabase):
+            with connect(self.database) as conn:
+                return [tuple(row) for row in conn.execute(statement, params).fetchall()]
+        assert isinstance(self.database, SqliteDatabase)
+        conn = sqlite3.connect(self.database.path)
+        try:
+            return conn.execute(statement.replace("%s", "?"), params).fetchall()
+        finally:
+            conn.close()
+
+    def exists(self) -> bool:
+        if isinstance(self.database, SqliteDatabase) and not self.database.path.exists():
+            return False
+        if isinstance(self.database, PostgresDatabase):
+            found = self.query(
+                "SELECT 1 FROM information_schema.tables"
+                " WHERE table_schema = %s AND table_name = 'projection_registry'",
+                [self.database.schema],
+            )
+        else:
+            found = self.query("SELECT 1 FROM sqlite_master WHERE name = 'projection_registry'")
+        return bool(found)
+
+    def table(self, projection: str, table: str) -> str:
+        """The live generation's table."""
+        rows = self.query(
+            f"SELECT generation FROM {self._qualified('projection_registry')} WHERE name = %s",
+            [projection],
+        )
+        assert rows, f"projection {projection} is not registered"
+        return self._qualified(f"p_{projection}_g{rows[0][0]}_{table}")
+
+    def events_table(self) -> str:
+        dialect = "postgresql" if isinstance(self.database, PostgresDatabase) else "sqlite"
+        return self._qualified(events_table_name(dialect))
+
+    def analyze(self) -> None:
+        """Statistics, as autovacuum would have gathered them on a store this old."""
+        if isinstance(self.database, PostgresDatabase):
+            with connect(self.database, autocommit=True) as conn:
+                conn.execute(sql.SQL("ANALYZE"))
+        else:
+            self.query("ANALYZE")
 
 
-def build_store(url: str, events: int, seed: int) -> None:
-    database = parse_database_url(url)
-    assert isinstance(database, PostgresDatabase)
-    log = AuditLog(database)
+def build_store(store: BenchStore, events: int, seed: int) -> None:
+    log = AuditLog(store.database)
     try:
         started = time.perf_counter()
         rows = bulk_load(log, World(events, seed))
         loaded = time.perf_counter() - started
+        print(
+            f"setup step=load events={events} rows={rows} seconds={loaded:.1f}"
+            f" rate={events / loaded:.0f}/s",
+            flush=True,
+        )
+        started = time.perf_counter()
+        if isinstance(store.database, PostgresDatabase):
+            project_parallel(store.url, PROJECTION_GROUPS)
+        else:  # one writer at a time: the processes would only take turns
+            project(log)
+        projected = time.perf_counter() - started
     finally:
         log.close()
-    print(
-        f"setup step=load events={events} rows={rows} seconds={loaded:.1f}"
-        f" rate={events / loaded:.0f}/s",
-        flush=True,
-    )
-    started = time.perf_counter()
-    project_parallel(url, PROJECTION_GROUPS)
-    projected = time.perf_counter() - started
-    with connect(database, autocommit=True) as conn:
-        conn.execute(sql.SQL("ANALYZE"))  # autovacuum's statistics, as on a store this old
+    store.analyze()
     print(
         f"setup step=project events={events} seconds={projected:.1f}"
         f" rate={events / projected:.0f}/s",
@@ -171,85 +229,70 @@ def build_store(url: str, events: int, seed: int) -> None:
     )
 
 
-def active_table(conn: psycopg.Connection[Any], schema: str, projection: str, table: str) -> str:
-    row = conn.execute(
-        sql.SQL("SELECT generation FROM {}.projection_registry WHERE name = %s").format(
-            sql.Identifier(schema)
-        ),
-        [projection],
-    ).fetchone()
-    assert row is not None, f"projection {projection} is not registered"
-    return f'"{schema}"."p_{projection}_g{row[0]}_{table}"'
-
-
-def store_summary(database: PostgresDatabase) -> str:
+def store_summary(store: BenchStore) -> str:
     """Row counts of the tables the routes read."""
-    counts: list[str] = []
-    with connect(database) as conn:
-        events = conn.execute(
-            sql.SQL("SELECT COUNT(*) FROM {}.{} WHERE topic <> %s").format(
-                sql.Identifier(database.schema),
-                sql.Identifier(events_table_name("postgresql")),
-            ),
-            ["clerk-audit:DeliveryMarker.Created"],
-        ).fetchone()
-        counts.append(f"stored_deliveries={events[0]}")
-        for projection, table in (
-            ("events", "event_subjects"),
-            ("objects", "users"),
-            ("objects", "sessions"),
-            ("objects", "organizations"),
-            ("objects", "memberships"),
-            ("objects", "history"),
-            ("objects", "changes"),
-            ("timelines", "session_events"),
-        ):
-            name = active_table(conn, database.schema, projection, table)
-            found = conn.execute(f"SELECT COUNT(*) FROM {name}").fetchone()
-            counts.append(f"{table}={found[0]}")
+    events = store.query(
+        f"SELECT COUNT(*) FROM {store.events_table()} WHERE topic <> %s",
+        ["clerk-audit:DeliveryMarker.Created"],
+    )
+    counts = [f"stored_deliveries={events[0][0]}"]
+    for projection, table in (
+        ("events", "event_subjects"),
+        ("objects", "users"),
+        ("objects", "sessions"),
+        ("objects", "organizations"),
+        ("objects", "memberships"),
+        ("objects", "history"),
+        ("objects", "changes"),
+        ("timelines", "session_events"),
+    ):
+        found = store.query(f"SELECT COUNT(*) FROM {store.table(projection, table)}")
+        counts.append(f"{table}={found[0][0]}")
     return " ".join(counts)
 
 
-def sample_ids(database: PostgresDatabase, seed: int) -> Ids:
+def sample_ids(store: BenchStore, seed: int) -> Ids:
     """Ids of live objects drawn at random from the read models (the same for every run with the
-    same seed)."""
-    with connect(database) as conn:
-        conn.execute("SELECT setseed(%s)", [((seed % 1000) / 1000.0)])
-
-        def ids(projection: str, table: str, where: str) -> list[str]:
-            name = active_table(conn, database.schema, projection, table)
-            rows = conn.execute(
-                f"SELECT id FROM {name} WHERE {where} ORDER BY random() LIMIT {SAMPLE_SIZE}"
-            ).fetchall()
-            return [row[0] for row in rows]
-
-        users = ids("objects", "users", "deleted = 0")
-        sessions = ids("objects", "sessions", "TRUE")
-        members = active_table(conn, database.schema, "objects", "memberships")
-        orgs = ids(
-            "objects",
-            "organizations",
-            f"deleted = 0 AND EXISTS (SELECT 1 FROM {members} m"
-            f" WHERE m.owner_id = {active_table(conn, database.schema, 'objects', 'organizations')}"
-            ".id AND m.deleted = 0)",
-        )
-        history = active_table(conn, database.schema, "objects", "history")
-        spans = conn.execute(
-            f"SELECT object_id, MIN(occurred_at), MAX(occurred_at) FROM {history}"
-            " WHERE object_id = ANY(%s) GROUP BY object_id",
-            [users],
-        ).fetchall()
-        span = conn.execute(f"SELECT MIN(occurred_at), MAX(occurred_at) FROM {history}")
-        earliest, latest = span.fetchone() or (0, 0)
+    same seed and store, on either backend)."""
     rng = random.Random(seed)
+
+    def ids(table: str, where: str) -> list[str]:
+        rows = store.query(f"SELECT id FROM {table} WHERE {where} ORDER BY id")
+        found = [row[0] for row in rows]
+        return rng.sample(found, min(SAMPLE_SIZE, len(found)))
+
+    users = ids(store.table("objects", "users"), "deleted = 0")
+    sessions = ids(store.table("objects", "sessions"), "1 = 1")
+    members = store.table("objects", "memberships")
+    organizations = store.table("objects", "organizations")
+    orgs = ids(
+        organizations,
+        f"deleted = 0 AND EXISTS (SELECT 1 FROM {members} m"
+        f" WHERE m.owner_id = {organizations}.id AND m.deleted = 0)",
+    )
+    history = store.table("objects", "history")
+    marks = ", ".join("%s" for _ in users)
+    spans = store.query(
+        f"SELECT object_id, MIN(occurred_at), MAX(occurred_at) FROM {history}"
+        f" WHERE object_id IN ({marks}) GROUP BY object_id ORDER BY object_id",
+        users,
+    )
+    earliest, latest = store.query(f"SELECT MIN(occurred_at), MAX(occurred_at) FROM {history}")[0]
     as_of = [(user, rng.randint(first, last)) for user, first, last in spans if first is not None]
-    times = [rng.randint(earliest, latest) for _ in range(SAMPLE_SIZE)]
+    times = [rng.randint(earliest or 0, latest or 0) for _ in range(SAMPLE_SIZE)]
     return Ids(users, sessions, orgs, as_of, times)
 
 
-def drop_schema(url: str, schema: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+def drop_store(store: BenchStore, postgres: str) -> None:
+    if isinstance(store.database, PostgresDatabase):
+        with psycopg.connect(postgres, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                    sql.Identifier(store.database.schema)
+                )
+            )
+    else:
+        shutil.rmtree(store.database.path.parent, ignore_errors=True)
 
 
 # -- the server ---------------------------------------------------------------------------------
@@ -422,7 +465,7 @@ def run_route(
     clients: Sequence[httpx.Client | RawClient],
     paths: list[str],
     server: ServerProcess,
-    backends: PostgresBackends,
+    backends: PostgresBackends | None,
 ) -> Result:
     """Send `paths` from every client at once (a shared queue); measure each request."""
     pending = iter(paths)
@@ -437,7 +480,8 @@ def run_route(
             yield path
 
     results = [Result() for _ in clients]
-    cpu_server, cpu_postgres = server.cpu_seconds(), backends.snapshot()
+    cpu_server = server.cpu_seconds()
+    cpu_postgres = backends.snapshot() if backends is not None else {}
     cpu_client, cpu_machine = time.process_time(), machine_busy_seconds()
     started = time.perf_counter()
     with ThreadPoolExecutor(len(clients), thread_name_prefix="client") as pool:
@@ -450,7 +494,7 @@ def run_route(
     total = Result(elapsed=time.perf_counter() - started)
     total.cpu_client = time.process_time() - cpu_client
     total.cpu_server = server.cpu_seconds() - cpu_server
-    total.cpu_postgres = backends.since(cpu_postgres)
+    total.cpu_postgres = backends.since(cpu_postgres) if backends is not None else 0.0
     ours = total.cpu_client + total.cpu_server + total.cpu_postgres
     total.cpu_other = max(0.0, machine_busy_seconds() - cpu_machine - ours)
     for result in results:
@@ -466,13 +510,19 @@ def format_statuses(counts: Counter[Any]) -> str:
 
 
 def report_line(
-    route: RouteSpec, events: int, clients: int, result: Result, client: str = "httpx"
+    route: RouteSpec,
+    events: int,
+    clients: int,
+    result: Result,
+    client: str = "httpx",
+    backend: str = "postgres",
 ) -> str:
     count = len(result.latencies) or 1
     client_note = "" if client == "httpx" else f" http_client={client}"
     p99 = result.percentile_ms(0.99)
     line = (
-        f"query route={route.name} events={events} clients={clients}{client_note}"
+        f"query backend={backend} route={route.name} events={events} clients={clients}"
+        f"{client_note}"
         f" requests={sum(result.statuses.values())}"
         f" p50={result.percentile_ms(0.50):.1f}ms p99={p99:.1f}ms"
         f" max={1000 * max(result.latencies, default=float('nan')):.1f}ms"
@@ -689,9 +739,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="httpx",
         help="each client thread's HTTP client: httpx, or a bare keep-alive socket (cheaper)",
     )
+    parser.add_argument("--backend", choices=["postgres", "sqlite"], default="postgres")
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES)
     parser.add_argument("--schema", help="use (and keep) this schema; built when missing")
-    parser.add_argument("--keep", action="store_true", help="keep the schema afterwards")
+    parser.add_argument(
+        "--sqlite", type=Path, metavar="FILE", help="use (and keep) this file; built when missing"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the store afterwards")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--routes", help="only routes whose name contains one of these (comma)")
     parser.add_argument("--explain", action="store_true", help="EXPLAIN ANALYZE each route")
@@ -699,13 +753,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def store_url(args: argparse.Namespace) -> tuple[str, bool]:
+    """The store's URL, and whether to keep it afterwards (a named store is kept and reused)."""
+    if args.backend == "sqlite":
+        if args.sqlite is not None:
+            return f"sqlite:///{args.sqlite.resolve()}", True
+        folder = Path(tempfile.mkdtemp(prefix="bench_q_"))
+        return f"sqlite:///{folder / 'audit.db'}", args.keep
+    schema = args.schema or f"bench_q_{secrets.token_hex(4)}"
+    return f"{args.postgres}?schema={quote(schema)}", args.keep or args.schema is not None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    schema = args.schema or f"bench_q_{secrets.token_hex(4)}"
-    url = f"{args.postgres}?schema={quote(schema)}"
-    database = parse_database_url(url)
-    assert isinstance(database, PostgresDatabase)
-    keep = args.keep or args.schema is not None
+    if args.explain and args.backend != "postgres":
+        raise SystemExit("--explain shows PostgreSQL's plans: use it with --backend postgres")
+    url, keep = store_url(args)
+    store = BenchStore(url)
     routes = [
         route
         for route in ROUTES
@@ -713,12 +777,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     failures = 0
     try:
-        if schema_has_store(database):
-            print(f"# reusing schema {schema}", flush=True)
+        if store.exists():
+            print(f"# reusing {store.name}", flush=True)
         else:
-            build_store(url, args.events, args.seed)
-        print(f"store {store_summary(database)}", flush=True)
-        ids = sample_ids(database, args.seed)
+            build_store(store, args.events, args.seed)
+        print(f"store {store_summary(store)}", flush=True)
+        ids = sample_ids(store, args.seed)
         if args.explain:
             explain_routes(url, ids)
         with tempfile.NamedTemporaryFile(prefix="bench_query_", suffix=".log") as server_log:
@@ -726,29 +790,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 ready = server.wait_ready("/readyz")
                 print(f"server ready_seconds={ready:.1f} base={server.base}", flush=True)
-                failures += run_all(args, server, url, routes, ids)
+                failures += run_all(args, server, store, routes, ids)
                 for problem in server.problems():
                     print(f"  server: {problem}")
             finally:
                 server.stop()
     finally:
         if not keep:
-            drop_schema(args.postgres, schema)
+            drop_store(store, args.postgres)
     return 1 if failures else 0
 
 
 def run_all(
-    args: argparse.Namespace, server: ServerProcess, url: str, routes: list[RouteSpec], ids: Ids
+    args: argparse.Namespace,
+    server: ServerProcess,
+    store: BenchStore,
+    routes: list[RouteSpec],
+    ids: Ids,
 ) -> int:
     rng = random.Random(args.seed)
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    database = parse_database_url(url)
-    assert isinstance(database, PostgresDatabase)
-    backends = PostgresBackends(database)
+    # On SQLite the queries run in the server's own processes, which `cpu_server` counts.
+    backends = (
+        PostgresBackends(store.database) if isinstance(store.database, PostgresDatabase) else None
+    )
     try:
         return _run_all(args, server, routes, ids, backends, rng, headers)
     finally:
-        backends.close()
+        if backends is not None:
+            backends.close()
 
 
 def _run_all(
@@ -756,7 +826,7 @@ def _run_all(
     server: ServerProcess,
     routes: list[RouteSpec],
     ids: Ids,
-    backends: PostgresBackends,
+    backends: PostgresBackends | None,
     rng: random.Random,
     headers: dict[str, str],
 ) -> int:
@@ -779,7 +849,8 @@ def _run_all(
                 if args.py_spy:
                     spy = PySpy(args.py_spy / f"c{count}", route.name, server.process.pid)
                 result = run_route(clients, paths, server, backends)
-                print(report_line(route, args.events, count, result, args.client), flush=True)
+                line = report_line(route, args.events, count, result, args.client, args.backend)
+                print(line, flush=True)
                 if spy is not None:
                     for line in spy.stop():
                         print(line)
