@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -13,6 +12,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from api.access_log import AccessLog
+from api.deadline import in_read_thread
 from api.errors import EXCEPTION_HANDLERS
 from api.read import read_routes
 from api.responses import JSONResponse
@@ -23,7 +23,6 @@ from audit.intake import COMMIT_TIMEOUT_SECONDS, Intake
 from audit.projections.runner import Projector
 from audit.runtime import collect_garbage_less_often, configure_logging
 from audit.serving import stop_with_spawning_parent
-from audit.storage import StoreUnavailable
 
 # How long /readyz waits for the store to answer before saying it is not ready.
 READINESS_SECONDS = 3.0
@@ -59,16 +58,7 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> JSONResponse:
-        try:
-            with anyio.fail_after(READINESS_SECONDS):
-                # A network stall holds a connection without an error, for as long as it lasts
-                # (102 s seen): the probe then answers 503 and gives its read thread back,
-                # leaving the ping to finish or fail on its own.
-                await anyio.to_thread.run_sync(log.db.ping, abandon_on_cancel=True)
-        except TimeoutError:
-            raise StoreUnavailable(
-                f"The store did not answer within {READINESS_SECONDS:.0f} s."
-            ) from None
+        await in_read_thread(log.db.ping, READINESS_SECONDS)
         return JSONResponse({"status": "ready"})
 
     @contextlib.asynccontextmanager

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from api.read import ENDPOINTS, EXPORT_TYPES, Endpoint, Param
+from api.read import ENDPOINTS, EXPORT_TYPES, READ_SECONDS, Endpoint, Param
 
 NULLABLE_STRING = {"type": ["string", "null"]}
 TIME = {"type": ["string", "null"], "format": "date-time", "examples": ["2024-05-28T08:06:40.018Z"]}
@@ -253,7 +253,10 @@ def _read_operation(endpoint: Endpoint) -> dict[str, Any]:
     }
     if endpoint.not_found:
         responses["404"] = _error("No such id.")
-    responses["503"] = _error("The store is unavailable or the read model is not built yet.")
+    responses["503"] = _error(
+        f"The store is unavailable or did not answer within {READ_SECONDS:g} s (an export then"
+        " ends in an error instead), or the read model is not built yet."
+    )
     return {
         "operationId": endpoint.handler.__name__,
         "summary": endpoint.summary,

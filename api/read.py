@@ -2,9 +2,9 @@
 
 `ENDPOINTS` is the one route table: it builds the Starlette routes, decides which query parameters
 each route accepts (anything else is a 400, so a misspelt filter never silently returns everything),
-and is what `api.openapi` documents. Handlers are plain functions (Starlette runs them in its
-thread pool, `api.app.READ_THREADS` at once); SQL lives in `audit.queries`; everything that
-leaves is rendered here, with ISO times and through `audit.redaction.redact`.
+and is what `api.openapi` documents. Handlers are plain functions, run in a read thread
+(`api.app.READ_THREADS` at once) with a deadline (`api.deadline`); SQL lives in `audit.queries`;
+everything that leaves is rendered here, with ISO times and through `audit.redaction.redact`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import functools
 import hashlib
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route, Router
 
 from api.auth import BearerAuth
+from api.deadline import chunks_in_read_thread, in_read_thread
 from api.errors import RETRY_AFTER_SECONDS, ApiError
 from api.responses import JSONResponse
 from audit import queries
@@ -43,6 +44,10 @@ EXPORT_PAGE_ROWS = 1000
 MAX_VALUE_LENGTH = 512
 MAX_REPEATS = 100  # values of one repeatable parameter (field=, type=)
 EXPORT_TYPES = {"csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
+# How long a request, or one chunk of an export, may wait on the store before it answers 503 (or
+# the export ends in an error). The routes answer in milliseconds; a fold of a long stream for
+# `as_of` in seconds: this is far past both, and ends a stall (api.deadline).
+READ_SECONDS = 30.0
 
 
 # -- parameters ---------------------------------------------------------------------------------
@@ -514,7 +519,9 @@ def export(
             # As a handler's first query (endpoint_view): once more after a lost connection.
             page = db.read(functools.partial(fetch, key, EXPORT_PAGE_ROWS))
 
-    return StreamingResponse(chunks(), media_type=media_type, headers=headers)
+    return StreamingResponse(
+        chunks_in_read_thread(chunks(), READ_SECONDS), media_type=media_type, headers=headers
+    )
 
 
 def _json_cell(key: str) -> Callable[[dict[str, Any]], str]:
@@ -1018,13 +1025,16 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 )
 
 
-def endpoint_view(endpoint: Endpoint) -> Callable[[Request], Response]:
-    def view(request: Request) -> Response:
+def endpoint_view(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+    def respond(request: Request) -> Response:
         args = Args(request, endpoint)
         try:
             return db_of(request).read(lambda: endpoint.handler(request, args))
         except ProjectionNotReady as exc:
             raise not_ready(exc) from None
+
+    async def view(request: Request) -> Response:
+        return await in_read_thread(functools.partial(respond, request), READ_SECONDS)
 
     view.__name__ = endpoint.handler.__name__
     view.__doc__ = endpoint.description

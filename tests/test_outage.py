@@ -3,6 +3,7 @@ process stays up, and the same delivery records once the database is back."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -124,6 +125,78 @@ def test_readiness_answers_503_during_a_network_stall(served: BehindProxy) -> No
     finally:
         proxy.thaw()
     assert client.get("/readyz").status_code == 200
+
+
+@contextlib.contextmanager
+def stalled(proxy: TcpProxy, seconds: float) -> Iterator[None]:
+    """A stall that ends by itself after `seconds`, so that code which waits it out (no
+    deadline) gives a wrong answer late rather than hanging the test."""
+    proxy.freeze()
+    thaw = threading.Timer(seconds, proxy.thaw)
+    thaw.start()
+    try:
+        yield
+    finally:
+        thaw.cancel()
+        proxy.thaw()
+
+
+def _causes(error: BaseException | None) -> Iterator[BaseException]:
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+@pytest.mark.postgres
+def test_a_read_answers_503_during_a_network_stall(
+    served: BehindProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read waited out a stall for as long as it lasted, as /readyz once did, holding one of
+    the worker's two read threads: a stalled database stopped the whole read API."""
+    client, proxy, secret = served.client, served.proxy, served.secret
+    created = payload("user.created")
+    assert post(client, secret, created).status_code == 200
+    Projector(client.app.state.log).run_once()
+    user = f"/v1/users/{created['data']['id']}"
+    headers = {"Authorization": f"Bearer {API_TOKEN}"}
+    assert client.get(user, headers=headers).status_code == 200
+    monkeypatch.setattr(read, "READ_SECONDS", 1.0)
+    with stalled(proxy, seconds=10):
+        started = time.monotonic()
+        answer = client.get(user, headers=headers)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "store_unavailable"
+        assert answer.headers["Retry-After"].isdigit()
+        assert time.monotonic() - started < read.READ_SECONDS + 2
+    assert client.get(user, headers=headers).status_code == 200
+
+
+@pytest.mark.postgres
+def test_an_export_ends_in_an_error_during_a_network_stall(
+    served: BehindProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export's later pages are read while it streams: a stall then held the download open,
+    sending nothing, for as long as it lasted. It must end, and not as a whole export would."""
+    client, proxy, secret = served.client, served.proxy, served.secret
+    for _ in range(6):
+        assert post(client, secret, payload("user.created")).status_code == 200
+    Projector(client.app.state.log).run_once()
+    monkeypatch.setattr(read, "EXPORT_PAGE_ROWS", 2)  # a page a chunk: three chunks
+    monkeypatch.setattr(read, "READ_SECONDS", 1.0)
+    strict = TestClient(client.app)  # raises what the app raised, as a server would cut the body
+    headers = {"Authorization": f"Bearer {API_TOKEN}"}
+    received: list[bytes] = []
+    export = strict.stream("GET", "/v1/events?format=ndjson", headers=headers)
+    with pytest.raises(Exception) as error, export as response:  # its kind: checked below
+        assert response.status_code == 200
+        chunks = response.iter_raw()
+        received.append(next(chunks))
+        with stalled(proxy, seconds=10):
+            started = time.monotonic()
+            received.extend(chunks)
+    assert time.monotonic() - started < 2 * read.READ_SECONDS + 2
+    assert any(isinstance(cause, StoreUnavailable) for cause in _causes(error.value)), error.value
+    assert len(b"".join(received).splitlines()) < 6
 
 
 @pytest.mark.postgres
