@@ -22,6 +22,7 @@ from eventsourcing.persistence import IntegrityError, JSONTranscoder, StoredEven
 from audit.aggregates.delivery import Delivery
 from audit.aggregates.routing import (
     SUB_OBJECTS_WITH_STUBS,
+    StreamKind,
     StreamRef,
     delivery_marker_id,
     needs_owner_lookup,
@@ -273,6 +274,11 @@ class AuditLog(Application[UUID]):
     def stream_events(self, stream: UUID) -> list[RecordedDelivery]:
         with self.db.guarded():
             return list(self.events.get(stream))  # type: ignore[arg-type]
+
+    def last_position(self, kind: StreamKind, clerk_id: str) -> int | None:
+        """Where the latest event of a user's or an organization's stream is in the store; None
+        if nothing was ever recorded for it."""
+        return self.db.last_position(stream_id(kind, clerk_id))
 
     def user_state(self, user_id: str, *, as_of: int | None = None) -> UserState:
         stream = stream_id("user", user_id)

@@ -567,6 +567,15 @@ class Db:
         )
         return None if row is None else row["position"]
 
+    def last_position(self, stream: UUID) -> int | None:
+        """The store position of a stream's latest event; None if it has none."""
+        row = self.fetchone(
+            f"SELECT {self.position_column} AS position FROM {self.table(self.events_table)}"
+            " WHERE originator_id = %s ORDER BY originator_version DESC LIMIT 1",
+            (self.stream_key(stream),),
+        )
+        return None if row is None else row["position"]
+
     def last_versions(self, streams: Sequence[UUID]) -> dict[UUID, int]:
         """The highest stored version of each of these streams that has any event."""
         keys = [self.stream_key(stream) for stream in streams]
