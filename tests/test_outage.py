@@ -127,6 +127,25 @@ def test_readiness_answers_503_during_a_network_stall(served: BehindProxy) -> No
     assert client.get("/readyz").status_code == 200
 
 
+READ_HEADERS = {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+def _projected_user(served: BehindProxy) -> str:
+    """A user recorded and projected: the path that reads it."""
+    created = payload("user.created")
+    assert post(served.client, served.secret, created).status_code == 200
+    Projector(served.client.app.state.log).run_once()
+    return f"/v1/users/{created['data']['id']}"
+
+
+def _six_events_in_pages_of_two(served: BehindProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six events indexed, and exports that read them a page of two a chunk: three chunks."""
+    for _ in range(6):
+        assert post(served.client, served.secret, payload("user.created")).status_code == 200
+    Projector(served.client.app.state.log).run_once()
+    monkeypatch.setattr(read, "EXPORT_PAGE_ROWS", 2)
+
+
 @contextlib.contextmanager
 def stalled(proxy: TcpProxy, seconds: float) -> Iterator[None]:
     """A stall that ends by itself after `seconds`, so that code which waits it out (no
@@ -153,12 +172,8 @@ def test_a_read_answers_503_during_a_network_stall(
 ) -> None:
     """A read waited out a stall for as long as it lasted, as /readyz once did, holding one of
     the worker's two read threads: a stalled database stopped the whole read API."""
-    client, proxy, secret = served.client, served.proxy, served.secret
-    created = payload("user.created")
-    assert post(client, secret, created).status_code == 200
-    Projector(client.app.state.log).run_once()
-    user = f"/v1/users/{created['data']['id']}"
-    headers = {"Authorization": f"Bearer {API_TOKEN}"}
+    client, proxy = served.client, served.proxy
+    user, headers = _projected_user(served), READ_HEADERS
     assert client.get(user, headers=headers).status_code == 200
     monkeypatch.setattr(read, "READ_SECONDS", 1.0)
     with stalled(proxy, seconds=10):
@@ -177,16 +192,12 @@ def test_an_export_ends_in_an_error_during_a_network_stall(
 ) -> None:
     """An export's later pages are read while it streams: a stall then held the download open,
     sending nothing, for as long as it lasted. It must end, and not as a whole export would."""
-    client, proxy, secret = served.client, served.proxy, served.secret
-    for _ in range(6):
-        assert post(client, secret, payload("user.created")).status_code == 200
-    Projector(client.app.state.log).run_once()
-    monkeypatch.setattr(read, "EXPORT_PAGE_ROWS", 2)  # a page a chunk: three chunks
+    client, proxy = served.client, served.proxy
+    _six_events_in_pages_of_two(served, monkeypatch)
     monkeypatch.setattr(read, "READ_SECONDS", 1.0)
     strict = TestClient(client.app)  # raises what the app raised, as a server would cut the body
-    headers = {"Authorization": f"Bearer {API_TOKEN}"}
     received: list[bytes] = []
-    export = strict.stream("GET", "/v1/events?format=ndjson", headers=headers)
+    export = strict.stream("GET", "/v1/events?format=ndjson", headers=READ_HEADERS)
     with pytest.raises(Exception) as error, export as response:  # its kind: checked below
         assert response.status_code == 200
         chunks = response.iter_raw()
@@ -228,12 +239,8 @@ def test_the_projector_logs_an_outage_in_one_line_a_retry(
 def test_reads_after_a_blip_answer_on_the_first_try(served: BehindProxy) -> None:
     """Connections cut while idle in the pool (a database restart, a failover) failed the first
     read after the database was back, once per dead connection: 503s for a database that was up."""
-    client, proxy, secret = served.client, served.proxy, served.secret
-    created = payload("user.created")
-    assert post(client, secret, created).status_code == 200
-    Projector(client.app.state.log).run_once()
-    user = f"/v1/users/{created['data']['id']}"
-    headers = {"Authorization": f"Bearer {API_TOKEN}"}
+    client, proxy = served.client, served.proxy
+    user, headers = _projected_user(served), READ_HEADERS
     # Two reads at once leave two connections idle in the pool.
     barrier = threading.Barrier(2)
     statuses: list[int] = []
@@ -263,18 +270,28 @@ def test_an_export_carries_on_through_a_blip(
 ) -> None:
     """Only a handler's first query was run again: an export's later pages, read while it
     streams, broke the download at the first dead connection after a restart."""
-    client, proxy, secret = served.client, served.proxy, served.secret
-    for _ in range(6):
-        assert post(client, secret, payload("user.created")).status_code == 200
-    Projector(client.app.state.log).run_once()
-    monkeypatch.setattr(read, "EXPORT_PAGE_ROWS", 2)  # a page a chunk: three chunks
-    headers = {"Authorization": f"Bearer {API_TOKEN}"}
-    with client.stream("GET", "/v1/events?format=ndjson", headers=headers) as response:
+    client, proxy = served.client, served.proxy
+    _six_events_in_pages_of_two(served, monkeypatch)
+    # Told when a page's read is over and its connection back in the pool: the blip must come
+    # between two reads, not during one (which nothing retries: it was in flight, not idle).
+    db = client.app.state.log.db
+    pages_read = threading.Semaphore(0)
+
+    def read_then_tell(work: Any) -> Any:
+        try:
+            return original_read(work)
+        finally:
+            pages_read.release()
+
+    original_read = db.read
+    monkeypatch.setattr(db, "read", read_then_tell)
+    with client.stream("GET", "/v1/events?format=ndjson", headers=READ_HEADERS) as response:
         assert response.status_code == 200
         chunks = response.iter_raw()
         received = [next(chunks)]
-        # The second page has been read meanwhile; the third is read once this one is taken.
-        proxy.stop()
+        for _ in range(2):  # the first page, read before the answer began; then the second
+            assert pages_read.acquire(timeout=10)
+        proxy.stop()  # the third is read once the second is taken: on a dead connection
         proxy.start()
         received += list(chunks)
     positions = [json.loads(line)["position"] for line in b"".join(received).splitlines()]
