@@ -669,15 +669,20 @@ def get_organization(request: Request, args: Args) -> Response:
     return _state(request, args, "organization")
 
 
-def _require_known(db: Db, page: Page, args: Args, table: str, object_id: str, label: str) -> None:
+def _require_known(
+    request: Request, page: Page, args: Args, table: str, object_id: str, label: str
+) -> None:
     """An empty first page of a sub-collection of an id nobody ever mentioned is a 404."""
     if page.items or args.one("cursor") is not None:
         return
+    db = db_of(request)
     if queries.current_object(db, table, object_id) is None and not queries.is_known_id(
         db, object_id
     ):
         behind = reads_behind(db, "events")  # what `is_known_id` reads
-        if behind is not None:
+        if behind is not None and log_of(request).pending_deliveries_concern(
+            behind.applied, object_id
+        ):
             raise _not_yet(label, object_id, behind)
         raise not_found(f"No {label} {object_id[:80]!r}.")
 
@@ -695,7 +700,7 @@ def _history(request: Request, args: Args, kind: str) -> Response:
         until=args.time("until"),
     )
     table = "users" if kind == "user" else "organizations"
-    _require_known(db, page, args, table, object_id, kind)
+    _require_known(request, page, args, table, object_id, kind)
     return list_response(page, args, f"{kind}-history", render_history)
 
 
@@ -730,7 +735,7 @@ def _owned(
         include_deleted=include_deleted,
     )
     parent_table = "users" if parent == "user" else "organizations"
-    _require_known(db, page, args, parent_table, object_id, parent)
+    _require_known(request, page, args, parent_table, object_id, parent)
     return list_response(page, args, kind, render)
 
 
@@ -805,7 +810,7 @@ def session_timeline(request: Request, args: Args) -> Response:
         since=args.time("since"),
         until=args.time("until"),
     )
-    _require_known(db, page, args, "sessions", session_id, "session")
+    _require_known(request, page, args, "sessions", session_id, "session")
     return list_response(page, args, "timeline", render_timeline_entry)
 
 

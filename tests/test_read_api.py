@@ -29,7 +29,7 @@ from starlette.testclient import TestClient
 
 from api import read
 from api.app import READ_THREADS, create_app
-from audit import queries
+from audit import application, queries
 from audit.application import AuditLog
 from audit.config import Settings, parse_tokens
 from audit.cursors import CursorError, decode_cursor, encode_cursor
@@ -1467,7 +1467,9 @@ def test_a_user_known_by_sessions_alone_is_a_404_that_says_where_to_look(world: 
     )
 
 
-def test_a_404_while_the_read_models_are_behind_the_store_says_so(world: World) -> None:
+def test_a_404_while_the_read_models_are_behind_the_store_says_so(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """During a version's build (minutes at a million events) reads use the old generation,
     and a user created meanwhile was "No user.* event is recorded" (review E)."""
     user = dict(payload("user.created")["data"], id="user_notApplied", updated_at=T_CREATED)
@@ -1498,6 +1500,13 @@ def test_a_404_while_the_read_models_are_behind_the_store_says_so(world: World) 
     assert message("/v1/users/user_nobody") == "No user 'user_nobody'."
     assert message("/v1/organizations/org_nobody") == "No organization 'org_nobody'."
     assert message("/v1/users/sess_notApplied") == "No user 'sess_notApplied'."
+    assert message("/v1/sessions/sess_nobody/timeline") == "No session 'sess_nobody'."
+    assert message("/v1/users/user_nobody/sessions") == "No user 'user_nobody'."
+    assert message("/v1/users/user_notApplied/sessions") == said("user", "user_notApplied")
+    # More pending than it reads through (a build, say): it cannot tell, and says so.
+    monkeypatch.setattr(application, "PENDING_LOOKED_THROUGH", 1)
+    assert message("/v1/sessions/sess_nobody/timeline") == said("session", "sess_nobody")
+    monkeypatch.undo()
     Projector(world.log, [ObjectsRaised()])  # a release with a raised version starts its build
     building = f"; version {ObjectsRaised.version} is being built"
     assert message("/v1/users/user_notApplied") == said("user", "user_notApplied", building, as_of)
