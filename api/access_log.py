@@ -24,20 +24,24 @@ class AccessLog:
             return
         started = time.perf_counter()
         status = 500
+        answered = complete = False  # complete: the body's last part sent (not a cut export)
 
         async def send_and_note(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered, complete
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answered = message["status"], True
+            elif message["type"] == "http.response.body":
+                complete = not message.get("more_body", False)
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_note)
         finally:
             log.info(
-                "%s %s %d %.1fms",
+                "%s %s %d%s %.1fms",
                 scope["method"],
                 scope["path"],
                 status,
+                " cut" if answered and not complete else "",
                 (time.perf_counter() - started) * 1000,
             )

@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.routing import Route
 
 from api.access_log import AccessLog
-from api.deadline import in_read_thread
+from api.deadline import ReadThreads
 from api.errors import EXCEPTION_HANDLERS
 from api.read import read_routes
 from api.responses import JSONResponse
@@ -27,11 +26,12 @@ from audit.serving import stop_with_spawning_parent
 # How long /readyz waits for the store to answer before saying it is not ready.
 READINESS_SECONDS = 3.0
 
-# Threads that may run the read API's handlers (and export chunks) at once in one worker process.
-# Python runs one of them at a time (the GIL); a second lets one compute while the other waits on
-# the database. More only take turns on the GIL and lengthen every request: with anyio's default
-# of 40, 8 clients on two workers got history p99 19-24 ms; with 2, 11-12 ms (bench/README).
-# More cores are used by more workers. Webhooks do not use these threads (audit.intake).
+# Threads that may run the read API's handlers (and export chunks, and /readyz) at once in one
+# worker process (api.deadline). Python runs one of them at a time (the GIL); a second lets one
+# compute while the other waits on the database. More only take turns on the GIL and lengthen
+# every request: with anyio's default of 40, 8 clients on two workers got history p99 19-24 ms;
+# with 2, 11-12 ms (bench/README). More cores are used by more workers. Webhooks do not use these
+# threads (audit.intake).
 READ_THREADS = 2
 
 
@@ -57,18 +57,19 @@ def create_app(
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
+    read_threads = ReadThreads(READ_THREADS)
+
     async def readyz(request: Request) -> JSONResponse:
-        await in_read_thread(log.db.ping, READINESS_SECONDS)
+        await read_threads.run(log.db.ping, READINESS_SECONDS)
         return JSONResponse({"status": "ready"})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # The limiter belongs to the event loop, which exists only from here on.
-        anyio.to_thread.current_default_thread_limiter().total_tokens = READ_THREADS
         try:
             yield
         finally:
             intake.close()
+            read_threads.close()
             if own_log:
                 log.close()
 
@@ -85,6 +86,7 @@ def create_app(
         middleware=[Middleware(AccessLog)],
     )
     app.state.log = log
+    app.state.read_threads = read_threads
     app.state.projector = projector
     app.state.settings = settings
     return app

@@ -254,8 +254,8 @@ def _read_operation(endpoint: Endpoint) -> dict[str, Any]:
     if endpoint.not_found:
         responses["404"] = _error("No such id.")
     responses["503"] = _error(
-        f"The store is unavailable or did not answer within {READ_SECONDS:g} s (an export then"
-        " ends in an error instead), or the read model is not built yet."
+        f"The store is unavailable, or the read did not finish within {READ_SECONDS:g} s (an"
+        " export is then cut instead), or the read model is not built yet."
     )
     return {
         "operationId": endpoint.handler.__name__,

@@ -20,13 +20,13 @@ from typing import Any
 
 from eventsourcing.application import AggregateNotFoundError
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route, Router
 
 from api.auth import BearerAuth
-from api.deadline import chunks_in_read_thread, in_read_thread
+from api.deadline import ReadThreads
 from api.errors import RETRY_AFTER_SECONDS, ApiError
-from api.responses import JSONResponse
+from api.responses import ExportResponse, JSONResponse
 from audit import queries
 from audit.aggregates.state import has_versions
 from audit.application import AuditLog
@@ -440,6 +440,10 @@ def db_of(request: Request) -> Db:
     return log_of(request).db
 
 
+def read_threads_of(request: Request) -> ReadThreads:
+    return request.app.state.read_threads
+
+
 def list_response(
     page: Page, args: Args, kind: str, render: Callable[[dict[str, Any]], dict[str, Any]]
 ) -> JSONResponse:
@@ -519,8 +523,10 @@ def export(
             # As a handler's first query (endpoint_view): once more after a lost connection.
             page = db.read(functools.partial(fetch, key, EXPORT_PAGE_ROWS))
 
-    return StreamingResponse(
-        chunks_in_read_thread(chunks(), READ_SECONDS), media_type=media_type, headers=headers
+    return ExportResponse(
+        read_threads_of(request).chunks(chunks(), READ_SECONDS),
+        media_type=media_type,
+        headers=headers,
     )
 
 
@@ -624,14 +630,18 @@ def _state(request: Request, args: Args, kind: str) -> Response:
             raise _no_state(label, object_id, known=known, as_of=as_of)
         return JSONResponse(render_state(object_id, view["deleted"], view["data"], as_of))
     db = db_of(request)
-    row = queries.current_object(db, "users" if kind == "user" else "organizations", object_id)
+    table = "users" if kind == "user" else "organizations"
+    row = queries.current_object(db, table, object_id)
     if row is None:
         behind = reads_behind(db, "objects")
-        # Only an object with an event not applied yet may be missing for that reason: on a busy
-        # store the read model is nearly always a few deliveries behind.
-        if behind is not None and (log.last_position(kind, object_id) or 0) > behind.applied:
-            raise _not_yet(label, object_id, behind, " as_of reads the store itself.")
-        raise _no_state(label, object_id, known=queries.is_known_id(db, object_id))
+        # Again: an object applied between the two reads is not among those `behind` counts.
+        row = queries.current_object(db, table, object_id)
+        if row is None:
+            # Only an object with an event not applied yet may be missing for that reason: on a
+            # busy store the read model is nearly always a few deliveries behind.
+            if behind is not None and (log.last_position(kind, object_id) or 0) > behind.applied:
+                raise _not_yet(label, object_id, behind, " as_of reads the store itself.")
+            raise _no_state(label, object_id, known=queries.is_known_id(db, object_id))
     view = row["view"] or {}
     return JSONResponse(render_state(object_id, row["deleted"], view.get("data"), None))
 
@@ -676,15 +686,20 @@ def _require_known(
     if page.items or args.one("cursor") is not None:
         return
     db = db_of(request)
-    if queries.current_object(db, table, object_id) is None and not queries.is_known_id(
-        db, object_id
-    ):
-        behind = reads_behind(db, "events")  # what `is_known_id` reads
-        if behind is not None and log_of(request).pending_deliveries_concern(
-            behind.applied, object_id
-        ):
-            raise _not_yet(label, object_id, behind)
-        raise not_found(f"No {label} {object_id[:80]!r}.")
+
+    def known() -> bool:
+        return queries.current_object(db, table, object_id) is not None or queries.is_known_id(
+            db, object_id
+        )
+
+    if known():
+        return
+    behind = reads_behind(db, "events")  # what `is_known_id` reads
+    if known():  # applied between the two reads: not among those `behind` counts
+        return
+    if behind is not None and log_of(request).pending_deliveries_concern(behind.applied, object_id):
+        raise _not_yet(label, object_id, behind)
+    raise not_found(f"No {label} {object_id[:80]!r}.")
 
 
 def _history(request: Request, args: Args, kind: str) -> Response:
@@ -1041,7 +1056,7 @@ def endpoint_view(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]
             raise not_ready(exc) from None
 
     async def view(request: Request) -> Response:
-        return await in_read_thread(functools.partial(respond, request), READ_SECONDS)
+        return await read_threads_of(request).run(functools.partial(respond, request), READ_SECONDS)
 
     view.__name__ = endpoint.handler.__name__
     view.__doc__ = endpoint.description

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -20,12 +21,13 @@ from audit.samples import signed_headers
 
 
 @contextmanager
-def serving(app: ASGIApp) -> Iterator[str]:
-    """uvicorn in a thread, on a socket bound here (no free port to race for)."""
+def serving(app: ASGIApp, **config: Any) -> Iterator[str]:
+    """uvicorn in a thread, on a socket bound here (no free port to race for); `config`: more
+    of uvicorn's settings."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, **{"log_level": "warning", **config}))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
