@@ -15,11 +15,13 @@ connection.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import Future
+from queue import Empty, SimpleQueue
+from typing import Any, TypeVar
 
 import anyio
 
@@ -29,11 +31,16 @@ T = TypeVar("T")
 
 
 class ReadThreads:
-    """One worker process's read threads (api.app.READ_THREADS), and the deadline of each use."""
+    """One worker process's read threads (api.app.READ_THREADS), and the deadline of each use.
+
+    Daemon threads: a read stuck in a stall must not keep the process from exiting when it is
+    told to stop (concurrent.futures' threads are joined at exit, so a restart during a stall
+    hung until the stall ended).
+    """
 
     def __init__(self, count: int) -> None:
         self._count = count
-        self._executor: ThreadPoolExecutor | None = None  # from the first use after each close
+        self._queue: _WorkQueue | None = None  # the threads' work, from the first use after a close
         self._lock = threading.Lock()
         self._waiting = 0
 
@@ -41,6 +48,16 @@ class ReadThreads:
     def waiting(self) -> int:
         """Reads submitted that no thread has taken up yet."""
         return self._waiting
+
+    def _submit(self, work: Callable[[], T]) -> Future[T]:
+        if self._queue is None:  # an app's lifespan may run more than once (tests do)
+            self._queue = SimpleQueue()
+            for number in range(self._count):
+                name = f"read-{number}"
+                threading.Thread(target=_serve, args=(self._queue,), name=name, daemon=True).start()
+        future: Future[T] = Future()
+        self._queue.put((future, work))
+        return future
 
     async def run(self, work: Callable[[], T], seconds: float) -> T:
         """`work()` in a read thread, given up after `seconds`, waiting for a thread included."""
@@ -50,11 +67,9 @@ class ReadThreads:
                 self._waiting -= 1
             return work()
 
-        if self._executor is None:  # an app's lifespan may run more than once (tests do)
-            self._executor = ThreadPoolExecutor(self._count, thread_name_prefix="read")
         with self._lock:
             self._waiting += 1
-        future = self._executor.submit(start)
+        future = self._submit(start)
         with anyio.move_on_after(seconds):
             try:
                 return await asyncio.wrap_future(future)
@@ -76,6 +91,28 @@ class ReadThreads:
             yield chunk
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        """Work not started is dropped; each thread ends once its own work does."""
+        queue, self._queue = self._queue, None
+        if queue is None:
+            return
+        with contextlib.suppress(Empty):
+            while (item := queue.get_nowait()) is not None:
+                item[0].cancel()
+        for _ in range(self._count):
+            queue.put(None)
+
+
+_WorkQueue = SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None]
+
+
+def _serve(queue: _WorkQueue) -> None:
+    while (item := queue.get()) is not None:
+        future, work = item
+        if not future.set_running_or_notify_cancel():
+            continue  # given up before it started
+        try:
+            result = work()
+        except BaseException as exc:  # the awaiting request's to raise
+            future.set_exception(exc)
+        else:
+            future.set_result(result)

@@ -8,10 +8,13 @@ import json
 import logging
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +26,7 @@ from api import read
 from api.app import READ_THREADS, READINESS_SECONDS, create_app
 from api.read import AS_OF, ENDPOINTS
 from audit.application import AuditLog
-from audit.config import Settings
+from audit.config import PostgresDatabase, Settings
 from audit.projections.runner import Projector, active_tables
 from audit.storage import (
     CONNECTION_WAIT_SECONDS,
@@ -42,6 +45,7 @@ class BehindProxy:
     client: TestClient
     proxy: TcpProxy  # stop() is the outage, start() its end
     secret: str
+    database: PostgresDatabase  # reached through the proxy
 
 
 @pytest.fixture
@@ -57,7 +61,7 @@ def served() -> Iterator[BehindProxy]:
     try:
         app = create_app(settings, log, projector=Projector(log))
         with TestClient(app, raise_server_exceptions=False) as client:
-            yield BehindProxy(client, proxy, secret)
+            yield BehindProxy(client, proxy, secret, behind_proxy)
     finally:
         log.close()
         proxy.stop()
@@ -218,6 +222,59 @@ def test_reads_past_their_deadline_hold_no_more_connections_than_the_read_thread
         recorded = post(client, secret, payload("user.updated"))
         assert recorded.status_code == 200, recorded.text
     assert client.get(user, headers=READ_HEADERS).status_code == 200
+
+
+STUCK_READ_THEN_EXIT = """
+import sys
+
+import anyio
+
+from api.deadline import ReadThreads
+from audit.application import AuditLog
+from audit.config import parse_database_url
+from audit.storage import StoreUnavailable
+
+log = AuditLog(parse_database_url(sys.argv[1]))
+log.db.ping()  # a pooled connection, through the proxy
+print("ready", flush=True)
+sys.stdin.readline()  # the stall has begun
+
+
+async def read() -> None:
+    try:
+        await ReadThreads(1).run(log.db.ping, 0.5)
+    except StoreUnavailable:
+        print("gave up", flush=True)
+
+
+anyio.run(read)
+"""
+
+
+@pytest.mark.postgres
+def test_a_read_stuck_in_a_stall_does_not_keep_its_process_from_exiting(
+    served: BehindProxy,
+) -> None:
+    """The read threads were joined at exit: a worker told to stop during a stall (a restart,
+    say) hung until the stall ended, holding its port (suspected in review, confirmed here)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", STUCK_READ_THEN_EXIT, served.database.url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout.readline() == "ready\n"
+        with stalled(served.proxy, seconds=30):
+            process.stdin.write("go\n")
+            process.stdin.flush()
+            assert process.stdout.readline() == "gave up\n"
+            assert process.wait(timeout=15) == 0  # while the ping is still stuck
+    finally:
+        process.kill()
+        process.wait()
 
 
 @pytest.mark.postgres
