@@ -15,12 +15,11 @@ connection.)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
-from queue import Empty, SimpleQueue
+from queue import SimpleQueue
 from typing import Any, TypeVar
 
 import anyio
@@ -91,15 +90,11 @@ class ReadThreads:
             yield chunk
 
     def close(self) -> None:
-        """Work not started is dropped; each thread ends once its own work does."""
-        queue, self._queue = self._queue, None
-        if queue is None:
-            return
-        with contextlib.suppress(Empty):
-            while (item := queue.get_nowait()) is not None:
-                item[0].cancel()
-        for _ in range(self._count):
-            queue.put(None)
+        """The threads end once the work queued so far is done (or given up)."""
+        if self._queue is not None:
+            for _ in range(self._count):
+                self._queue.put(None)
+            self._queue = None
 
 
 _WorkQueue = SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None]
@@ -112,6 +107,10 @@ def _serve(queue: _WorkQueue) -> None:
             continue  # given up before it started
         try:
             result = work()
+        except StopIteration as exc:  # asyncio cannot carry it: the request would hang
+            error = RuntimeError("a read raised StopIteration")
+            error.__cause__ = exc
+            future.set_exception(error)
         except BaseException as exc:  # the awaiting request's to raise
             future.set_exception(exc)
         else:

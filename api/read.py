@@ -14,7 +14,7 @@ import functools
 import hashlib
 import io
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -523,11 +523,19 @@ def export(
             # As a handler's first query (endpoint_view): once more after a lost connection.
             page = db.read(functools.partial(fetch, key, EXPORT_PAGE_ROWS))
 
-    return ExportResponse(
-        read_threads_of(request).chunks(chunks(), READ_SECONDS),
-        media_type=media_type,
-        headers=headers,
-    )
+    rest = chunks()
+    # The first page rendered here, in the handler's read thread: it needs no other, so it
+    # cannot miss a deadline once the status is sent.
+    head = next(rest)
+    read_threads = read_threads_of(request)
+
+    async def body() -> AsyncIterator[str]:
+        yield head
+        if first.next_key is not None:  # else `rest` reads nothing more: no thread to wait for
+            async for chunk in read_threads.chunks(rest, READ_SECONDS):
+                yield chunk
+
+    return ExportResponse(body(), media_type=media_type, headers=headers)
 
 
 def _json_cell(key: str) -> Callable[[dict[str, Any]], str]:

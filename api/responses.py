@@ -23,8 +23,9 @@ class JSONResponse(responses.JSONResponse):
 class ExportResponse(responses.StreamingResponse):
     """A streamed export. When the store fails after the first chunk (a lost connection, a
     missed deadline), the export ends without its last chunk: the server closes the
-    connection and the client sees the download cut, never a clean end. One warning is
-    logged, where a raised error was logged as unexpected, with two tracebacks."""
+    connection and the client sees the download cut, never a clean end. A warning is logged
+    (and uvicorn's one line that the response did not complete), where a raised error was
+    logged as unexpected, with two tracebacks."""
 
     async def stream_response(self, send: Send) -> None:
         try:

@@ -1085,6 +1085,47 @@ def test_reads_beyond_the_read_threads_wait_while_webhooks_and_health_still_answ
     assert most == READ_THREADS
 
 
+def test_an_export_of_one_page_takes_a_read_thread_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export's first chunk, read by its handler, went back to the read threads' queue
+    after the status was sent: with both threads taken by slow reads meanwhile, a 200 came
+    with no body at all, cut (found by review)."""
+    read_threads = world.client.app.state.read_threads
+    uses: list[Any] = []
+    run = read_threads.run
+
+    async def counted_run(work: Any, seconds: float) -> Any:
+        uses.append(work)
+        return await run(work, seconds)
+
+    monkeypatch.setattr(read_threads, "run", counted_run)
+    indexed = len(world.walk("/v1/events", limit=500))
+    assert 0 < indexed < read.EXPORT_PAGE_ROWS
+    uses.clear()
+    export = world.get("/v1/events", {"format": "ndjson"})
+    assert export.status_code == 200
+    assert len(export.text.splitlines()) == indexed
+    assert len(uses) == 1  # the handler's
+
+
+def test_a_read_that_raises_stop_iteration_answers_500_at_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncio cannot carry StopIteration into a future: such a read hung until its deadline,
+    then answered 503 as if the store were down (found by review)."""
+
+    def stops(*args: Any, **kwargs: Any) -> Any:
+        raise StopIteration
+
+    monkeypatch.setattr(queries, "current_object", stops)
+    monkeypatch.setattr(read, "READ_SECONDS", 10.0)
+    started = time.monotonic()
+    answer = world.get(f"/v1/users/{FRESH_USER}")
+    assert answer.status_code == 500 and answer.json()["error"]["code"] == "internal_error"
+    assert time.monotonic() - started < read.READ_SECONDS
+
+
 # -- tokens ---------------------------------------------------------------------------------------
 
 
