@@ -102,16 +102,20 @@ _WorkQueue = SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None]
 
 def _serve(queue: _WorkQueue) -> None:
     while (item := queue.get()) is not None:
-        future, work = item
-        if not future.set_running_or_notify_cancel():
-            continue  # given up before it started
-        try:
-            result = work()
-        except StopIteration as exc:  # asyncio cannot carry it: the request would hang
-            error = RuntimeError("a read raised StopIteration")
-            error.__cause__ = exc
-            future.set_exception(error)
-        except BaseException as exc:  # the awaiting request's to raise
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
+        _run(*item)
+        del item  # else held while the thread waits: a disconnected export's body, say
+
+
+def _run(future: Future[T], work: Callable[[], T]) -> None:
+    if not future.set_running_or_notify_cancel():
+        return  # given up before it started
+    try:
+        result = work()
+    except StopIteration as exc:  # asyncio cannot carry it: the request would hang
+        error = RuntimeError("a read raised StopIteration")
+        error.__cause__ = exc
+        future.set_exception(error)
+    except BaseException as exc:  # the awaiting request's to raise
+        future.set_exception(exc)
+    else:
+        future.set_result(result)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import base64
 import copy
 import csv
+import gc
 import io
 import json
 import random
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -1107,6 +1109,26 @@ def test_an_export_of_one_page_takes_a_read_thread_once(
     assert export.status_code == 200
     assert len(export.text.splitlines()) == indexed
     assert len(uses) == 1  # the handler's
+
+
+def test_a_read_thread_keeps_nothing_of_its_last_read_while_it_waits(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread held its last job until it took the next: a disconnected export's body (its
+    first page rendered, some 1.4 MB for 1,000 rows) stayed alive meanwhile (found by review)."""
+    read_threads = world.client.app.state.read_threads
+    answered: list[weakref.ref[Any]] = []
+    run = read_threads.run
+
+    async def noted_run(work: Any, seconds: float) -> Any:
+        result = await run(work, seconds)
+        answered.append(weakref.ref(result))
+        return result
+
+    monkeypatch.setattr(read_threads, "run", noted_run)
+    assert world.get(f"/v1/users/{FRESH_USER}").status_code == 200
+    gc.collect()
+    assert [ref() for ref in answered] == [None]
 
 
 def test_a_read_that_raises_stop_iteration_answers_500_at_once(
