@@ -1087,6 +1087,33 @@ def test_reads_beyond_the_read_threads_wait_while_webhooks_and_health_still_answ
     assert most == READ_THREADS
 
 
+def test_a_read_past_its_deadline_answers_503_and_its_thread_serves_again(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that does not finish within READ_SECONDS (a stall, a lock) answers 503 with
+    Retry-After on either store (test_outage stalls PostgreSQL's wire for real); the thread it
+    held serves again once its work ends."""
+    release = threading.Event()
+    current_object = queries.current_object
+
+    def held_current_object(*args: Any, **kwargs: Any) -> Any:
+        assert release.wait(30), "the test never released the read"
+        return current_object(*args, **kwargs)
+
+    monkeypatch.setattr(queries, "current_object", held_current_object)
+    monkeypatch.setattr(read, "READ_SECONDS", 0.5)
+    started = time.monotonic()
+    answer = world.get(f"/v1/users/{FRESH_USER}")
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "store_unavailable"
+    assert answer.headers["Retry-After"].isdigit()
+    assert time.monotonic() - started < read.READ_SECONDS + 2
+    release.set()
+    monkeypatch.setattr(queries, "current_object", current_object)
+    for _ in range(2 * READ_THREADS):  # every thread, the one held included
+        assert world.get(f"/v1/users/{FRESH_USER}").status_code == 200
+
+
 def test_an_export_of_one_page_takes_a_read_thread_once(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
