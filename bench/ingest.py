@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.ser
 from audit.samples import sample_bodies, signed_headers
 from bench.procstat import PostgresProcesses, machine_busy_seconds
 from bench.serverproc import ServerProcess, audit_command, free_port
+from bench.store_fill import World
 
 Backend = Literal["sqlite", "postgres"]
 ServerName = Literal["ours", "baseline"]
@@ -125,23 +127,40 @@ def fresh_delivery(
 
 
 def build_sends(
-    count: int, duplicates: float, users: int, orgs: int, seed: int | None
+    count: int, duplicates: float, users: int, orgs: int, seed: int | None, workload: str
 ) -> list[Delivery]:
     """`count` sends; a `duplicates` share of them re-send an earlier svix-id with its body."""
     rng = random.Random(seed)
-    ids = IdFactory.create(rng, users, orgs)
-    templates = [json.loads(body) for _, body in sample_bodies()]
-    weights = [type_weight(t["type"]) for t in templates]
     repeat_at = set(rng.sample(range(1, count), round(count * duplicates))) if count > 1 else set()
+    fresh = (
+        lifecycle_deliveries(count - len(repeat_at), rng.randrange(2**32))
+        if workload == "lifecycles"
+        else shuffled_deliveries(rng, users, orgs)
+    )
     unique: list[Delivery] = []
     sends: list[Delivery] = []
     for index in range(count):
         if index in repeat_at:
             sends.append(rng.choice(unique))
         else:
-            unique.append(fresh_delivery(templates, weights, ids, index))
+            unique.append(next(fresh))
             sends.append(unique[-1])
     return sends
+
+
+def shuffled_deliveries(rng: random.Random, users: int, orgs: int) -> Iterator[Delivery]:
+    """Samples drawn at random, their ids replaced: each object's versions in random order."""
+    ids = IdFactory.create(rng, users, orgs)
+    templates = [json.loads(body) for _, body in sample_bodies()]
+    weights = [type_weight(t["type"]) for t in templates]
+    for index in itertools.count():
+        yield fresh_delivery(templates, weights, ids, index)
+
+
+def lifecycle_deliveries(count: int, seed: int) -> Iterator[Delivery]:
+    """bench/store_fill.py's objects, each created, updated and ended in time order."""
+    for delivery in World(count, seed=seed).deliveries():
+        yield Delivery(svix_id=delivery.svix_id, body=delivery.body.encode("utf-8"))
 
 
 # -- the load ----------------------------------------------------------------------------------
@@ -539,6 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--orgs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
+        "--workload",
+        choices=["shuffled", "lifecycles"],
+        default="shuffled",
+        help="objects' versions in random order, or in time order as Clerk sends them",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="rounds of both servers in turn; prints the median"
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
@@ -551,10 +576,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = RunConfig(args.backend, args.postgres, args.workers, args.timeout, args.budget)
     servers: list[ServerName] = ["ours", "baseline"] if args.only == "both" else [args.only]
-    sends = build_sends(args.deliveries, args.duplicates, args.users, args.orgs, args.seed)
+    sends = build_sends(
+        args.deliveries, args.duplicates, args.users, args.orgs, args.seed, args.workload
+    )
     print(
         f"# {len(sends)} sends, {len({d.svix_id for d in sends})} distinct svix-ids, "
-        f"workers={args.workers}, backend={args.backend}",
+        f"workers={args.workers}, backend={args.backend}, workload={args.workload}",
         flush=True,
     )
     all_ok = True
