@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from eventsourcing.application import AggregateNotFoundError
 
@@ -227,18 +228,17 @@ def _rebuild(log, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
             file=sys.stderr,
         )
         return 1
-    # Progress counts stored records read (deliveries and their markers), for each projection.
-    total = projector.stored_records() * len(names)
     desc = ", ".join(f"{name} g{generation}" for name, generation in generations.items())
     chosen = [projector.projections[name] for name in names]
     groups = parallel.rebuild_groups(log.database, chosen)
     if len(groups) > 1:
         print(f"in {len(groups)} processes: {' | '.join(', '.join(g) for g in groups)}")
     # The log's lines (a switch, a poison event) are written above the bar, not through it.
-    with logging_redirect_tqdm(), tqdm(total=total, desc=desc, unit=" records") as bar:
+    with logging_redirect_tqdm(), tqdm(desc=desc, unit=" records") as bar:
+        progress = RebuildProgress(bar, projector.stored_records, builds=len(names))
         if len(groups) > 1:
             try:
-                parallel.catch_up_in_processes(log.database, groups, lambda _, n: bar.update(n))
+                parallel.catch_up_in_processes(log.database, groups, progress)
             except parallel.CatchUpFailed as exc:
                 bar.close()
                 print(f"rebuild failed:\n{exc}", file=sys.stderr)
@@ -248,13 +248,26 @@ def _rebuild(log, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
                     print(f"{name}: {state}; reads use generation {serving}", file=sys.stderr)
                 return 1
         else:  # the builds step in turn, sharing each batch's decoding
-            projector.catch_up(
-                *(projector.projections[name] for name in names),
-                progress=lambda _, n: bar.update(n),
-            )
+            projector.catch_up(*(projector.projections[name] for name in names), progress=progress)
     for name, generation in generations.items():
         print(f"{name}: reads switched to generation {generation}")
     return 0
+
+
+class RebuildProgress:
+    """A rebuild's bar: stored records read (deliveries and their markers), for each build.
+
+    Deliveries that arrive during the rebuild are read by it too, so when the count would pass
+    the total, the store is counted again (the bar went past 100% before)."""
+
+    def __init__(self, bar: Any, stored_records: Callable[[], int], *, builds: int) -> None:
+        self.bar, self.stored_records, self.builds = bar, stored_records, builds
+        bar.reset(total=stored_records() * builds)
+
+    def __call__(self, _name: str, records: int) -> None:
+        if self.bar.n + records > self.bar.total:
+            self.bar.total = max(self.stored_records() * self.builds, self.bar.n + records)
+        self.bar.update(records)
 
 
 def cmd_send_samples(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -14,9 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
+from tqdm import tqdm
 
 from audit.aggregates.delivery import parse_delivery
 from audit.application import AuditLog
+from audit.cli import RebuildProgress
 from audit.config import Database, PostgresDatabase, SqliteDatabase
 from audit.projections.objects import ObjectsProjection
 from audit.projections.parallel import usable_cores
@@ -475,3 +478,35 @@ def test_the_rebuild_progress_bar_ends_full_when_positions_have_gaps(
     records = 2 * len(deliveries)
     last_bar = re.split(r"[\r\n]", rebuilt.stderr.strip())[-1]
     assert f" {records}/{records} " in last_bar, last_bar
+
+
+def test_the_rebuild_progress_bar_takes_in_deliveries_that_arrive_during_the_rebuild(
+    log: AuditLog,
+) -> None:
+    """The rebuild reads what arrives while it runs, so its bar went past its total (120%);
+    when the count would pass it, the store is counted again. Arrivals come after the first
+    step here, from the progress callback itself, so they land mid-rebuild every time."""
+    deliveries = sample_deliveries()
+    half = len(deliveries) // 2
+    log.record(deliveries[:half])
+    projector = Projector(log, batch_size=4)
+    names = ("events", "objects")
+    for name in names:
+        projector.rebuild(name)
+    out = io.StringIO()
+    with tqdm(file=out) as bar:
+        progress = RebuildProgress(bar, projector.stored_records, builds=len(names))
+        assert bar.total == len(names) * 2 * half
+
+        def arrivals_after_the_first_step(name: str, records: int) -> None:
+            if bar.n == 0:
+                log.record(deliveries[half:])
+            progress(name, records)
+            assert bar.n <= bar.total
+
+        projector.catch_up(
+            *(projector.projections[name] for name in names),
+            progress=arrivals_after_the_first_step,
+        )
+        everything = len(names) * 2 * len(deliveries)
+        assert (bar.n, bar.total) == (everything, everything)
