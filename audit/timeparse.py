@@ -16,6 +16,8 @@ _ONE_MILLISECOND = timedelta(milliseconds=1)
 
 # Epoch milliseconds of 10000-01-01: later (or negative, or boolean) "times" are not times.
 MAX_EPOCH_MS = 253_402_300_800_000
+# Epoch milliseconds of 0001-01-01, the first time `format_time` can write.
+MIN_EPOCH_MS = -62_135_596_800_000
 
 
 def epoch_ms(value: object) -> int | None:
@@ -30,24 +32,28 @@ def epoch_ms(value: object) -> int | None:
 
 
 def parse_time(value: str) -> int:
-    """Epoch milliseconds from ISO 8601 (`2024-05-28T08:06:40.018Z`) or epoch milliseconds."""
+    """Epoch milliseconds from ISO 8601 (`2024-05-28T08:06:40.018Z`) or epoch milliseconds.
+
+    Only times `format_time` can write (years 1 to 9999): an `as_of` past them was answered
+    as of the end of the stream, its time written back as null, as a current state is."""
     text = value.strip()
     if text.isascii() and text.removeprefix("-").isdigit():  # "²".isdigit(), yet int("²") fails
-        if len(text) > 15:
-            raise TimeParseError(f"{value!r} is out of range")
-        return int(text)
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise TimeParseError(f"{value[:40]!r} is neither ISO 8601 nor epoch milliseconds") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    try:
+        millis = int(text) if len(text) <= 20 else MAX_EPOCH_MS
+    else:
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise TimeParseError(
+                f"{value[:40]!r} is neither ISO 8601 nor epoch milliseconds"
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
         # Whole milliseconds by integer arithmetic: `timestamp() * 1000` goes through a float,
         # which put some times a millisecond early (…55.695 read as …55.694).
-        return (moment - _EPOCH_UTC) // _ONE_MILLISECOND
-    except (OverflowError, OSError, ValueError):
-        raise TimeParseError(f"{value[:40]!r} is out of range") from None
+        millis = (moment - _EPOCH_UTC) // _ONE_MILLISECOND
+    if not MIN_EPOCH_MS <= millis < MAX_EPOCH_MS:
+        raise TimeParseError(f"{value[:40]!r} is out of range (years 1 to 9999)")
+    return millis
 
 
 @lru_cache(maxsize=4096)  # a page's rows share their events' times: 10 changes of one event

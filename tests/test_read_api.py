@@ -39,7 +39,7 @@ from audit.projections.base import Tables
 from audit.projections.objects import ObjectsProjection
 from audit.projections.runner import Projector, active_tables, reads_behind
 from audit.redaction import REDACTED, SECRET_BY_OBJECT, kind_of, redact, redact_change
-from audit.timeparse import MAX_EPOCH_MS, format_time, parse_time
+from audit.timeparse import MAX_EPOCH_MS, MIN_EPOCH_MS, TimeParseError, format_time, parse_time
 from tests.conftest import API_TOKEN
 from tests.webhook_helpers import new_svix_id, payload, payload_files, post
 
@@ -1006,6 +1006,10 @@ def test_bad_parameters_are_400(world: World) -> None:
         (f"/v1/users/{FRESH_USER}", {"as_of": "-\u0663"}, "invalid_time"),
         (f"/v1/users/{FRESH_USER}/history", {"until": "x"}, "invalid_time"),
         ("/v1/events", {"since": "--5"}, "invalid_time"),  # was int("--5"): a 500
+        # Past year 9999: was answered as of the stream's end, `as_of` written back as null.
+        (f"/v1/users/{FRESH_USER}", {"as_of": "999999999999999"}, "invalid_time"),
+        ("/v1/events", {"until": str(MAX_EPOCH_MS)}, "invalid_time"),
+        ("/v1/changes", {"since": "0001-01-01T00:00:00+01:00"}, "invalid_time"),
         ("/v1/changes", [("field", f"f{n}") for n in range(101)], "invalid_parameter"),
         ("/v1/events", {"subjet": FRESH_USER}, "unknown_parameter"),
         ("/v1/events", [("limit", 1), ("limit", 2)], "invalid_parameter"),
@@ -1798,6 +1802,12 @@ def test_time_parameters_use_the_one_parser() -> None:
     assert parse_time("2024-05-28T12:50:00Z") == T_UPDATED
     assert format_time(T_UPDATED) == "2024-05-28T12:50:00.000Z"
     assert parse_time(str(T_UPDATED)) == T_UPDATED
+    # Exactly the times `format_time` can write back.
+    assert format_time(parse_time(str(MAX_EPOCH_MS - 1))) == "9999-12-31T23:59:59.999Z"
+    assert format_time(parse_time(str(MIN_EPOCH_MS))) == "0001-01-01T00:00:00.000Z"
+    for outside in (str(MAX_EPOCH_MS), str(MIN_EPOCH_MS - 1), "9" * 400):
+        with pytest.raises(TimeParseError, match="out of range"):
+            parse_time(outside)
 
 
 @given(millis=st.integers(min_value=0, max_value=MAX_EPOCH_MS - 1))
