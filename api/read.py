@@ -182,10 +182,18 @@ class Args:
         return self.request.path_params[name]
 
     def one(self, name: str) -> str | None:
-        return self.query.get(name)
+        return self.filter_values(name)[0] if name in self.query else None
 
     def many(self, name: str) -> list[str]:
-        return [value for value in self.query.getlist(name) if value]
+        return self.filter_values(name)
+
+    def filter_values(self, name: str) -> list[str]:
+        """A filter's values. An empty one is a 400: `type=` was ignored (everything) while
+        `subject=` matched nothing, and a filter left blank by a script is better refused."""
+        values = self.query.getlist(name)
+        if "" in values:
+            raise bad_request("invalid_parameter", f"{name!r} is empty.")
+        return values
 
     def limit(self) -> int:
         raw = self.query.get("limit")
@@ -691,7 +699,7 @@ def _require_known(
     request: Request, page: Page, args: Args, table: str, object_id: str, label: str
 ) -> None:
     """An empty first page of a sub-collection of an id nobody ever mentioned is a 404."""
-    if page.items or args.one("cursor") is not None:
+    if page.items or "cursor" in args.query:
         return
     db = db_of(request)
 
@@ -1059,9 +1067,12 @@ def endpoint_view(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]
     def respond(request: Request) -> Response:
         args = Args(request, endpoint)
         try:
-            return db_of(request).read(lambda: endpoint.handler(request, args))
+            response = db_of(request).read(lambda: endpoint.handler(request, args))
         except ProjectionNotReady as exc:
             raise not_ready(exc) from None
+        if endpoint.exportable:  # JSON, CSV or NDJSON by `Accept`: caches must key on it
+            response.headers["Vary"] = "Accept"
+        return response
 
     async def view(request: Request) -> Response:
         return await read_threads_of(request).run(functools.partial(respond, request), READ_SECONDS)

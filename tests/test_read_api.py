@@ -1011,6 +1011,12 @@ def test_bad_parameters_are_400(world: World) -> None:
         ("/v1/events", {"until": str(MAX_EPOCH_MS)}, "invalid_time"),
         ("/v1/changes", {"since": "0001-01-01T00:00:00+01:00"}, "invalid_time"),
         ("/v1/changes", [("field", f"f{n}") for n in range(101)], "invalid_parameter"),
+        # An empty filter: `type=` and `field=` were ignored, `subject=` matched nothing.
+        ("/v1/events", {"type": ""}, "invalid_parameter"),
+        ("/v1/events", [("type", "user.*"), ("type", "")], "invalid_parameter"),
+        ("/v1/events", {"subject": ""}, "invalid_parameter"),
+        ("/v1/changes", {"field": ""}, "invalid_parameter"),
+        ("/v1/changes", {"actor_ip": ""}, "invalid_parameter"),
         ("/v1/events", {"subjet": FRESH_USER}, "unknown_parameter"),
         ("/v1/events", [("limit", 1), ("limit", 2)], "invalid_parameter"),
         ("/v1/events", {"subject": "a\x00b"}, "invalid_parameter"),
@@ -1265,6 +1271,11 @@ def test_exports_stream_the_whole_filtered_result(
 
     accept = world.get("/v1/events", {"type": "user.*"}, {"Accept": "text/csv"})
     assert accept.headers["content-type"].startswith("text/csv")
+    # One URL, three representations: a cache must key on Accept (JSON pages included).
+    for path in ("/v1/events", "/v1/changes"):
+        for fmt in ("json", "csv", "ndjson"):
+            assert world.get(path, {"format": fmt}).headers["vary"] == "Accept", (path, fmt)
+    assert "vary" not in world.get(f"/v1/users/{FRESH_USER}/history").headers
     assert [row["type"] for row in _csv_rows(accept)] == [
         e["type"] for e in events if e["type"].startswith("user.")
     ]
