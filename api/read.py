@@ -756,15 +756,22 @@ def _owned(
     db = db_of(request)
     object_id = args.path("user_id" if parent == "user" else "org_id")
     kind = f"{parent}-{table}"
-    page = queries.owned_objects(
-        db,
-        table,
-        by=by,
-        owner=object_id,
-        after=args.cursor(kind, ((int, type(None)), str)),
-        limit=args.limit(),
-        include_deleted=include_deleted,
-    )
+    try:
+        page = queries.owned_objects(
+            db,
+            table,
+            by=by,
+            owner=object_id,
+            after=args.cursor(kind, (int, (int, type(None)), str)),
+            limit=args.limit(),
+            include_deleted=include_deleted,
+        )
+    except queries.OrderChanged:
+        raise bad_request(
+            "invalid_cursor",
+            "This list's order changed with an upgrade since the cursor was made; walk it"
+            " again from the start.",
+        ) from None
     parent_table = "users" if parent == "user" else "organizations"
     _require_known(request, page, args, parent_table, object_id, parent)
     return list_response(page, args, kind, render)
@@ -964,8 +971,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/users/{user_id}/sessions",
         user_sessions,
         "A user's sessions",
-        "The user's sessions (ended ones included), ordered by creation, with status and last "
-        "activity (device, browser, IP, city, country).",
+        "The user's sessions (ended ones included), in the order they were recorded, with status "
+        "and last activity (device, browser, IP, city, country).",
         (USER_ID, *PAGING),
         "Session",
         is_list=True,
@@ -974,8 +981,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/users/{user_id}/organizations",
         user_organizations,
         "A user's organizations",
-        "The user's current organization memberships, with role, ordered by creation (none of"
-        " deleted organizations, none once the user is deleted).",
+        "The user's current organization memberships, with role, in the order they were recorded"
+        " (none of deleted organizations, none once the user is deleted).",
         (USER_ID, *PAGING),
         "Membership",
         is_list=True,
@@ -1002,8 +1009,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/organizations/{org_id}/members",
         organization_members,
         "An organization's members",
-        "Current memberships, with role, ordered by creation: none of a deleted organization,"
-        " nor deleted ones or those of deleted users.",
+        "Current memberships, with role, in the order they were recorded: none of a deleted"
+        " organization, nor deleted ones or those of deleted users.",
         (ORG_ID, *PAGING),
         "Membership",
         is_list=True,
@@ -1012,8 +1019,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/organizations/{org_id}/invitations",
         organization_invitations,
         "An organization's invitations",
-        "Invitations with their status (pending, accepted, revoked), ordered by creation; "
-        "none of a deleted organization. Invitation URLs are never shown.",
+        "Invitations with their status (pending, accepted, revoked), in the order they were "
+        "recorded; none of a deleted organization. Invitation URLs are never shown.",
         (ORG_ID, *PAGING),
         "Invitation",
         is_list=True,

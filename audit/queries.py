@@ -14,7 +14,7 @@ position: positions only grow). Each query is driven by one index:
   marks give (`audit.projections.base`), not at position 0;
 - histories through `history (object_id, position)` and `(owner_id, position)`, a page's changes
   through the `changes` primary key;
-- current-state lists through `(owner_id | user_id, created_at, id)`;
+- current-state lists through `(owner_id | user_id, listed_at, id)`;
 - timelines through the primary key `(session_id, occurred_at, position)`.
 
 A keyset condition is written `k1 >= %s AND (k1, k2) > (%s, %s)`: the first half is an index
@@ -437,34 +437,61 @@ def current_object(db: Db, table: str, object_id: str) -> dict[str, Any] | None:
     return _with_tables(db, "objects", query)
 
 
+class OrderChanged(ValueError):
+    """A list's cursor from before an upgrade changed the list's order: walk it again."""
+
+
+# From this `objects` version on, current-state lists are in `listed_at` order.
+LISTED_FROM_VERSION = 11
+
+
 def owned_objects(
     db: Db,
     table: str,
     *,
     by: str,
     owner: str,
-    after: tuple[int | None, str] | None,
+    after: tuple[int, int | None, str] | None,
     limit: int,
     include_deleted: bool = True,
 ) -> Page:
     """Rows of a current-state table whose `by` column (`owner_id`, `user_id`) is `owner`.
 
-    Ordered by (created_at, id) through the `(by, created_at, id)` index; rows without a
-    created_at (deletion stubs seen first) come first, ordered by id. Without
-    `include_deleted`, only current rows: neither they nor their organization or user deleted
-    (Clerk may not send a deletion for each membership of a deleted organization).
+    Ordered by (listed_at, id) through the `(by, listed_at, id)` index: the position that put
+    each row in this list, so a row listed while a walk is under way comes after its cursor
+    (a late `session.created` of a session created earlier than those walked, say: by creation
+    time, it sorted behind the cursor and the walk missed it). Without `include_deleted`, only
+    current rows: neither they nor their organization or user deleted (Clerk may not send a
+    deletion for each membership of a deleted organization).
+
+    A key starts with the order it is in: generations of `objects` before
+    LISTED_FROM_VERSION, still served while their successor is built, are in (created_at, id)
+    order, rows without a created_at first; a cursor of the other order is OrderChanged.
     """
     assert by in ("owner_id", "user_id")
 
     def query(t: Tables) -> Page:
-        base = [f"{by} = %s"]
-        if not include_deleted:
-            base.append("deleted = 0")
-            base += [
-                f"NOT EXISTS (SELECT 1 FROM {t[parents]} AS p"
-                f" WHERE p.id = o.{column} AND p.deleted = 1)"
-                for parents, column in (("organizations", "organization_id"), ("users", "user_id"))
-            ]
+        listed = t.version is None or t.version >= LISTED_FROM_VERSION
+        order = LISTED_FROM_VERSION if listed else LISTED_FROM_VERSION - 1
+        if after is not None and after[0] != order:
+            raise OrderChanged(table)
+        if listed:
+            rows = _select(
+                db,
+                source=f"{t[table]} AS o",
+                columns=f"{_CURRENT_COLUMNS}, listed_at",
+                key=["listed_at", "id"],
+                branches=[],
+                where=_owned_where(t, by, include_deleted),
+                params=[owner],
+                after=None if after is None else after[1:],
+                limit=limit + 1,
+            )
+            return _page(rows, limit, lambda row: (order, row["listed_at"], row["id"]), _current)
+        return _created_order(t, None if after is None else after[1:])
+
+    def _created_order(t: Tables, after: tuple[int | None, str] | None) -> Page:
+        base = _owned_where(t, by, include_deleted)
         rows: list[Any] = []
         if after is None or after[0] is None:
             rows = _select(
@@ -490,9 +517,22 @@ def owned_objects(
                 after=after if after is not None and after[0] is not None else None,
                 limit=limit + 1 - len(rows),
             )
-        return _page(rows, limit, lambda row: (row["created_at"], row["id"]), _current)
+        order = LISTED_FROM_VERSION - 1
+        return _page(rows, limit, lambda row: (order, row["created_at"], row["id"]), _current)
 
     return _with_tables(db, "objects", query)
+
+
+def _owned_where(t: Tables, by: str, include_deleted: bool) -> list[str]:
+    where = [f"{by} = %s"]
+    if not include_deleted:
+        where.append("deleted = 0")
+        where += [
+            f"NOT EXISTS (SELECT 1 FROM {t[parents]} AS p"
+            f" WHERE p.id = o.{column} AND p.deleted = 1)"
+            for parents, column in (("organizations", "organization_id"), ("users", "user_id"))
+        ]
+    return where
 
 
 # -- history and changes ------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from tests.test_domain_state import organization_histories, user_histories
 from tests.webhook_helpers import payload_files
 
 # Columns that record arrival (positions, receipt times, staleness), not what happened.
-ARRIVAL_COLUMNS = {"position", "k3", "stale", "received_at"}
+ARRIVAL_COLUMNS = {"position", "k3", "stale", "received_at", "listed_at"}
 
 
 def sample_deliveries() -> list[Delivery]:

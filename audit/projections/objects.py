@@ -106,15 +106,25 @@ CURRENT_COLUMNS = (
     ("created_at", "bigint"),
     ("updated_at", "bigint"),
     ("position", "bigint"),
+    ("listed_at", "bigint"),
     ("view", "text"),
 )
-UPSERT = (
-    "ON CONFLICT (id) DO UPDATE SET owner_id = excluded.owner_id,"
-    " user_id = excluded.user_id, organization_id = excluded.organization_id,"
-    " status = excluded.status, deleted = excluded.deleted,"
-    " created_at = excluded.created_at, updated_at = excluded.updated_at,"
-    " position = excluded.position, view = excluded.view"
-)
+
+
+def upsert(db: Db, table: str) -> str:
+    """A current row replaces the stored one. It keeps its `listed_at` (the position that put
+    it in its owner's and its user's lists, which are walked in that order) unless it moved to
+    another owner or user: a list then gains it at the position that moved it."""
+    same = "IS NOT DISTINCT FROM" if db.dialect == "postgresql" else "IS"
+    return (
+        "ON CONFLICT (id) DO UPDATE SET owner_id = excluded.owner_id,"
+        " user_id = excluded.user_id, organization_id = excluded.organization_id,"
+        " status = excluded.status, deleted = excluded.deleted,"
+        " created_at = excluded.created_at, updated_at = excluded.updated_at,"
+        f" position = excluded.position, listed_at = CASE WHEN {table}.owner_id ="
+        f" excluded.owner_id AND {table}.user_id {same} excluded.user_id"
+        f" THEN {table}.listed_at ELSE excluded.listed_at END, view = excluded.view"
+    )
 
 
 def _profile_view(object_id: str, versions: ObjectVersions) -> dict[str, Any]:
@@ -133,7 +143,7 @@ VIEW_OF_TABLE = {
 
 class ObjectsProjection(Projection):
     name = "objects"
-    version = 10  # 10: an empty object set or unset is a change
+    version = 11  # 11: current rows keep the position that listed them (`listed_at`)
     time_marks_from = 5
     rebuild_seconds = 233.5
     table_names = ("versions", "history", "changes", "time_marks", *VIEW_OF_TABLE)
@@ -169,7 +179,7 @@ class ObjectsProjection(Projection):
                 " id TEXT PRIMARY KEY, owner_id TEXT NOT NULL, user_id TEXT,"
                 " organization_id TEXT, status TEXT, deleted INTEGER NOT NULL,"
                 " created_at BIGINT, updated_at BIGINT, position BIGINT NOT NULL,"
-                " view TEXT NOT NULL)",
+                " listed_at BIGINT NOT NULL, view TEXT NOT NULL)",
             ]
         return statements
 
@@ -193,7 +203,7 @@ class ObjectsProjection(Projection):
         for table in VIEW_OF_TABLE:
             statements += [
                 f"CREATE INDEX IF NOT EXISTS {t.index(f'{table}_{column}')}"
-                f" ON {t[table]} ({column}_id, created_at, id)"
+                f" ON {t[table]} ({column}_id, listed_at, id)"
                 for column in ("owner", "user")
             ]
         return statements
@@ -232,7 +242,7 @@ class ObjectsProjection(Projection):
             owner_id = object_id  # a stub seen first: adopted when a version names the owner
             batch.orphans.add(object_id)
         elif owner_id != object_id and object_id in batch.orphans:
-            self._adopt_orphans(batch, table, object_id, owner_id)
+            self._adopt_orphans(batch, table, object_id, owner_id, event.position)
         new = Version.of(delivery, event.position)
         latest = batch.latest.get(object_id)
         if latest is None or _key(new) > _key(latest):
@@ -289,8 +299,11 @@ class ObjectsProjection(Projection):
         return owner
 
     @staticmethod
-    def _adopt_orphans(batch: _Batch, table: str, object_id: str, owner_id: str) -> None:
-        """Rows written from a stub that arrived before any version naming its owner."""
+    def _adopt_orphans(
+        batch: _Batch, table: str, object_id: str, owner_id: str, position: int
+    ) -> None:
+        """Rows written from a stub that arrived before any version naming its owner. The
+        current row joins the owner's lists now, at `position` (see `upsert`)."""
         cursor, t, db = batch.settle(object_id)
         cursor.execute(
             db.sql(
@@ -300,10 +313,10 @@ class ObjectsProjection(Projection):
         )
         cursor.execute(
             db.sql(
-                f"UPDATE {t[table]} SET owner_id = %s, organization_id = %s"
+                f"UPDATE {t[table]} SET owner_id = %s, organization_id = %s, listed_at = %s"
                 " WHERE id = %s AND owner_id = %s"
             ),
-            [owner_id, owner_id, object_id, object_id],
+            [owner_id, owner_id, position, object_id, object_id],
         )
         batch.orphans.discard(object_id)
         batch.session_rows.pop(object_id, None)  # its owner has changed: read it again
@@ -459,6 +472,10 @@ class _Batch:
         if table in ("users", "sessions"):
             user_id = owner_id
         self.gathered_objects.add(object_id)
+        listed_at = position
+        gathered = self.current[table].get(object_id)
+        if gathered is not None and gathered[1:3] == (owner_id, user_id):
+            listed_at = gathered[-2]  # as `upsert` keeps it: batches do not change it
         self.current[table][object_id] = (
             object_id,
             owner_id,
@@ -469,6 +486,7 @@ class _Batch:
             epoch_ms(data.get("created_at")),
             epoch_ms(data.get("updated_at")),
             position,
+            listed_at,
             to_json(view),
         )
 
@@ -537,7 +555,11 @@ class _Batch:
         db.insert_rows(cursor, t["changes"], CHANGE_COLUMNS, self.changes)
         for table, rows in self.current.items():
             db.insert_rows(
-                cursor, t[table], CURRENT_COLUMNS, list(rows.values()), on_conflict=UPSERT
+                cursor,
+                t[table],
+                CURRENT_COLUMNS,
+                list(rows.values()),
+                on_conflict=upsert(db, t[table]),
             )
             if table == "sessions":
                 self.session_rows.update(rows)
