@@ -28,6 +28,11 @@ from audit.jsontext import loads
 MAX_DEPTH = 32
 # What `json` writes as its own, subclasses included, before it would look for a transcoding.
 _JSON_TYPES = (str, int, float, dict, list, tuple)
+# A record's members that hold a payload's own JSON, which never holds a transcoded type: read
+# as they are. A signed `event_attributes` holding an object shaped like one (`{"_type_": "x",
+# "_data_": 1}`) was stored, then failed every read of its record (its stream's folds answered
+# 500, the projections recorded it as an error), or was read back as a datetime.
+PLAIN_MEMBERS = frozenset({"event_attributes"})
 
 
 class _ReadByJson(Exception):
@@ -81,29 +86,32 @@ class StoreTranscoder(JSONTranscoder):
         try:
             record = orjson.loads(data)
             if type(record) is dict:
-                return self._revive(record, 0)
+                return self._revive(record, 0, plain=False, by_orjson=True)
         except (orjson.JSONDecodeError, _ReadByJson):
             pass
-        return super().decode(data)
+        record = json.loads(data)  # `json` as `JSONTranscoder` reads, with the hook below
+        return self._revive(record, 0, plain=False, by_orjson=False)
 
-    def _revive(self, value: Any, depth: int) -> Any:
+    def _revive(self, value: Any, depth: int, *, plain: bool, by_orjson: bool) -> Any:
         """`value` with every object replaced by what the hook makes of it, children before
-        their parents, as `json`'s `object_hook` does.
+        their parents, as `json`'s `object_hook` does, except within PLAIN_MEMBERS.
 
-        Raises _ReadByJson at a float, which orjson also makes of an integer beyond 64 bits
-        (`json` keeps it an int; a record's own numbers are all integers), and at deep nesting,
-        which a payload's attributes may have and Python's stack would not.
+        Read `by_orjson`, raises _ReadByJson at a float, which orjson also makes of an integer
+        beyond 64 bits (`json` keeps it an int; a record's own numbers are all integers), and at
+        deep nesting, which a payload's attributes may have (at most 256 levels: `json` then).
         """
-        if depth > MAX_DEPTH:
+        if by_orjson and depth > MAX_DEPTH:
             raise _ReadByJson()
-        items = value.items() if type(value) is dict else enumerate(value)
+        is_dict = type(value) is dict
+        items = value.items() if is_dict else enumerate(value)
         for key, item in items:
             kind = type(item)
             if kind is dict or kind is list:
-                value[key] = self._revive(item, depth + 1)
-            elif kind is float:
+                within = plain or (depth == 0 and key in PLAIN_MEMBERS)
+                value[key] = self._revive(item, depth + 1, plain=within, by_orjson=by_orjson)
+            elif by_orjson and kind is float:
                 raise _ReadByJson()
-        return self._decode_obj(value) if type(value) is dict else value
+        return self._decode_obj(value) if is_dict and not plain else value
 
 
 class StateAsJson(Transcoding):

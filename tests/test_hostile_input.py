@@ -459,3 +459,42 @@ def test_metadata_keys_with_dots_too_long_to_index_or_named_object_are_changes(
     exported = client.get("/v1/changes", params={"subject": user_id, "format": "csv"}, headers=auth)
     assert exported.status_code == 200 and long_key in exported.text
     assert code not in exported.text and code not in json.dumps(history)
+
+
+@pytest.mark.parametrize(
+    "lookalike",
+    [
+        {"_type_": "nope", "_data_": 1},  # no such transcoding: the record could not be read
+        {"_type_": "datetime_iso", "_data_": "2024-01-01T00:00:00"},  # read back as a datetime
+        {"_type_": "nope", "_data_": 1.5},  # a float: read by `json`, hook and all
+    ],
+)
+def test_event_attributes_shaped_like_a_stored_type_are_read_back_as_sent(
+    client: TestClient, log: AuditLog, secret: str, lookalike: dict[str, Any]
+) -> None:
+    """The store's JSON marks its own types as `{"_type_": ..., "_data_": ...}`. A signed
+    delivery's `event_attributes` holding that shape was recorded (200), then failed every read
+    of its record: its stream's `as_of` answered 500, the projections counted an error and the
+    event was missing from /v1/events (review C)."""
+    user = dict(payload("user.created")["data"], id=f"user_{new_svix_id()}")
+    body = dict(payload("user.created"), data=user)
+    body["event_attributes"] = {"http_request": {"client_ip": "192.0.2.1", "extra": lookalike}}
+    svix_id = new_svix_id()
+    assert post(client, secret, body, svix_id=svix_id).json()["status"] == "recorded"
+    projector = Projector(log)
+    projector.run_once()
+    assert [row["errors"] for row in projector.status()] == [0, 0, 0], projector.status()
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    event = client.get(f"/v1/events/{svix_id}", headers=auth)
+    assert event.status_code == 200, event.text
+    as_of = {"as_of": body["timestamp"]}
+    state = client.get(f"/v1/users/{user['id']}", params=as_of, headers=auth)
+    assert state.status_code == 200, state.text
+    position = event.json()["position"]
+    record = log.db.fetchone(
+        f"SELECT originator_id, originator_version, topic, state FROM"
+        f" {log.db.table(log.db.events_table)} WHERE {log.db.position_column} = %s",
+        [position],
+    )
+    delivery = log.stored_delivery({**dict(record), "position": position})
+    assert delivery.event_attributes == body["event_attributes"]
