@@ -65,27 +65,31 @@ class WebhookReceiver:
         )
 
     def _headers(self, request: Request) -> tuple[str, str, str]:
-        for id_name, timestamp_name, signature_name in HEADER_SETS:
-            svix_id = request.headers.get(id_name)
-            if svix_id is None:
-                continue
-            timestamp = request.headers.get(timestamp_name, "")
-            signature = request.headers.get(signature_name, "")
-            if not svix_id or len(svix_id) > MAX_ID_LENGTH or not svix_id.isprintable():
-                raise ApiError(400, "invalid_headers", f"The {id_name} header is malformed.")
-            if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
+        """The id, timestamp and signatures, each from its `svix-*` header if there is one,
+        else its `webhook-*` one, as `svix` itself reads them (taking the whole set from
+        `svix-id` alone refused a complete `webhook-*` set beside a stray `svix-id`)."""
+        found: list[tuple[str, str]] = []
+        for names in zip(*HEADER_SETS, strict=True):
+            name = next((name for name in names if name in request.headers), None)
+            if name is None:
                 raise ApiError(
-                    400, "invalid_headers", f"The {timestamp_name} header is not whole seconds."
+                    400,
+                    "missing_headers",
+                    f"The {names[0]} header (or {names[1]}) is required: a delivery carries"
+                    " svix-id, svix-timestamp and svix-signature.",
                 )
-            entries = [e for e in signature.split(" ") if _SIGNATURE_ENTRY.match(e)]
-            if not entries:
-                raise ApiError(400, "invalid_headers", f"The {signature_name} header is malformed.")
-            return svix_id, timestamp, " ".join(entries)
-        raise ApiError(
-            400,
-            "missing_headers",
-            "The svix-id, svix-timestamp and svix-signature headers are required.",
-        )
+            found.append((name, request.headers[name]))
+        (id_name, svix_id), (timestamp_name, timestamp), (signature_name, signature) = found
+        if not svix_id or len(svix_id) > MAX_ID_LENGTH or not svix_id.isprintable():
+            raise ApiError(400, "invalid_headers", f"The {id_name} header is malformed.")
+        if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
+            raise ApiError(
+                400, "invalid_headers", f"The {timestamp_name} header is not whole seconds."
+            )
+        entries = [e for e in signature.split(" ") if _SIGNATURE_ENTRY.match(e)]
+        if not entries:
+            raise ApiError(400, "invalid_headers", f"The {signature_name} header is malformed.")
+        return svix_id, timestamp, " ".join(entries)
 
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")

@@ -325,3 +325,30 @@ def test_a_bad_body_is_told_in_its_own_words(client: TestClient, secret: str) ->
     response = post(client, secret, raw)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"] == "The body is not valid JSON."
+
+
+def test_each_header_is_read_from_either_set_as_svix_reads_it(
+    client: TestClient, log: AuditLog, secret: str
+) -> None:
+    """A complete `webhook-*` set beside a `svix-id` of the same delivery was refused ("the
+    svix-timestamp header is not whole seconds"), though `svix` verifies it: it reads each
+    header from the `svix-*` set, else from the `webhook-*` one (review C)."""
+    svix_id = new_svix_id()
+    body = payload("user.created")
+    stray = {"svix-id": svix_id}
+    response = post(
+        client, secret, body, svix_id=svix_id, header_set="webhook", extra_headers=stray
+    )
+    assert (response.status_code, response.json()["status"]) == (200, "recorded"), response.text
+    mixed = post(client, secret, body, svix_id=svix_id, extra_headers={"webhook-id": "msg_other"})
+    assert (mixed.status_code, mixed.json()["status"]) == (200, "duplicate"), mixed.text
+    raw = json.dumps(body).encode()
+    from audit.samples import signed_headers
+
+    headers = signed_headers(secret, new_svix_id(), raw)
+    del headers["svix-timestamp"]
+    missing = client.post("/webhooks/clerk", content=raw, headers=headers)
+    assert (missing.status_code, error_code(missing)) == (400, "missing_headers")
+    assert missing.json()["error"]["message"].startswith(
+        "The svix-timestamp header (or webhook-timestamp) is required"
+    )
