@@ -47,10 +47,10 @@ def decode_cursor(kind: str, cursor: str, types: tuple[type | tuple[type, ...], 
     for value, expected in zip(values, types, strict=True):
         if isinstance(value, bool) or not isinstance(value, expected):
             raise CursorError("The cursor is malformed.")
-        # Room to step past a key either way in a BIGINT; text a database can bind (no NUL,
-        # no lone surrogate).
+        # Room to step past a key either way in a BIGINT; text a database can bind (no lone
+        # surrogate; a NUL, which a key read from SQLite may hold, `Db.bindable` makes safe).
         if isinstance(value, int) and not -(2**62) <= value < 2**62:
             raise CursorError("The cursor is malformed.")
-        if isinstance(value, str) and ("\x00" in value or not is_unicode(value)):
+        if isinstance(value, str) and not is_unicode(value):
             raise CursorError("The cursor is malformed.")
     return tuple(values)

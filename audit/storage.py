@@ -528,7 +528,7 @@ class Db:
         with self.reader() as cursor:
             if payloads:
                 return self.fetch_payloads(cursor, statement, params)
-            cursor.execute(self.sql(statement), list(params))
+            cursor.execute(self.sql(statement), self.bindable(params))
             return list(cursor.fetchall())
 
     def fetch_payloads(self, cursor: Cursor, statement: str, params: Sequence[Any]) -> list[Any]:
@@ -538,13 +538,19 @@ class Db:
         psycopg decodes it again, which was half the time of reading a batch of them
         (bench/README.md). The rows' Python values are the same either way."""
         binary = {"binary": True} if self.dialect == "postgresql" else {}
-        cursor.execute(self.sql(statement), list(params), **binary)
+        cursor.execute(self.sql(statement), self.bindable(params), **binary)
         return list(cursor.fetchall())
 
     def fetchone(self, statement: str, params: Sequence[Any] = ()) -> Any:
         with self.reader() as cursor:
-            cursor.execute(self.sql(statement), list(params))
+            cursor.execute(self.sql(statement), self.bindable(params))
             return cursor.fetchone()
+
+    def bindable(self, params: Sequence[Any]) -> list[Any]:
+        """A read's parameters as the database can take them: PostgreSQL's text cannot hold a
+        NUL, and its rows hold U+FFFD for one (`text_safe`), so a key read back from SQLite's
+        rows, which keep the NUL, still finds its place in PostgreSQL's."""
+        return _nul_free(list(params)) if self.dialect == "postgresql" else list(params)
 
     def ping(self) -> None:
         try:

@@ -1351,11 +1351,12 @@ def test_a_cursor_belongs_to_its_list_and_filters(world: World) -> None:
 
 
 def test_a_tampered_cursor_is_400_not_500(world: World) -> None:
-    """Values a database cannot bind (NUL on PostgreSQL, a lone surrogate on both) or that
-    overflow a BIGINT when stepped past, inside a cursor of the right list (found by review)."""
+    """Values a database cannot bind (a lone surrogate) or that overflow a BIGINT when
+    stepped past, inside a cursor of the right list (found by review). (A NUL is bound as the
+    store holds it: tests/test_hostile_input.py.)"""
     cursor = world.ok("/v1/changes", {"limit": 1})["next_cursor"]
     envelope = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    for values in ([1, "a\x00", "x"], [1, "\ud800", "x"], [-(2**63), "a", "b"]):
+    for values in ([1, "\ud800", "x"], [-(2**63), "a", "b"]):
         raw = json.dumps({**envelope, "v": values}).encode()
         tampered = base64.urlsafe_b64encode(raw).decode().rstrip("=")
         response = world.get("/v1/changes", {"cursor": tampered})
