@@ -317,12 +317,53 @@ class AuditLog(Application[UUID]):
     def organization_state(self, org_id: str, *, as_of: int | None = None) -> OrganizationState:
         stream = stream_id("organization", org_id)
         if as_of is None:
-            return self._current(stream).state
-        events = self.stream_events(stream)
-        if not events:
-            raise AggregateNotFoundError(org_id)
+            state: OrganizationState = self._current(stream).state
+            domains = set(state.domains)
+            events = None
+        else:
+            events = self.stream_events(stream)
+            if not events:
+                raise AggregateNotFoundError(org_id)
+            state = fold_organization(
+                ((e.delivery(), e.originator_version) for e in events), as_of=as_of
+            )
+            domains = {
+                delivery.subject_id
+                for delivery in (e.delivery() for e in events)
+                if delivery.type.startswith(SUB_OBJECTS_WITH_STUBS) and delivery.subject_id
+            }
+        stubs = self._stub_streams(domains)
+        if not stubs:
+            return state
+        return self._fold_with_stubs(stream, events, stubs, as_of)
+
+    def _stub_streams(self, object_ids: set[str]) -> list[UUID]:
+        """The streams of stubs recorded before any delivery named their organization: each
+        sub-object's own, where it has one (`owning_stream`)."""
+        if not object_ids:
+            return []
+        streams = [stream_id("subject", object_id) for object_id in sorted(object_ids)]
+        return list(self.db.last_versions(streams))
+
+    def _fold_with_stubs(
+        self,
+        stream: UUID,
+        events: list[RecordedDelivery] | None,
+        stubs: list[UUID],
+        as_of: int | None,
+    ) -> OrganizationState:
+        """The organization folded with the stubs its sub-objects' own streams hold, in store
+        order. A domain's deletion stub that arrived before the domain's first version stays
+        in a stream of its own: without it, `show` and `as_of` said the domain still existed
+        while the read models, which adopt it, said it was deleted."""
+        if events is None:
+            events = self.stream_events(stream)
+        merged = [*events, *(event for stub in stubs for event in self.stream_events(stub))]
+        positions = self.db.positions([stream, *stubs])
+        merged.sort(key=lambda e: positions[(e.originator_id, e.originator_version)])
         return fold_organization(
-            ((e.delivery(), e.originator_version) for e in events), as_of=as_of
+            ((e.delivery(), positions[(e.originator_id, e.originator_version)]) for e in merged),
+            as_of=as_of,
         )
 
     def _current(self, stream: UUID) -> Any:

@@ -584,12 +584,7 @@ class Db:
 
     def last_versions(self, streams: Sequence[UUID]) -> dict[UUID, int]:
         """The highest stored version of each of these streams that has any event."""
-        keys = [self.stream_key(stream) for stream in streams]
-        if self.dialect == "postgresql":
-            # One statement text whatever the count (psycopg prepares a repeated one); binary.
-            selected, params = "= ANY(%b)", [keys]
-        else:
-            selected, params = f"IN ({','.join(['%s'] * len(keys))})", keys
+        selected, params = self._streams_condition(streams)
         rows = self.fetchall(
             f"SELECT originator_id AS stream, MAX(originator_version) AS version"
             f" FROM {self.table(self.events_table)} WHERE originator_id {selected}"
@@ -597,6 +592,24 @@ class Db:
             params,
         )
         return {UUID(str(row["stream"])): row["version"] for row in rows}
+
+    def positions(self, streams: Sequence[UUID]) -> dict[tuple[UUID, int], int]:
+        """The store position of every event of these streams, by (stream, version)."""
+        selected, params = self._streams_condition(streams)
+        rows = self.fetchall(
+            f"SELECT originator_id AS stream, originator_version AS version,"
+            f" {self.position_column} AS position"
+            f" FROM {self.table(self.events_table)} WHERE originator_id {selected}",
+            params,
+        )
+        return {(UUID(str(row["stream"])), row["version"]): row["position"] for row in rows}
+
+    def _streams_condition(self, streams: Sequence[UUID]) -> tuple[str, list[Any]]:
+        keys = [self.stream_key(stream) for stream in streams]
+        if self.dialect == "postgresql":
+            # One statement text whatever the count (psycopg prepares a repeated one); binary.
+            return "= ANY(%b)", [keys]
+        return f"IN ({','.join(['%s'] * len(keys))})", keys
 
     def owner_of(self, object_id: str) -> str | None:
         if not owner_index_holds(object_id):

@@ -2159,3 +2159,41 @@ def test_a_live_objects_v10_generation_lists_by_creation_and_an_upgrade_refuses_
     refused = world.get(path, {"cursor": created_cursor})
     assert (refused.status_code, refused.json()["error"]["code"]) == (400, "invalid_cursor")
     assert [item["id"] for item in world.walk(path, limit=2)] == listed
+
+
+def test_a_domain_deleted_before_its_first_version_arrived_is_deleted_in_every_fold(
+    world: World,
+) -> None:
+    """A domain's deletion stub names no organization; one that arrives before any version
+    naming it is stored in the domain's own stream. The read models adopt it when the late
+    `organizationDomain.created` arrives, but `audit show org_...` and `as_of` folded the
+    organization's stream alone and said the domain still existed (review A)."""
+    org_id, domain_id = "org_2stubFirstFoldTest000001", "orgdmn_2stubFirstFoldTest00001"
+    organization = dict(payload("organization.created")["data"], id=org_id)
+    world.deliver(_envelope("organization.created", organization, T_CREATED, UPDATE_IP))
+    stub = {"object": "organization_domain", "id": domain_id, "deleted": True}
+    world.deliver(_envelope("organizationDomain.deleted", stub, T_CREATED + 40_000, UPDATE_IP))
+    created = dict(
+        payload("organizationDomain.created")["data"],
+        id=domain_id,
+        organization_id=org_id,
+        created_at=T_CREATED + 1_000,
+        updated_at=T_CREATED + 1_000,
+    )
+    world.deliver(_envelope("organizationDomain.created", created, T_CREATED + 1_000, UPDATE_IP))
+    world.projector.run_once()
+    assert world.walk(f"/v1/organizations/{org_id}/domains") == []  # the read model: deleted
+
+    def domains(view: dict[str, Any]) -> list[tuple[str, bool]]:
+        return [(domain["id"], domain["deleted"]) for domain in view["domains"]]
+
+    assert domains(world.log.organization_state(org_id).view()) == [(domain_id, True)]
+    assert domains(world.log.organization_state(org_id, as_of=T_CREATED + 100_000).view()) == [
+        (domain_id, True)
+    ]
+    # Between its creation and its deletion it existed.
+    assert domains(world.log.organization_state(org_id, as_of=T_CREATED + 10_000).view()) == [
+        (domain_id, False)
+    ]
+    # Organizations without such stubs fold their own stream alone, as before.
+    assert world.log.organization_state(SAMPLE_ORG).view()["id"] == SAMPLE_ORG
