@@ -28,7 +28,7 @@ from api.deadline import ReadThreads
 from api.errors import RETRY_AFTER_SECONDS, ApiError
 from api.responses import ExportResponse, JSONResponse
 from audit import queries
-from audit.aggregates.state import has_versions
+from audit.aggregates.state import created_sort_key, has_versions
 from audit.application import AuditLog
 from audit.cursors import CursorError, decode_cursor, encode_cursor
 from audit.jsontext import dumps
@@ -124,6 +124,14 @@ FORMAT = Param(
 AS_OF = Param(
     "as_of",
     "Rebuild the state from the event stream as of this occurred_at (inclusive).",
+    TIME_SCHEMA,
+)
+AS_OF_LIST = Param(
+    "as_of",
+    "The list as of this occurred_at (inclusive), rebuilt from the event stream as the state's"
+    " `as_of` is, in creation order. (An organization's stream does not hold its members'"
+    " users' deletions: a member whose user was deleted by then is listed, unless the"
+    " membership's own deletion was recorded too.)",
     TIME_SCHEMA,
 )
 
@@ -756,6 +764,10 @@ def _owned(
     db = db_of(request)
     object_id = args.path("user_id" if parent == "user" else "org_id")
     kind = f"{parent}-{table}"
+    as_of = args.time("as_of")
+    if as_of is not None:
+        page = _owned_as_of(request, args, parent, table, object_id, as_of, include_deleted)
+        return list_response(page, args, f"{kind}-as-of", render)
     try:
         page = queries.owned_objects(
             db,
@@ -775,6 +787,52 @@ def _owned(
     parent_table = "users" if parent == "user" else "organizations"
     _require_known(request, page, args, parent_table, object_id, parent)
     return list_response(page, args, kind, render)
+
+
+# The list of a user's or an organization's view (`state.view()`) each table's rows are in.
+VIEW_LIST_OF_TABLE = {
+    "sessions": "sessions",
+    "memberships": "members",
+    "invitations": "invitations",
+    "domains": "domains",
+}
+
+
+def _owned_as_of(
+    request: Request,
+    args: Args,
+    parent: str,
+    table: str,
+    object_id: str,
+    as_of: int,
+    include_deleted: bool,
+) -> queries.Page:
+    """A sub-collection as of `as_of`, from the user's or organization's stream folded up to
+    then, as `as_of` rebuilds their state: the same items, shapes and order (creation) a
+    current list has, except that the organization's stream does not hold its members' users'
+    deletions."""
+    log = log_of(request)
+    try:
+        if parent == "user":
+            view = log.user_state(object_id, as_of=as_of).view()
+        else:
+            view = log.organization_state(object_id, as_of=as_of).view()
+    except AggregateNotFoundError:
+        raise _no_state(parent, object_id, known=False, as_of=as_of) from None
+    if view["first_seen_at"] is None:  # nothing of it had happened by then
+        raise _no_state(parent, object_id, known=False, as_of=as_of)
+    items = view[VIEW_LIST_OF_TABLE[table]]
+    if not include_deleted:
+        gone = table == "domains" and view["deleted"]  # the view keeps those, flagged
+        items = [item for item in items if not gone and not item.get("deleted")]
+    owner = "user_id" if parent == "user" else "organization_id"
+    rows = [{"id": item["id"], owner: object_id, "view": item} for item in items]
+    return queries.sorted_page(
+        rows,
+        lambda row: created_sort_key(row["view"]),
+        after=args.cursor(f"{parent}-{table}-as-of", (int, str)),
+        limit=args.limit(),
+    )
 
 
 def user_sessions(request: Request, args: Args) -> Response:
@@ -973,7 +1031,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "A user's sessions",
         "The user's sessions (ended ones included), in the order they were recorded, with status "
         "and last activity (device, browser, IP, city, country).",
-        (USER_ID, *PAGING),
+        (USER_ID, AS_OF_LIST, *PAGING),
         "Session",
         is_list=True,
     ),
@@ -1011,7 +1069,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "An organization's members",
         "Current memberships, with role, in the order they were recorded: none of a deleted"
         " organization, nor deleted ones or those of deleted users.",
-        (ORG_ID, *PAGING),
+        (ORG_ID, AS_OF_LIST, *PAGING),
         "Membership",
         is_list=True,
     ),
@@ -1021,7 +1079,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "An organization's invitations",
         "Invitations with their status (pending, accepted, revoked), in the order they were "
         "recorded; none of a deleted organization. Invitation URLs are never shown.",
-        (ORG_ID, *PAGING),
+        (ORG_ID, AS_OF_LIST, *PAGING),
         "Invitation",
         is_list=True,
     ),
@@ -1031,7 +1089,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "An organization's domains",
         "Current domains (none if the organization is deleted), with enrollment mode and"
         " verification status.",
-        (ORG_ID, *PAGING),
+        (ORG_ID, AS_OF_LIST, *PAGING),
         "Domain",
         is_list=True,
     ),

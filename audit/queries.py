@@ -523,6 +523,18 @@ def owned_objects(
     return _with_tables(db, "objects", query)
 
 
+def sorted_page(
+    items: list[dict[str, Any]],
+    key: Callable[[dict[str, Any]], tuple[Any, ...]],
+    *,
+    after: tuple[Any, ...] | None,
+    limit: int,
+) -> Page:
+    """A page of `items`, already in `key` order (a fold's lists), after the key `after`."""
+    rest = items if after is None else [item for item in items if key(item) > tuple(after)]
+    return _page(rest, limit, key, lambda item: item)
+
+
 def _owned_where(t: Tables, by: str, include_deleted: bool) -> list[str]:
     where = [f"{by} = %s"]
     if not include_deleted:

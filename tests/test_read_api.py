@@ -2197,3 +2197,70 @@ def test_a_domain_deleted_before_its_first_version_arrived_is_deleted_in_every_f
     ]
     # Organizations without such stubs fold their own stream alone, as before.
     assert world.log.organization_state(SAMPLE_ORG).view()["id"] == SAMPLE_ORG
+
+
+def test_sub_collections_as_of_a_time_are_rebuilt_from_the_stream(world: World) -> None:
+    """Who was a member, with which role, on a given day: the CLI's `show --as-of` told it,
+    the API did not (review A). Members, invitations, domains and sessions now take `as_of`,
+    folded from the stream as the state's `as_of` is."""
+    org_id = "org_2asOfListsTest0000000001"
+    organization = dict(payload("organization.created")["data"], id=org_id)
+    world.deliver(_envelope("organization.created", organization, T_CREATED, UPDATE_IP))
+
+    def membership(member: str, event_type: str, second: int, role: str) -> None:
+        data = copy.deepcopy(payload("organizationMembership.created")["data"])
+        at = T_CREATED + second * 1000
+        data.update(id=member, role=role, created_at=T_CREATED + 1000, updated_at=at)
+        if member == "orgmem_asOfSecond":
+            data["created_at"] = T_CREATED + 2000
+        data["organization"]["id"] = org_id
+        data["public_user_data"]["user_id"] = f"user_{member}"
+        world.deliver(_envelope(event_type, data, at, UPDATE_IP))
+
+    membership("orgmem_asOfFirst", "organizationMembership.created", 1, "org:member")
+    membership("orgmem_asOfSecond", "organizationMembership.created", 2, "org:member")
+    membership("orgmem_asOfFirst", "organizationMembership.updated", 20, "org:admin")
+    deleted = {"object": "organization_membership", "id": "orgmem_asOfSecond", "deleted": True}
+    deleted["organization"] = {"id": org_id}
+    world.deliver(
+        _envelope("organizationMembership.deleted", deleted, T_CREATED + 30_000, UPDATE_IP)
+    )
+    world.projector.run_once()
+    members = f"/v1/organizations/{org_id}/members"
+
+    def as_of(second: int, path: str = members) -> list[tuple[str, str | None]]:
+        walked = world.walk(path, {"as_of": T_CREATED + second * 1000}, limit=1)
+        return [(item["id"], item.get("role")) for item in walked]
+
+    assert as_of(10) == [("orgmem_asOfFirst", "org:member"), ("orgmem_asOfSecond", "org:member")]
+    assert as_of(25) == [("orgmem_asOfFirst", "org:admin"), ("orgmem_asOfSecond", "org:member")]
+    assert as_of(35) == [("orgmem_asOfFirst", "org:admin")]
+    # Now, the same items and shapes as the current list.
+    assert world.walk(members, {"as_of": MAX_EPOCH_MS - 1}) == world.walk(members)
+    before = world.get(members, {"as_of": T_CREATED - 1})
+    assert before.status_code == 404
+    assert before.json()["error"]["message"] == (
+        f"No organization '{org_id}' as of {format_time(T_CREATED - 1)}."
+    )
+    # A cursor is bound to its list and its as_of.
+    cursor = world.ok(members, {"as_of": T_CREATED + 10_000, "limit": 1})["next_cursor"]
+    for params in ({"cursor": cursor}, {"cursor": cursor, "as_of": T_CREATED + 25_000}):
+        refused = world.get(members, params)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (400, "invalid_cursor")
+    for path in ("invitations", "domains"):
+        assert world.ok(f"/v1/organizations/{org_id}/{path}", {"as_of": T_CREATED})["data"] == []
+    # A user's sessions: their status as of then.
+    sessions = f"/v1/users/{FRESH_USER}/sessions"
+    ended = copy.deepcopy(payload("session.ended")["data"])
+    ended.update(id=FRESH_SESSION, user_id=FRESH_USER, updated_at=T_UPDATED + 1000)
+    world.deliver(_envelope("session.ended", ended, T_UPDATED + 1000, UPDATE_IP))
+    world.projector.run_once()
+    [now] = world.walk(sessions)
+    assert world.walk(sessions, {"as_of": MAX_EPOCH_MS - 1}) == [now]
+
+    def statuses(at: int) -> list[tuple[str, str]]:
+        return [(item["id"], item["status"]) for item in world.walk(sessions, {"as_of": at})]
+
+    assert statuses(T_UPDATED) == [(FRESH_SESSION, "active")]
+    assert statuses(T_UPDATED + 1000) == [(FRESH_SESSION, "ended")] == [(now["id"], now["status"])]
+    assert world.get(sessions, {"as_of": T_CREATED - 1}).status_code == 404

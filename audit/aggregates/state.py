@@ -110,7 +110,8 @@ def _history_sort_key(entry: HistoryEntry) -> tuple[int, str]:
     return (entry.occurred_at if entry.occurred_at is not None else 0, entry.event_id)
 
 
-def _created_sort_key(view: dict[str, Any]) -> tuple[int, str]:
+def created_sort_key(view: dict[str, Any]) -> tuple[int, str]:
+    """How a view's lists are ordered: by creation time (none first), then id."""
     created_at = view.get("created_at")
     return (created_at if isinstance(created_at, int) else 0, view["id"])
 
@@ -262,7 +263,7 @@ class UserState:
             "id": self.user_id,
             "deleted": self.user.deleted,
             "data": self.user.as_data(),
-            "sessions": sorted(sessions, key=_created_sort_key),
+            "sessions": sorted(sessions, key=created_sort_key),
             "emails": dict(self.emails),
             "sms": dict(self.sms),
             "first_seen_at": self._stream.first_seen_at,
@@ -401,9 +402,9 @@ class OrganizationState:
             "id": self.organization_id,
             "deleted": self.organization.deleted,
             "data": self.organization.as_data(),
-            "members": sorted(members, key=_created_sort_key),
-            "invitations": sorted(invitations, key=_created_sort_key),
-            "domains": sorted(domains, key=_created_sort_key),
+            "members": sorted(members, key=created_sort_key),
+            "invitations": sorted(invitations, key=created_sort_key),
+            "domains": sorted(domains, key=created_sort_key),
             "first_seen_at": self._stream.first_seen_at,
             "last_event_at": self._stream.last_event_at,
         }
