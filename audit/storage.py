@@ -620,8 +620,33 @@ class Db:
         )
         return row["organization_id"] if row else None
 
+    def _events_protected(self) -> bool:
+        """Whether the events table's triggers (and, on PostgreSQL, the function they run, as
+        this release writes it) are in place already."""
+        if self.dialect == "sqlite":
+            row = self.fetchone(
+                "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'trigger'"
+                " AND name IN ('events_refuse_update', 'events_refuse_delete')"
+            )
+            return row["n"] == 2
+        row = self.fetchone(
+            "SELECT (SELECT COUNT(*) FROM pg_trigger WHERE tgrelid = %s::regclass"
+            " AND tgname IN ('events_refuse_change', 'events_refuse_truncate')) AS n,"
+            " (SELECT prosrc FROM pg_proc p JOIN pg_namespace s ON s.oid = p.pronamespace"
+            " WHERE s.nspname = %s AND p.proname = 'refuse_event_change') AS body",
+            [self.table(self.events_table), self.schema],
+        )
+        return row["n"] == 2 and row["body"] == _REFUSE_EVENT_CHANGE
+
     def protect_events_table(self) -> None:
-        """Make the events table refuse UPDATE and DELETE in the database itself."""
+        """Make the events table refuse UPDATE and DELETE in the database itself.
+
+        Only where that is not done yet: creating the triggers takes a lock that waits for every
+        write under way (SQLite's writer lock; on PostgreSQL, a lock that conflicts with an
+        insert's), so `audit projections` and `audit show` waited on a busy store, and failed
+        after 30 s on one held by a long transaction."""
+        if self._events_protected():
+            return
         table = self.table(self.events_table)
         with self.transaction() as cursor:
             if self.dialect == "sqlite":
@@ -634,8 +659,8 @@ class Db:
                 return
             function = f'"{self.schema}"."refuse_event_change"'
             cursor.execute(
-                f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$ "
-                "BEGIN RAISE EXCEPTION 'clerk-audit events are immutable: % refused', TG_OP; END $$"
+                f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql"
+                f" AS $${_REFUSE_EVENT_CHANGE}$$"
             )
             cursor.execute(
                 "CREATE OR REPLACE TRIGGER events_refuse_change"
@@ -646,6 +671,12 @@ class Db:
                 f"CREATE OR REPLACE TRIGGER events_refuse_truncate BEFORE TRUNCATE ON {table} "
                 f"FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
             )
+
+
+# The body of the function the events table's PostgreSQL triggers run.
+_REFUSE_EVENT_CHANGE = (
+    " BEGIN RAISE EXCEPTION 'clerk-audit events are immutable: % refused', TG_OP; END "
+)
 
 
 class EventWaiter:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -510,3 +511,31 @@ def test_the_rebuild_progress_bar_takes_in_deliveries_that_arrive_during_the_reb
         )
         everything = len(names) * 2 * len(deliveries)
         assert (bar.n, bar.total) == (everything, everything)
+
+
+def test_reading_commands_open_a_store_another_process_is_writing(
+    tmp_path: Path, log: AuditLog
+) -> None:
+    """Opening the store re-created its immutability triggers in a write transaction, so on
+    SQLite `audit projections` and `audit show` waited 30 s for a writer's lock, then failed
+    with a traceback (review C). A store whose triggers are in place opens without a write."""
+    if isinstance(log.database, PostgresDatabase):
+        pytest.skip(
+            "PostgreSQL: a write holds the events table for milliseconds, and opening waits for"
+            " it anyway (eventsourcing's CREATE UNIQUE INDEX IF NOT EXISTS at start)"
+        )
+    deliveries = sample_deliveries()
+    log.record(deliveries)
+    Projector(log).run_once()
+    user_id = next(d.subject_id for d in deliveries if d.type.startswith("user."))
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(log.database)}
+    assert isinstance(log.database, SqliteDatabase)
+    writer = sqlite3.connect(log.database.path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
+    try:
+        for command in (["projections"], ["show", str(user_id)]):
+            result = run_audit(*command, env=env)
+            assert result.returncode == 0, (command, result.stderr[-400:])
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
