@@ -214,11 +214,14 @@ class Args:
         return int(raw)
 
     def time(self, name: str) -> int | None:
+        """`since` and `until` bound the times before them out (`occurred_at >= since`,
+        `< until`): a time between two milliseconds counts as the later one. `as_of` takes in
+        what happened by then: the earlier."""
         raw = self.query.get(name)
         if raw is None:
             return None
         try:
-            return parse_time(raw)
+            return parse_time(raw, round_up=name in ("since", "until"))
         except TimeParseError as exc:
             raise bad_request(
                 "invalid_time", f"{name!r}: {exc} (use ISO 8601 or epoch milliseconds)."

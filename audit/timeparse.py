@@ -31,8 +31,11 @@ def epoch_ms(value: object) -> int | None:
     return None
 
 
-def parse_time(value: str) -> int:
+def parse_time(value: str, *, round_up: bool = False) -> int:
     """Epoch milliseconds from ISO 8601 (`2024-05-28T08:06:40.018Z`) or epoch milliseconds.
+
+    A finer ISO time falls between two milliseconds: the earlier one, or with `round_up` the
+    later (a bound that excludes what is before it: `since=…40.0185Z` took an event at …40.018).
 
     Only times `format_time` can write (years 1 to 9999): an `as_of` past them was answered
     as of the end of the stream, its time written back as null, as a current state is."""
@@ -50,7 +53,10 @@ def parse_time(value: str) -> int:
             moment = moment.replace(tzinfo=UTC)
         # Whole milliseconds by integer arithmetic: `timestamp() * 1000` goes through a float,
         # which put some times a millisecond early (…55.695 read as …55.694).
-        millis = (moment - _EPOCH_UTC) // _ONE_MILLISECOND
+        elapsed = moment - _EPOCH_UTC
+        millis = elapsed // _ONE_MILLISECOND
+        if round_up and elapsed % _ONE_MILLISECOND:
+            millis += 1
     if not MIN_EPOCH_MS <= millis < MAX_EPOCH_MS:
         raise TimeParseError(f"{value[:40]!r} is out of range (years 1 to 9999)")
     return millis

@@ -2264,3 +2264,20 @@ def test_sub_collections_as_of_a_time_are_rebuilt_from_the_stream(world: World) 
     assert statuses(T_UPDATED) == [(FRESH_SESSION, "active")]
     assert statuses(T_UPDATED + 1000) == [(FRESH_SESSION, "ended")] == [(now["id"], now["status"])]
     assert world.get(sessions, {"as_of": T_CREATED - 1}).status_code == 404
+
+
+def test_a_time_between_two_milliseconds_bounds_as_its_filter_means(world: World) -> None:
+    """`since=…00.0005Z` took events at …00.000, which are before it: the parser floored
+    every time (review B). A bound that excludes what is before it (`since`, and `until`,
+    which is exclusive) now takes the later millisecond; `as_of` the earlier."""
+    created = format_time(T_CREATED)
+    at = [e for e in world.walk("/v1/events", limit=500) if e["occurred_at"] == created]
+    assert at, "the fixture has events at T_CREATED"
+    half_past = format_time(T_CREATED).replace("Z", "5Z")  # …00.0005Z
+    since = {e["id"] for e in world.walk("/v1/events", {"since": half_past}, limit=500)}
+    assert not since & {e["id"] for e in at}
+    until = {e["id"] for e in world.walk("/v1/events", {"until": half_past}, limit=500)}
+    assert {e["id"] for e in at} <= until
+    assert parse_time(half_past) == T_CREATED
+    assert parse_time(half_past, round_up=True) == T_CREATED + 1
+    assert parse_time(format_time(T_CREATED), round_up=True) == T_CREATED
