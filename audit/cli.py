@@ -18,7 +18,7 @@ from audit.config import (
     DATABASE_VARIABLE,
     SECRET_VARIABLE,
     ConfigError,
-    database_from_env,
+    Database,
     load_settings,
     parse_secrets,
 )
@@ -30,6 +30,13 @@ EXIT_CONFIG = 2
 EXIT_USAGE = 2  # as argparse's own usage errors
 EXIT_NOT_FOUND = 1
 EXIT_BUSY = 3  # another process holds what this command needs
+
+
+def configured_database() -> Database:
+    """The database, once every variable that is set has been checked, whichever command runs:
+    a bad secret or body limit found by `audit project` or `audit projections` is one found
+    before `audit serve` refuses to start (SPEC 1). Only `serve` requires a secret."""
+    return load_settings(require_secret=False).database
 
 
 def open_log(database, *, existing: bool = False):  # type: ignore[no-untyped-def]
@@ -100,7 +107,7 @@ def cmd_project(args: argparse.Namespace) -> int:
 
     from audit.projections.runner import Projector
 
-    log = open_log(database_from_env())
+    log = open_log(configured_database())
     try:
         projector = Projector(log)
         if args.once:
@@ -128,7 +135,7 @@ def cmd_project(args: argparse.Namespace) -> int:
 def cmd_projections(args: argparse.Namespace) -> int:
     from audit.projections.runner import Projector
 
-    log = open_log(database_from_env(), existing=True)
+    log = open_log(configured_database(), existing=True)
     try:
         projector = Projector(log, register=False)  # a status command writes nothing
         rows = projector.status()
@@ -176,7 +183,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    log = open_log(database_from_env(), existing=True)
+    log = open_log(configured_database(), existing=True)
     try:
         # Two at once would each drop the other's build, and one would say it had switched.
         with held_exclusively(log.database, "rebuild"):
@@ -309,7 +316,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         except TimeParseError as exc:
             print(f"--as-of: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-    log = open_log(database_from_env(), existing=True)
+    log = open_log(configured_database(), existing=True)
     try:
         if args.id.startswith("org_"):
             state = log.organization_state(args.id, as_of=as_of)

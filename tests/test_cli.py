@@ -539,3 +539,29 @@ def test_reading_commands_open_a_store_another_process_is_writing(
     finally:
         writer.execute("ROLLBACK")
         writer.close()
+
+
+@pytest.mark.parametrize(
+    "command", [["projections"], ["show", "user_x"], ["rebuild", "--all"], ["project", "--once"]]
+)
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CLERK_WEBHOOK_SIGNING_SECRET", "abc"),
+        ("CLERK_WEBHOOK_SIGNING_SECRET", "whsec_@@@"),
+        ("AUDIT_MAX_BODY_BYTES", "abc"),
+        ("AUDIT_MAX_BODY_BYTES", "0"),
+    ],
+)
+def test_every_command_stops_on_a_bad_variable_with_one_line(
+    tmp_path: Path, command: list[str], variable: str, value: str
+) -> None:
+    """SPEC 1: bad configuration stops the program with one line naming the variable. Only
+    `serve` read the secret and the body limit, so `audit project` ran on with a secret that
+    would stop `audit serve` (review C). A secret left unset is still fine but for `serve`."""
+    env = {**base_env(tmp_path), variable: value}
+    result = run_audit(*command, env=env)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"{variable}: "), line
+    assert not (tmp_path / "audit.db").exists()
