@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import random
 import threading
@@ -38,7 +39,7 @@ from audit.projections.runner import (
 from audit.storage import Cursor, Db
 from tests.conftest import drop_postgres_schema, new_postgres_database
 from tests.test_domain_state import organization_histories, user_histories
-from tests.webhook_helpers import payload_files
+from tests.webhook_helpers import payload, payload_files
 
 # Columns that record arrival (positions, receipt times, staleness), not what happened.
 ARRIVAL_COLUMNS = {"position", "k3", "stale", "received_at", "listed_at"}
@@ -697,3 +698,36 @@ def test_a_rebuild_in_processes_interrupted_here_stops_them_and_can_be_finished(
     projector.run_once()
     assert {row["state"] for row in projector.status()} == {"live"}
     assert all_rows(log.db, drop=ARRIVAL_COLUMNS) == live
+
+
+def test_a_row_moved_and_moved_back_within_one_batch_is_listed_as_a_rebuild_lists_it(
+    database: Database, tmp_path: Path
+) -> None:
+    """`listed_at` is the position that last moved a row into its owner's lists. A session's
+    user going A, B, then A again within one live batch kept its first listing, while a
+    rebuild (or batches of one) listed it again at the move back (review D; SPEC 5: rebuilt
+    and followed live alike). Clerk moves no session, but a signed payload may."""
+    kind = "sqlite" if isinstance(database, SqliteDatabase) else "postgresql"
+
+    def session(user_id: str, second: int) -> Delivery:
+        body = payload("session.created")
+        body["data"].update(id="sess_movedBack", user_id=user_id, updated_at=second * 1000)
+        return parse_delivery(
+            json.dumps(body).encode(),
+            svix_id=f"msg_moved{second}",
+            svix_timestamp=1,
+            received_at=second,
+        )
+
+    moves = [session("user_movedA", 1), session("user_movedB", 2), session("user_movedA", 3)]
+    listed = []
+    for batches in ([moves[:1], moves[1:]], [moves[:1], moves[1:2], moves[2:]], [moves]):
+        with fresh_log(kind, tmp_path, "moved") as log:
+            projector = Projector(log)
+            for batch in batches:
+                log.record(batch)
+                projector.run_once()
+            sessions = active_tables(log.db, "objects")["sessions"]
+            [row] = log.db.fetchall(f"SELECT user_id, listed_at, position FROM {sessions}")
+            listed.append((row["user_id"], row["listed_at"] == row["position"]))
+    assert listed == [("user_movedA", True)] * 3

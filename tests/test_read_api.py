@@ -2281,3 +2281,28 @@ def test_a_time_between_two_milliseconds_bounds_as_its_filter_means(world: World
     assert parse_time(half_past) == T_CREATED
     assert parse_time(half_past, round_up=True) == T_CREATED + 1
     assert parse_time(format_time(T_CREATED), round_up=True) == T_CREATED
+
+
+def test_as_of_lists_hold_what_the_current_lists_hold_whatever_a_payload_says(
+    world: World,
+) -> None:
+    """Found by review D: an `as_of` walk stopped with 400 on its own cursor when a session's
+    `created_at` was `true` or 2**63 (its key was the raw value), and an invitation deleted
+    (`data.deleted`) stayed in the `as_of` list while the current list left it out."""
+    for number, created_at in enumerate((True, 2**63, "yesterday")):
+        data = copy.deepcopy(payload("session.created")["data"])
+        data.update(id=f"sess_oddCreated{number}", user_id=FRESH_USER, created_at=created_at)
+        world.deliver(_envelope("session.created", data, T_CREATED + number, UPDATE_IP))
+    org_id = SAMPLE_ORG
+    invitation = copy.deepcopy(payload("organizationInvitation.created")["data"])
+    invitation.update(id="orginv_deletedLater", organization_id=org_id)
+    world.deliver(_envelope("organizationInvitation.created", invitation, T_CREATED, UPDATE_IP))
+    gone = dict(invitation, deleted=True, updated_at=T_UPDATED)
+    world.deliver(_envelope("organizationInvitation.revoked", gone, T_UPDATED, UPDATE_IP))
+    world.projector.run_once()
+    for path in (f"/v1/users/{FRESH_USER}/sessions", f"/v1/organizations/{org_id}/invitations"):
+        now = world.walk(path, limit=1)
+        then = world.walk(path, {"as_of": MAX_EPOCH_MS - 1}, limit=1)
+        assert sorted(then, key=lambda item: item["id"]) == sorted(now, key=lambda i: i["id"])
+    sessions = [item["id"] for item in world.walk(f"/v1/users/{FRESH_USER}/sessions")]
+    assert {f"sess_oddCreated{n}" for n in range(3)} <= set(sessions)

@@ -18,6 +18,7 @@ from audit.aggregates.delivery import Delivery
 from audit.aggregates.fields import nonempty_str
 from audit.aggregates.routing import organization_id_of, user_id_of
 from audit.aggregates.versions import ObjectVersions, Placement, Version
+from audit.timeparse import epoch_ms
 
 SNAPSHOT_VERSION = 1
 
@@ -111,9 +112,10 @@ def _history_sort_key(entry: HistoryEntry) -> tuple[int, str]:
 
 
 def created_sort_key(view: dict[str, Any]) -> tuple[int, str]:
-    """How a view's lists are ordered: by creation time (none first), then id."""
-    created_at = view.get("created_at")
-    return (created_at if isinstance(created_at, int) else 0, view["id"])
+    """How a view's lists are ordered: by creation time (none, or not a time, first), then id.
+    (A payload's `true` or 2**63 sorted as itself, and its page's key made a cursor the API
+    refuses.)"""
+    return (epoch_ms(view.get("created_at")) or 0, view["id"])
 
 
 def _new_counter() -> dict[str, Any]:
@@ -395,7 +397,7 @@ class OrganizationState:
         invitations = [
             invitation_view(iid, versions)
             for iid, versions in self.invitations.items()
-            if not self.organization.deleted
+            if not versions.deleted and not self.organization.deleted
         ]
         domains = [domain_view(did, v) for did, v in self.domains.items()]
         return {

@@ -471,11 +471,15 @@ class _Batch:
         user_id = view.get("user_id") if table == "memberships" else None
         if table in ("users", "sessions"):
             user_id = owner_id
-        self.gathered_objects.add(object_id)
-        listed_at = position
         gathered = self.current[table].get(object_id)
-        if gathered is not None and gathered[1:3] == (owner_id, user_id):
-            listed_at = gathered[-2]  # as `upsert` keeps it: batches do not change it
+        if gathered is not None and gathered[1:3] != (owner_id, user_id):
+            # A move within the batch: its row is stored first, so that `upsert` sees the move
+            # (a move and back within one batch kept the first listing; in two, it did not).
+            self.flush()
+            gathered = None
+        self.gathered_objects.add(object_id)
+        # As `upsert` keeps it, so batches do not change it.
+        listed_at = position if gathered is None else gathered[-2]
         self.current[table][object_id] = (
             object_id,
             owner_id,
