@@ -82,8 +82,10 @@ def parse_secrets(value: str) -> tuple[str, ...]:
     for secret in secrets:
         if not secret.startswith("whsec_"):
             raise ConfigError(SECRET_VARIABLE, "each secret must start with 'whsec_'")
+        encoded = secret.removeprefix("whsec_")
         try:
-            key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+            # Padding may be left off, as svix (standardwebhooks) allows: it pads the secret.
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
         except (binascii.Error, ValueError):
             raise ConfigError(SECRET_VARIABLE, "a secret is not valid base64 after 'whsec_'")
         if not key:

@@ -16,7 +16,7 @@ from audit.aggregates.delivery import parse_delivery
 from audit.aggregates.routing import StreamRef, owning_stream
 from audit.aggregates.streams import RecordedDelivery
 from audit.application import AuditLog
-from audit.config import Database, PostgresDatabase, Settings
+from audit.config import ConfigError, Database, PostgresDatabase, Settings, parse_secrets
 from audit.storage import postgres_connect_args
 from tests.conftest import new_secret
 from tests.webhook_helpers import new_svix_id, payload, payload_files, post, seconds_ago
@@ -352,3 +352,22 @@ def test_each_header_is_read_from_either_set_as_svix_reads_it(
     assert missing.json()["error"]["message"].startswith(
         "The svix-timestamp header (or webhook-timestamp) is required"
     )
+
+
+def test_a_secret_without_its_base64_padding_is_accepted_as_svix_accepts_it(
+    settings, log: AuditLog
+) -> None:
+    """svix pads a secret itself, so `whsec_YWJjZA` (padding left off) signs and verifies;
+    the configuration refused it (review C). Garbage after `whsec_` is still refused."""
+    from dataclasses import replace
+
+    from api.app import create_app
+
+    short = "whsec_YWJjZA"  # "abcd", whose padding is "=="
+    assert parse_secrets(f"{short} whsec_YWJjZGU") == (short, "whsec_YWJjZGU")  # "abcde", "="
+    with pytest.raises(ConfigError):
+        parse_secrets("whsec_YWJj*A")
+    configured = replace(settings, signing_secrets=(short,))
+    with TestClient(create_app(configured, log)) as client:
+        assert post(client, short, payload("user.created")).status_code == 200
+        assert post(client, "whsec_YWJjZA==", payload("user.updated")).status_code == 200
