@@ -2306,3 +2306,25 @@ def test_as_of_lists_hold_what_the_current_lists_hold_whatever_a_payload_says(
         assert sorted(then, key=lambda item: item["id"]) == sorted(now, key=lambda i: i["id"])
     sessions = [item["id"] for item in world.walk(f"/v1/users/{FRESH_USER}/sessions")]
     assert {f"sess_oddCreated{n}" for n in range(3)} <= set(sessions)
+
+
+def test_a_session_first_seen_without_its_user_is_listed_under_that_user_once_named(
+    world: World,
+) -> None:
+    """A session's stub (an `ended` with no `user_id`) arrives first; the late `created`
+    names the user but is not the current version. Adopting the stub set the row's
+    `organization_id` to the user and left `user_id` as the session's own id, so the user's
+    sessions listed it with `"user_id": "sess_..."` (review D)."""
+    session_id, user_id = "sess_2orphanFirstTest0000001", "user_2orphanFirstTest000001"
+    ended = {"id": session_id, "object": "session", "status": "ended"}
+    ended.update(created_at=T_CREATED, updated_at=T_UPDATED)
+    world.deliver(_envelope("session.ended", ended, T_UPDATED, UPDATE_IP))
+    world.projector.run_once()
+    created = copy.deepcopy(payload("session.created")["data"])
+    created.update(id=session_id, user_id=user_id, created_at=T_CREATED, updated_at=T_CREATED)
+    world.deliver(_envelope("session.created", created, T_CREATED, UPDATE_IP))
+    world.projector.run_once()
+    [listed] = world.walk(f"/v1/users/{user_id}/sessions")
+    assert (listed["id"], listed["user_id"], listed["status"]) == (session_id, user_id, "ended")
+    row = queries.current_object(world.log.db, "sessions", session_id)
+    assert row is not None and row["organization_id"] is None

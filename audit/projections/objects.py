@@ -311,9 +311,11 @@ class ObjectsProjection(Projection):
             ),
             [owner_id, object_id, object_id],
         )
+        # A session's owner is its user; the others' their organization (as `set_current`).
+        column = "user_id" if table == "sessions" else "organization_id"
         cursor.execute(
             db.sql(
-                f"UPDATE {t[table]} SET owner_id = %s, organization_id = %s, listed_at = %s"
+                f"UPDATE {t[table]} SET owner_id = %s, {column} = %s, listed_at = %s"
                 " WHERE id = %s AND owner_id = %s"
             ),
             [owner_id, owner_id, position, object_id, object_id],
