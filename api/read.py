@@ -645,13 +645,7 @@ def _state(request: Request, args: Args, kind: str) -> Response:
     as_of = args.time("as_of")
     log = log_of(request)
     if as_of is not None:
-        try:
-            if kind == "user":
-                view = log.user_state(object_id, as_of=as_of).view()
-            else:
-                view = log.organization_state(object_id, as_of=as_of).view()
-        except AggregateNotFoundError:
-            raise _no_state(label, object_id, known=False, as_of=as_of) from None
+        view = _view_as_of(request, label, object_id, as_of)
         if not has_versions(view):
             known = view["first_seen_at"] is not None  # its sessions, say, by then
             raise _no_state(label, object_id, known=known, as_of=as_of)
@@ -671,6 +665,18 @@ def _state(request: Request, args: Args, kind: str) -> Response:
             raise _no_state(label, object_id, known=queries.is_known_id(db, object_id))
     view = row["view"] or {}
     return JSONResponse(render_state(object_id, row["deleted"], view.get("data"), None))
+
+
+def _view_as_of(request: Request, label: str, object_id: str, as_of: int) -> dict[str, Any]:
+    """A user's or an organization's view as of `as_of`, folded from its stream (`label`:
+    "user" or "organization"); 404 when it has no stream."""
+    log = log_of(request)
+    try:
+        if label == "user":
+            return log.user_state(object_id, as_of=as_of).view()
+        return log.organization_state(object_id, as_of=as_of).view()
+    except AggregateNotFoundError:
+        raise _no_state(label, object_id, known=False, as_of=as_of) from None
 
 
 def _no_state(label: str, object_id: str, *, known: bool, as_of: int | None = None) -> ApiError:
@@ -814,14 +820,7 @@ def _owned_as_of(
     then, as `as_of` rebuilds their state: the same items, shapes and order (creation) a
     current list has, except that the organization's stream does not hold its members' users'
     deletions."""
-    log = log_of(request)
-    try:
-        if parent == "user":
-            view = log.user_state(object_id, as_of=as_of).view()
-        else:
-            view = log.organization_state(object_id, as_of=as_of).view()
-    except AggregateNotFoundError:
-        raise _no_state(parent, object_id, known=False, as_of=as_of) from None
+    view = _view_as_of(request, parent, object_id, as_of)
     if view["first_seen_at"] is None:  # nothing of it had happened by then
         raise _no_state(parent, object_id, known=False, as_of=as_of)
     items = view[VIEW_LIST_OF_TABLE[table]]
