@@ -40,8 +40,19 @@ class AccessLog:
             log.info(
                 "%s %s %d%s %.1fms",
                 scope["method"],
-                scope["path"],
+                loggable_path(scope),
                 status,
                 " cut" if answered and not complete else "",
                 (time.perf_counter() - started) * 1000,
             )
+
+
+def loggable_path(scope: Scope) -> str:
+    """The path as the client sent it, still percent-encoded: decoded, a `%0A` in it wrote a
+    line of the client's choosing into the log (a forged entry, no token needed), and a `%00`
+    made the log a binary file to grep. Anything not printable left is escaped."""
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1") if isinstance(raw, bytes) else scope["path"]
+    if path.isprintable():
+        return path
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)

@@ -7,6 +7,7 @@ from urllib.parse import quote
 import pytest
 from starlette.testclient import TestClient
 
+from api.access_log import loggable_path
 from api.app import create_app
 from audit.application import AuditLog
 from audit.config import Settings
@@ -75,3 +76,21 @@ def test_tokens_never_reach_the_logs(reader: TestClient, caplog: pytest.LogCaptu
     )
     assert "GET /v1/events 200" in logged  # the access log is there, and says what it should
     assert API_TOKEN not in logged and wrong not in logged
+
+
+def test_a_path_cannot_write_lines_into_the_access_log(
+    reader: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The path was logged decoded: `%0A` wrote a line of the client's choosing (a forged
+    entry, no token needed) and `%00` made the log a binary file (review E). It is logged as
+    sent, still percent-encoded; a path with no raw form has its control characters escaped."""
+    caplog.set_level("INFO")
+    forged = "2026-12-05 21:00:00,000 INFO audit.access GET /v1/FORGED 200 0.1ms"
+    reader.get("/nope%0A" + forged.replace(" ", "%20"))
+    reader.get("/v1/events/%00")
+    accesses = [r.getMessage() for r in caplog.records if r.name == "audit.access"]
+    assert accesses[0].startswith("GET /nope%0A2026-12-05%2021:00:00,000%20INFO"), accesses
+    assert accesses[1].startswith("GET /v1/events/%00 "), accesses
+    assert all(a.isprintable() for a in accesses), accesses
+    assert loggable_path({"path": "/a\nb\x00c"}) == "/a\\nb\\x00c"
+    assert loggable_path({"path": "/caf\u00e9", "raw_path": b"/caf%C3%A9"}) == "/caf%C3%A9"
