@@ -94,8 +94,10 @@ SCHEMAS: dict[str, Any] = {
             "actor": {"$ref": "#/components/schemas/Actor"},
             "stale": {
                 "type": "boolean",
-                "description": "Arrived after a newer version: recorded, but did not change the "
-                "current state.",
+                "description": "Arrived after a version that sorts after it (by the object's "
+                "`updated_at`, then time): recorded where it belongs, its changes taken against "
+                "the version before it. It does not become the current version, but one just "
+                "before a deletion becomes the deleted object's last known data.",
             },
             "changes": {"type": "array", "items": FIELD_CHANGE},
             "object": _object({"id": {"type": "string"}, "type": {"type": "string"}}),

@@ -69,10 +69,16 @@ TIME_SCHEMA: dict[str, Any] = {
     "milliseconds.",
 }
 
+# How a 404 names what a path parameter identifies (`svix_id`: "No svix" read as nonsense).
+PATH_LABELS = {
+    "user_id": "user",
+    "org_id": "organization",
+    "session_id": "session",
+    "svix_id": "event",
+}
 LIMIT = Param(
     "limit",
-    f"Items per page, 1 to {MAX_LIMIT} (default {DEFAULT_LIMIT}). Exports take every item (a"
-    " limit given is still checked).",
+    f"Items per page, 1 to {MAX_LIMIT} (default {DEFAULT_LIMIT}).",
     {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
 )
 CURSOR = Param(
@@ -117,8 +123,8 @@ ACTOR_IP = Param("actor_ip", "Only changes made from this client IP.", {"type": 
 FORMAT = Param(
     "format",
     "`csv` or `ndjson` streams the whole filtered result as an export (from `cursor` when given; "
-    "up to the last item that existed when the export began). `Accept: text/csv` does the same. "
-    "Default `json`: one page.",
+    "up to the last item that existed when the export began; `limit`, if given, is still checked). "
+    "`Accept: text/csv` does the same. Default `json`: one page.",
     {"type": "string", "enum": ["json", "csv", "ndjson"]},
 )
 AS_OF = Param(
@@ -129,9 +135,7 @@ AS_OF = Param(
 AS_OF_LIST = Param(
     "as_of",
     "The list as of this occurred_at (inclusive), rebuilt from the event stream as the state's"
-    " `as_of` is, in creation order. (An organization's stream does not hold its members'"
-    " users' deletions: a member whose user was deleted by then is listed, unless the"
-    " membership's own deletion was recorded too.)",
+    " `as_of` is, in creation order.",
     TIME_SCHEMA,
 )
 
@@ -184,7 +188,7 @@ class Args:
             if param.location == "path":
                 value = request.path_params[param.name]
                 if "\x00" in value or len(value) > MAX_VALUE_LENGTH:
-                    raise not_found(f"No {param.name.removesuffix('_id')} {value[:40]!r}.")
+                    raise not_found(f"No {PATH_LABELS[param.name]} {value[:40]!r}.")
 
     def path(self, name: str) -> str:
         return self.request.path_params[name]
@@ -1070,7 +1074,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         organization_members,
         "An organization's members",
         "Current memberships, with role, in the order they were recorded: none of a deleted"
-        " organization, nor deleted ones or those of deleted users.",
+        " organization, nor deleted ones or those of deleted users. With `as_of`, from the"
+        " organization's stream, which does not hold its members' users' deletions: a member"
+        " whose user was deleted by then is listed unless the membership's deletion was too.",
         (ORG_ID, AS_OF_LIST, *PAGING),
         "Membership",
         is_list=True,

@@ -94,3 +94,17 @@ def test_a_path_cannot_write_lines_into_the_access_log(
     assert all(a.isprintable() for a in accesses), accesses
     assert loggable_path({"path": "/a\nb\x00c"}) == "/a\\nb\\x00c"
     assert loggable_path({"path": "/caf\u00e9", "raw_path": b"/caf%C3%A9"}) == "/caf%C3%A9"
+
+
+def test_a_malformed_id_in_a_path_is_a_404_naming_what_it_identifies(reader: TestClient) -> None:
+    """`/v1/events/%00` said "No svix '\\x00'." (the parameter's name cut at `_id`; review E)."""
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    for path, label in (
+        ("/v1/events/%00", "event"),
+        ("/v1/organizations/%00", "organization"),
+        ("/v1/users/%00/history", "user"),
+        ("/v1/sessions/%00/timeline", "session"),
+    ):
+        response = reader.get(path, headers=auth)
+        assert response.status_code == 404, path
+        assert response.json()["error"]["message"] == f"No {label} '\\x00'.", path
