@@ -316,14 +316,22 @@ def cmd_show(args: argparse.Namespace) -> int:
         except TimeParseError as exc:
             print(f"--as-of: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+    family = "organization" if args.id.startswith("org_") else "user"
+    if not args.id.startswith(("org_", "user_")):
+        print(
+            f"audit show: {args.id!r} is neither a user (user_...) nor an organization (org_...);"
+            f" the events about any id: /v1/events?subject={args.id}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     log = open_log(configured_database(), existing=True)
     try:
-        if args.id.startswith("org_"):
+        if family == "organization":
             state = log.organization_state(args.id, as_of=as_of)
         else:
             state = log.user_state(args.id, as_of=as_of)
     except AggregateNotFoundError:
-        print(f"{args.id}: nothing recorded about it", file=sys.stderr)
+        print(f"{args.id}: {_nothing_recorded(log, family, args.id)}", file=sys.stderr)
         return EXIT_NOT_FOUND
     finally:
         log.close()
@@ -336,6 +344,23 @@ def cmd_show(args: argparse.Namespace) -> int:
     # The store keeps every secret; what is printed is pasted into tickets and chats.
     print(json.dumps(redact(view), indent=2, sort_keys=True))
     return 0
+
+
+def _nothing_recorded(log, family: str, clerk_id: str) -> str:  # type: ignore[no-untyped-def]
+    """Why `show` has no aggregate to show: nothing at all, or no event of the object's own
+    (a user named by a membership only), as the API's 404 says it."""
+    from audit import queries
+
+    try:
+        known = queries.is_known_id(log.db, clerk_id)
+    except queries.ProjectionNotReady:
+        known = False
+    if not known:
+        return "nothing recorded about it"
+    return (
+        f"no {family}.* event is recorded for it, so its state is unknown; other events concern"
+        f" it: /v1/events?subject={clerk_id}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

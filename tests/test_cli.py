@@ -565,3 +565,28 @@ def test_every_command_stops_on_a_bad_variable_with_one_line(
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"{variable}: "), line
     assert not (tmp_path / "audit.db").exists()
+
+
+def test_show_says_why_it_has_nothing_to_show(tmp_path: Path, log: AuditLog) -> None:
+    """`audit show` said "nothing recorded about it" of a user four events name (a member of
+    an organization, with no user.* event of their own), and of a session id, which it does
+    not take (review E). It now says what the API's 404 says, or what it takes."""
+    log.record(sample_deliveries())
+    Projector(log).run_once()
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(log.database)}
+    member = "user_3ZdpuWvXe6A43qR6avXueEkyC5D"  # named by the sample membership only
+    result = run_audit("show", member, env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"{member}: no user.* event is recorded for it, so its state is unknown; other events"
+        f" concern it: /v1/events?subject={member}"
+    )
+    assert run_audit("show", "user_nobody", env=env).stderr.strip() == (
+        "user_nobody: nothing recorded about it"
+    )
+    session = run_audit("show", "sess_3nuW", env=env)
+    assert session.returncode == 2
+    assert session.stderr.strip() == (
+        "audit show: 'sess_3nuW' is neither a user (user_...) nor an organization (org_...);"
+        " the events about any id: /v1/events?subject=sess_3nuW"
+    )
