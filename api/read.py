@@ -76,6 +76,20 @@ PATH_LABELS = {
     "session_id": "session",
     "svix_id": "event",
 }
+# Clerk's id prefixes: an id of one kind under another's route (`/v1/users/org_.../history`)
+# was answered with that object's history, or an empty list, instead of a 404.
+ID_PREFIXES = {"user_id": "user_", "org_id": "org_", "session_id": "sess_"}
+ID_KINDS = {"user_": "a user", "org_": "an organization", "sess_": "a session"}
+
+
+def _other_kind_of_id(name: str, value: str) -> str | None:
+    """What `value` is the id of, when it is plainly another kind than `name` takes."""
+    expected = ID_PREFIXES.get(name)
+    if expected is None or value.startswith(expected):
+        return None
+    return next((kind for prefix, kind in ID_KINDS.items() if value.startswith(prefix)), None)
+
+
 LIMIT = Param(
     "limit",
     f"Items per page, 1 to {MAX_LIMIT} (default {DEFAULT_LIMIT}).",
@@ -189,6 +203,11 @@ class Args:
                 value = request.path_params[param.name]
                 if "\x00" in value or len(value) > MAX_VALUE_LENGTH:
                     raise not_found(f"No {PATH_LABELS[param.name]} {value[:40]!r}.")
+                other = _other_kind_of_id(param.name, value)
+                if other is not None:
+                    raise not_found(
+                        f"No {PATH_LABELS[param.name]} {value[:80]!r}: that is the id of {other}."
+                    )
 
     def path(self, name: str) -> str:
         return self.request.path_params[name]

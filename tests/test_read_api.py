@@ -1604,7 +1604,9 @@ def test_a_404_while_the_read_models_are_behind_the_store_says_so(
     # nearly always a few deliveries behind, every mistyped id was said to be.
     assert message("/v1/users/user_nobody") == "No user 'user_nobody'."
     assert message("/v1/organizations/org_nobody") == "No organization 'org_nobody'."
-    assert message("/v1/users/sess_notApplied") == "No user 'sess_notApplied'."
+    assert message("/v1/users/sess_notApplied") == (
+        "No user 'sess_notApplied': that is the id of a session."
+    )
     assert message("/v1/sessions/sess_nobody/timeline") == "No session 'sess_nobody'."
     assert message("/v1/users/user_nobody/sessions") == "No user 'user_nobody'."
     assert message("/v1/users/user_notApplied/sessions") == said("user", "user_notApplied")

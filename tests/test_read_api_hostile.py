@@ -108,3 +108,32 @@ def test_a_malformed_id_in_a_path_is_a_404_naming_what_it_identifies(reader: Tes
         response = reader.get(path, headers=auth)
         assert response.status_code == 404, path
         assert response.json()["error"]["message"] == f"No {label} '\\x00'.", path
+
+
+def test_an_id_of_another_kind_under_a_route_is_a_404(reader: TestClient) -> None:
+    """`/v1/users/org_.../history` answered the organization's history, and
+    `/v1/organizations/user_.../history` the user's with their sessions; other such routes an
+    empty list (review E). SPEC 4: an unknown id is a 404."""
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    user, org, session = (
+        "user_3XIOWrI57CYv83K9cu9aN3gSz5Q",
+        "org_3UByhZomz62ag88bTkeSUIU5gEC",
+        "sess_x",
+    )
+    for path, said in (
+        (f"/v1/users/{org}/history", f"No user '{org}': that is the id of an organization."),
+        (f"/v1/users/{org}", f"No user '{org}': that is the id of an organization."),
+        (
+            f"/v1/organizations/{user}/history",
+            f"No organization '{user}': that is the id of a user.",
+        ),
+        (
+            f"/v1/organizations/{user}/members",
+            f"No organization '{user}': that is the id of a user.",
+        ),
+        (f"/v1/sessions/{user}/timeline", f"No session '{user}': that is the id of a user."),
+        (f"/v1/users/{session}/sessions", f"No user '{session}': that is the id of a session."),
+    ):
+        response = reader.get(path, headers=auth)
+        assert (response.status_code, response.json()["error"]["message"]) == (404, said), path
+    assert reader.get(f"/v1/users/{user}/history", headers=auth).status_code == 200
