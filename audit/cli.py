@@ -16,11 +16,9 @@ from eventsourcing.application import AggregateNotFoundError
 
 from audit.config import (
     DATABASE_VARIABLE,
-    SECRET_VARIABLE,
     ConfigError,
     Database,
     load_settings,
-    parse_secrets,
 )
 from audit.redaction import redact
 from audit.runtime import collect_garbage_less_often, configure_logging
@@ -282,7 +280,7 @@ def cmd_send_samples(args: argparse.Namespace) -> int:
 
     from audit.samples import describe, send_samples
 
-    secrets = parse_secrets(os.environ.get(SECRET_VARIABLE, ""))
+    secrets = load_settings().signing_secrets  # every variable checked, as by every command
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     try:
         counts = send_samples(args.url, secrets[0])
@@ -350,16 +348,20 @@ def _nothing_recorded(log, family: str, clerk_id: str) -> str:  # type: ignore[n
     """Why `show` has no aggregate to show: nothing at all, or no event of the object's own
     (a user named by a membership only), as the API's 404 says it."""
     from audit import queries
+    from audit.projections.runner import UnknownProjection, reads_behind
 
     try:
         known = queries.is_known_id(log.db, clerk_id)
-    except queries.ProjectionNotReady:
-        known = False
-    if not known:
+        complete = known or reads_behind(log.db, "events") is None
+    except (queries.ProjectionNotReady, UnknownProjection):
+        known = complete = False
+    if not known and complete:
         return "nothing recorded about it"
+    # While the events index is behind the store, it cannot tell (`show` reads the store).
+    concern = "other events concern it" if known else "other events may concern it"
     return (
-        f"no {family}.* event is recorded for it, so its state is unknown; other events concern"
-        f" it: /v1/events?subject={clerk_id}"
+        f"no {family}.* event is recorded for it, so its state is unknown; {concern}:"
+        f" /v1/events?subject={clerk_id}"
     )
 
 
