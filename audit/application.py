@@ -306,40 +306,42 @@ class AuditLog(Application[UUID]):
         return self.db.last_position(stream_id(kind, clerk_id))
 
     def user_state(self, user_id: str, *, as_of: int | None = None) -> UserState:
-        stream = stream_id("user", user_id)
-        if as_of is None:
-            return self._current(stream).state
-        events = self.stream_events(stream)
-        if not events:
-            raise AggregateNotFoundError(user_id)
-        return fold_user(((e.delivery(), e.originator_version) for e in events), as_of=as_of)
+        state = self._state("user", user_id, as_of)
+        assert isinstance(state, UserState)
+        return state
 
     def organization_state(self, org_id: str, *, as_of: int | None = None) -> OrganizationState:
-        stream = stream_id("organization", org_id)
+        state = self._state("organization", org_id, as_of)
+        assert isinstance(state, OrganizationState)
+        return state
+
+    def _state(
+        self, kind: StreamKind, clerk_id: str, as_of: int | None
+    ) -> UserState | OrganizationState:
+        """The aggregate now (snapshot and the events after it) or as of a time (its stream
+        folded up to then), with the stubs of its sub-objects that sit in streams of their own
+        (`_fold_with_stubs`)."""
+        stream = stream_id(kind, clerk_id)
+        state: UserState | OrganizationState
         if as_of is None:
-            state: OrganizationState = self._current(stream).state
-            domains = set(state.domains)
+            state = self._current(stream).state
             events = None
         else:
             events = self.stream_events(stream)
             if not events:
-                raise AggregateNotFoundError(org_id)
-            state = fold_organization(
-                ((e.delivery(), e.originator_version) for e in events), as_of=as_of
-            )
-            domains = {
-                delivery.subject_id
-                for delivery in (e.delivery() for e in events)
-                if delivery.type.startswith(SUB_OBJECTS_WITH_STUBS) and delivery.subject_id
-            }
-        stubs = self._stub_streams(domains)
+                raise AggregateNotFoundError(clerk_id)
+            deliveries = ((e.delivery(), e.originator_version) for e in events)
+            state = _FOLDS[kind](deliveries, as_of=as_of)
+        owned = state.sessions if isinstance(state, UserState) else state.domains
+        stubs = self._stub_streams(set(owned))
         if not stubs:
             return state
-        return self._fold_with_stubs(stream, events, stubs, as_of)
+        return self._fold_with_stubs(kind, stream, events, stubs, as_of)
 
     def _stub_streams(self, object_ids: set[str]) -> list[UUID]:
-        """The streams of stubs recorded before any delivery named their organization: each
-        sub-object's own, where it has one (`owning_stream`)."""
+        """The streams of sub-objects' deliveries recorded before their owner was known (a
+        session's event without its `user_id`, a domain's deletion stub): each sub-object's
+        own, where it has one (`owning_stream`)."""
         if not object_ids:
             return []
         streams = [stream_id("subject", object_id) for object_id in sorted(object_ids)]
@@ -347,21 +349,22 @@ class AuditLog(Application[UUID]):
 
     def _fold_with_stubs(
         self,
+        kind: StreamKind,
         stream: UUID,
         events: list[RecordedDelivery] | None,
         stubs: list[UUID],
         as_of: int | None,
-    ) -> OrganizationState:
-        """The organization folded with the stubs its sub-objects' own streams hold, in store
-        order. A domain's deletion stub that arrived before the domain's first version stays
-        in a stream of its own: without it, `show` and `as_of` said the domain still existed
-        while the read models, which adopt it, said it was deleted."""
+    ) -> UserState | OrganizationState:
+        """The aggregate folded with what its sub-objects' own streams hold, in store order.
+        Without them, `show` and `as_of` said a domain deleted before its first version
+        arrived still existed, and a session ended before its user was named still active,
+        while the read models, which adopt such stubs, said otherwise."""
         if events is None:
             events = self.stream_events(stream)
         merged = [*events, *(event for stub in stubs for event in self.stream_events(stub))]
         positions = self.db.positions([stream, *stubs])
         merged.sort(key=lambda e: positions[(e.originator_id, e.originator_version)])
-        return fold_organization(
+        return _FOLDS[kind](
             ((e.delivery(), positions[(e.originator_id, e.originator_version)]) for e in merged),
             as_of=as_of,
         )
@@ -394,3 +397,6 @@ def _owners_named(deliveries: Iterable[Delivery]) -> dict[str, str]:
         and (organization := organization_id_of(delivery.type, delivery.data))
         and owner_index_holds(delivery.subject_id, organization)
     }
+
+
+_FOLDS: dict[str, Any] = {"user": fold_user, "organization": fold_organization}

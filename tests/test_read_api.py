@@ -2328,5 +2328,10 @@ def test_a_session_first_seen_without_its_user_is_listed_under_that_user_once_na
     world.projector.run_once()
     [listed] = world.walk(f"/v1/users/{user_id}/sessions")
     assert (listed["id"], listed["user_id"], listed["status"]) == (session_id, user_id, "ended")
+    # The fold takes in the stub too, from its own stream: it said "active" (review F).
+    sessions = f"/v1/users/{user_id}/sessions"
+    assert world.walk(sessions, {"as_of": MAX_EPOCH_MS - 1}) == [listed]
+    [shown] = world.log.user_state(user_id).view()["sessions"]
+    assert shown["status"] == "ended"
     row = queries.current_object(world.log.db, "sessions", session_id)
     assert row is not None and row["organization_id"] is None
