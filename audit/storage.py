@@ -631,7 +631,9 @@ class Db:
             return row["n"] == 2
         row = self.fetchone(
             "SELECT (SELECT COUNT(*) FROM pg_trigger WHERE tgrelid = %s::regclass"
-            " AND tgname IN ('events_refuse_change', 'events_refuse_truncate')) AS n,"
+            " AND tgname IN ('events_refuse_change', 'events_refuse_truncate')"
+            # A trigger disabled by hand is put back, as re-creating it on every start did.
+            " AND tgenabled <> 'D') AS n,"
             " (SELECT prosrc FROM pg_proc p JOIN pg_namespace s ON s.oid = p.pronamespace"
             " WHERE s.nspname = %s AND p.proname = 'refuse_event_change') AS body",
             [self.table(self.events_table), self.schema],

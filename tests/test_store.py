@@ -12,6 +12,7 @@ from starlette.testclient import TestClient
 from audit.aggregates.routing import stream_id
 from audit.application import AuditLog
 from audit.projections.runner import MARKER_TOPIC
+from tests.test_projections import sample_deliveries
 from tests.webhook_helpers import new_svix_id, payload, post
 
 
@@ -154,3 +155,23 @@ def test_payload_reads_return_what_a_plain_read_returns(
     assert all(isinstance(row["state"], bytes) for row in binary)
     delivery = next(log.stored_delivery(row) for row in binary if row["topic"] != MARKER_TOPIC)
     assert delivery.data["first_name"] == "Zoë \u0000 \u65e5\u672c"
+
+
+def test_opening_the_store_puts_back_what_keeps_events_immutable(log: AuditLog) -> None:
+    """Opening writes nothing when the events table's triggers are in place (10fb69c), but a
+    trigger dropped, or disabled on PostgreSQL, is put back by the next open, as re-creating
+    them on every start did (review F)."""
+    log.record(sample_deliveries()[:1])
+    table = log.db.table(log.db.events_table)
+    if log.db.dialect == "sqlite":
+        broken = ["DROP TRIGGER events_refuse_update"]
+    else:
+        broken = [f"ALTER TABLE {table} DISABLE TRIGGER events_refuse_change"]
+    with log.db.transaction() as cursor:
+        for statement in broken:
+            cursor.execute(statement)
+    assert not log.db._events_protected()
+    AuditLog(log.database).close()  # a process starting on the store
+    assert log.db._events_protected()
+    with pytest.raises(Exception, match="immutable"), log.db.transaction() as cursor:
+        cursor.execute(f"UPDATE {table} SET topic = 'x'")
