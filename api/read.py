@@ -806,7 +806,7 @@ def _owned(
             table,
             by=by,
             owner=object_id,
-            after=args.cursor(kind, (int, (int, type(None)), str)),
+            after=_owned_cursor(args, kind),
             limit=args.limit(),
             include_deleted=include_deleted,
         )
@@ -819,6 +819,18 @@ def _owned(
     parent_table = "users" if parent == "user" else "organizations"
     _require_known(request, page, args, parent_table, object_id, parent)
     return list_response(page, args, kind, render)
+
+
+def _owned_cursor(args: Args, kind: str) -> tuple[Any, ...] | None:
+    """A current-state list's cursor: (order, key, id). One of the release before `objects`
+    v11 has no order, and is of creation order: during a rolling upgrade, while that
+    generation still serves, a walk begun on an older process goes on here."""
+    try:
+        return args.cursor(kind, (int, (int, type(None)), str))
+    except ApiError:
+        before_v11 = args.cursor(kind, ((int, type(None)), str))
+        assert before_v11 is not None  # there is a cursor: the first read refused it
+        return (queries.LISTED_FROM_VERSION - 1, *before_v11)
 
 
 # The list of a user's or an organization's view (`state.view()`) each table's rows are in.
