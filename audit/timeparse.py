@@ -40,8 +40,10 @@ def parse_time(value: str, *, round_up: bool = False) -> int:
     Only times `format_time` can write (years 1 to 9999): an `as_of` past them was answered
     as of the end of the stream, its time written back as null, as a current state is."""
     text = value.strip()
+    millis: int | None
     if text.isascii() and text.removeprefix("-").isdigit():  # "²".isdigit(), yet int("²") fails
-        millis = int(text) if len(text) <= 20 else MAX_EPOCH_MS
+        # Twenty digits are out of range already; int() of thousands is slow, or refused.
+        millis = int(text) if len(text) <= 20 else None
     else:
         try:
             moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
@@ -57,7 +59,7 @@ def parse_time(value: str, *, round_up: bool = False) -> int:
         millis = elapsed // _ONE_MILLISECOND
         if round_up and elapsed % _ONE_MILLISECOND:
             millis += 1
-    if not MIN_EPOCH_MS <= millis < MAX_EPOCH_MS:
+    if millis is None or not MIN_EPOCH_MS <= millis < MAX_EPOCH_MS:
         raise TimeParseError(f"{value[:40]!r} is out of range (years 1 to 9999)")
     return millis
 

@@ -4,7 +4,6 @@ what is recorded still projects."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from typing import Any
 
@@ -16,9 +15,11 @@ from starlette.testclient import TestClient
 from audit.aggregates.delivery import MAX_NESTING, Delivery, parse_delivery
 from audit.aggregates.routing import StreamKind, stream_id
 from audit.application import AuditLog
+from audit.cursors import encode_cursor
 from audit.projections.runner import Projector
 from audit.samples import signed_headers
 from tests.conftest import API_TOKEN
+from tests.test_read_api import cursor_contents
 from tests.webhook_helpers import new_svix_id, payload, post
 
 CLIENT_ERRORS = {400, 401, 409, 413}
@@ -540,12 +541,13 @@ def test_walks_pass_ids_that_hold_a_nul(client: TestClient, log: AuditLog, secre
 
 
 def _swap_nul(cursor: str) -> str:
-    raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    raw["v"] = [
-        v.replace("\x00", "\x01").replace("\ufffd", "\x00").replace("\x01", "\ufffd")
-        if isinstance(v, str)
-        else v
-        for v in raw["v"]
-    ]
-    text = json.dumps(raw, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(text).decode().rstrip("=")
+    kind, values = cursor_contents(cursor)
+    return encode_cursor(
+        kind,
+        [
+            v.replace("\x00", "\x01").replace("\ufffd", "\x00").replace("\x01", "\ufffd")
+            if isinstance(v, str)
+            else v
+            for v in values
+        ],
+    )
