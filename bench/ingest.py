@@ -17,6 +17,7 @@ import os
 import random
 import re
 import secrets
+import signal
 import sqlite3
 import statistics
 import sys
@@ -38,7 +39,7 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.serverproc
 
 from audit.samples import sample_bodies, signed_headers
-from bench.procstat import PostgresProcesses, machine_busy_seconds
+from bench.procstat import PostgresProcesses, command_line, machine_busy_seconds, tree
 from bench.serverproc import ServerProcess, audit_command, free_port
 from bench.store_fill import World
 
@@ -421,6 +422,7 @@ class RunConfig:
     workers: int
     timeout: float
     budget: float
+    hold_projections: bool = False
 
 
 @dataclass(frozen=True)
@@ -448,6 +450,24 @@ def projections_caught_up(base: str, limit: float = 60.0) -> float:
     return float("inf")
 
 
+def projection_children(server: ServerProcess) -> list[int]:
+    """The `audit project` processes a server started (under `audit serve`, its one child)."""
+    found = [
+        stat.pid
+        for stat in tree(server.process.pid)
+        if "project" in command_line(stat.pid)[1:] and stat.pid != server.process.pid
+    ]
+    if not found:
+        raise RuntimeError(f"{server.name}: no `audit project` process to hold")
+    return found
+
+
+def signal_all(pids: Sequence[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
 def run_once(
     config: RunConfig, name: ServerName, clients: int, sends: Sequence[Delivery]
 ) -> RunReport:
@@ -463,7 +483,14 @@ def run_once(
                 postgres = PostgresProcesses()
                 cpu_before = (server.cpu_seconds(), postgres.cpu_seconds())
                 busy_before = machine_busy_seconds()
-                load = run_load(server.base, secret, sends, clients, config.timeout, config.budget)
+                held = projection_children(server) if config.hold_projections else []
+                signal_all(held, signal.SIGSTOP)
+                try:
+                    load = run_load(
+                        server.base, secret, sends, clients, config.timeout, config.budget
+                    )
+                finally:
+                    signal_all(held, signal.SIGCONT)
                 busy_cores = (machine_busy_seconds() - busy_before) / load.elapsed
                 caught_up = projections_caught_up(server.base) if name == "ours" else None
                 server_cpu = server.cpu_seconds() - cpu_before[0]
@@ -569,19 +596,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
     parser.add_argument("--budget", type=float, default=900.0, help="per run, seconds")
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="server and database")
+    parser.add_argument(
+        "--hold-projections",
+        action="store_true",
+        help="an upper bound, not a way to run: stop ours' projections during the load",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = RunConfig(args.backend, args.postgres, args.workers, args.timeout, args.budget)
+    config = RunConfig(
+        args.backend,
+        args.postgres,
+        args.workers,
+        args.timeout,
+        args.budget,
+        args.hold_projections,
+    )
     servers: list[ServerName] = ["ours", "baseline"] if args.only == "both" else [args.only]
     sends = build_sends(
         args.deliveries, args.duplicates, args.users, args.orgs, args.seed, args.workload
     )
     print(
         f"# {len(sends)} sends, {len({d.svix_id for d in sends})} distinct svix-ids, "
-        f"workers={args.workers}, backend={args.backend}, workload={args.workload}",
+        f"workers={args.workers}, backend={args.backend}, workload={args.workload}"
+        + (", ours' projections held during the load" if args.hold_projections else ""),
         flush=True,
     )
     all_ok = True

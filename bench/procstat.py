@@ -42,21 +42,34 @@ def processes() -> Iterator[ProcStat]:
             yield stat
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU of `root` and every live descendant: a server's workers and its projections' child,
-    which runs in a session of its own (so a process group would miss it)."""
+def tree(root: int) -> list[ProcStat]:
+    """`root` and every live descendant: a server's workers and its projections' child, which
+    runs in a session of its own (so a process group would miss it)."""
     children: dict[int, list[ProcStat]] = {}
     by_pid: dict[int, ProcStat] = {}
     for stat in processes():
         by_pid[stat.pid] = stat
         children.setdefault(stat.ppid, []).append(stat)
-    total, pending = 0.0, [root]
+    found, pending = [], [root]
     while pending:
         pid = pending.pop()
         if pid in by_pid:
-            total += by_pid[pid].cpu_seconds
+            found.append(by_pid[pid])
         pending += [child.pid for child in children.get(pid, [])]
-    return total
+    return found
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU of `root` and every live descendant (`tree`)."""
+    return sum(stat.cpu_seconds for stat in tree(root))
+
+
+def command_line(pid: int) -> list[str]:
+    """A process's arguments, or [] when it has gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
 
 
 class PostgresProcesses:

@@ -155,8 +155,13 @@ def _outcome(projector: Projector) -> dict[str, Any]:
     }
 
 
-def child_rebuild_in_rounds(database: Database, batch: int, profile_top: int) -> dict[str, Any]:
-    """Every projection rebuilt in this process, their steps in turn, each step timed."""
+def child_rebuild_in_rounds(
+    database: Database, batch: int, profile_top: int, *, build: bool = True
+) -> dict[str, Any]:
+    """Every projection rebuilt in this process, their steps in turn, each step timed.
+
+    `build=False` (`--follow`): no build; the live generations catch up with the store, as the
+    projections' child under `audit serve` does after a burst (read indexes in place)."""
     log = AuditLog(database)
     try:
         projector = Projector(log, batch_size=batch)
@@ -180,7 +185,7 @@ def child_rebuild_in_rounds(database: Database, batch: int, profile_top: int) ->
         if profiler:
             profiler.enable()
         # Start every build, then step them in turn.
-        for name in projector.projections:
+        for name in projector.projections if build else ():
             projector.rebuild(name)
         projector.run_once()
         if profiler:
@@ -253,9 +258,15 @@ def rate(count: int, seconds: float) -> float:
 
 
 def report_rebuild(
-    tag: str, events: int, ceiling_rate: float, rebuilt: dict[str, Any], batch: int
+    tag: str,
+    events: int,
+    ceiling_rate: float,
+    rebuilt: dict[str, Any],
+    batch: int,
+    label: str = "rebuild",
 ) -> bool:
-    """Print a rebuild's lines; whether every event was indexed without an error."""
+    """Print a rebuild's lines (`label`: or a live catch-up's); whether every event was indexed
+    without an error."""
     rebuild_rate = rate(events, rebuilt["seconds"])
     for name, (seconds, cpu, db_cpu) in rebuilt["per_projection"].items():
         print(
@@ -267,7 +278,7 @@ def report_rebuild(
         )
     ok = rebuilt["indexed"] == events and rebuilt["errors"] == 0
     print(
-        f"rebuild {tag} ceiling={ceiling_rate:.0f}/s rebuild={rebuild_rate:.0f}/s"
+        f"{label} {tag} ceiling={ceiling_rate:.0f}/s {label}={rebuild_rate:.0f}/s"
         f" ratio={rebuild_rate / ceiling_rate:.2f} peak_rss_mb={rebuilt['peak_rss_mb']:.0f}"
         f" base_rss_mb={rebuilt['base_rss_mb']:.0f} seconds={rebuilt['seconds']:.1f}"
         f" cpu_python={rebuilt['cpu']:.1f}s"
@@ -290,6 +301,8 @@ def run_size(args: argparse.Namespace, events: int) -> dict[str, Any]:
         started = time.perf_counter()
         log = AuditLog(database)  # creates the tables
         try:
+            if args.follow:  # every projection live at position 0, its read indexes in place
+                Projector(log).run_once()
             bulk_load(log, World(events, args.seed, args.late))
         finally:
             log.close()
@@ -309,6 +322,10 @@ def run_size(args: argparse.Namespace, events: int) -> dict[str, Any]:
             f" load1={os.getloadavg()[0]:.1f}",
             flush=True,
         )
+        if args.follow:
+            followed = run_child("follow", args.backend, url, args.batch)
+            ok = report_rebuild(tag, events, ceiling_rate, followed, args.batch, "follow")
+            return {"events": events, "peak_rss_mb": followed["peak_rss_mb"], "ok": ok}
         rebuilt = run_child("rebuild", args.backend, url, args.batch)
         ok = report_rebuild(tag, events, ceiling_rate, rebuilt, args.batch)
         if args.rounds:  # the same store rebuilt again, in one process (per-projection figures)
@@ -344,7 +361,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="then rebuild again in one process, in rounds, with per-projection figures",
     )
-    parser.add_argument("--child", choices=["ceiling", "rebuild", "rounds"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--follow",
+        action="store_true",
+        help="instead of a rebuild: live projections catch up with the stored events",
+    )
+    parser.add_argument(
+        "--child", choices=["ceiling", "rebuild", "rounds", "follow"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -358,8 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         database = parse_database_url(args.database_url)
         if args.child == "ceiling":
             result = child_ceiling(database, args.batch)
-        elif args.child == "rounds":
-            result = child_rebuild_in_rounds(database, args.batch, args.profile)
+        elif args.child in ("rounds", "follow"):
+            result = child_rebuild_in_rounds(
+                database, args.batch, args.profile, build=args.child == "rounds"
+            )
         else:
             result = child_rebuild(database, args.batch, args.profile)
         print(json.dumps(result))
