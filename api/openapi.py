@@ -203,6 +203,28 @@ def _error(description: str) -> dict[str, Any]:
     }
 
 
+def _retry_later(description: str) -> dict[str, Any]:
+    """A 503: every one says when to try again."""
+    return {
+        **_error(description),
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}
+        },
+    }
+
+
+def _export_description(fmt: str, endpoint: Endpoint) -> str:
+    if fmt != "csv":
+        return "The ndjson export: one JSON item a line, as in `data`."
+    names = ", ".join(f"`{name}`" for name, _ in endpoint.export_columns or ())
+    return (
+        f"The csv export: a header row, then a row an item. Columns: {names}. A `data`, `from`"
+        " or `to` cell holds the item's value as JSON text (`null` for null); other missing"
+        " values are empty cells. A text cell starting with `=`, `+`, `-`, `@`, tab or carriage"
+        " return is prefixed with `'`, so that a spreadsheet does not run it."
+    )
+
+
 def _parameter(param: Param) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "name": param.name,
@@ -244,18 +266,27 @@ def _read_operation(endpoint: Endpoint) -> dict[str, Any]:
     if endpoint.exportable:
         for fmt, media_type in EXPORT_TYPES.items():
             content[media_type.split(";")[0]] = {
-                "schema": {"type": "string", "description": f"The {fmt} export."}
+                "schema": {"type": "string", "description": _export_description(fmt, endpoint)}
             }
     responses: dict[str, Any] = {"200": {"description": endpoint.summary, "content": content}}
+    if endpoint.exportable:
+        responses["200"]["headers"] = {
+            "Content-Disposition": {
+                "description": "On an export: `attachment` with a file name.",
+                "schema": {"type": "string"},
+            }
+        }
     if any(p.location == "query" for p in endpoint.params):
         responses["400"] = _error("A parameter is malformed (limit, cursor, time, unknown name).")
+    else:
+        responses["400"] = _error("A query parameter was given: this route takes none.")
     responses["401"] = {
         **_error("No valid bearer token."),
         "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
     }
     if endpoint.not_found:
         responses["404"] = _error("No such id.")
-    responses["503"] = _error(
+    responses["503"] = _retry_later(
         f"The store is unavailable, or the read did not finish within {READ_SECONDS:g} s (an"
         " export is then cut instead), or the read model is not built yet."
     )
@@ -283,11 +314,14 @@ OTHER_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "tags": ["intake"],
         "parameters": [
             {
-                "name": f"svix-{name}",
+                "name": f"{prefix}-{name}",
                 "in": "header",
+                "description": "Each of id, timestamp and signature is read from `svix-*`, else"
+                " from `webhook-*`: one of the two is required.",
                 "required": False,
                 "schema": {"type": "string"},
             }
+            for prefix in ("svix", "webhook")
             for name in ("id", "timestamp", "signature")
         ],
         "requestBody": {
@@ -318,7 +352,7 @@ OTHER_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             "408": _error("The body did not arrive in time (a stalled sender); nothing is kept."),
             "409": _error("This svix-id is recorded with a different body."),
             "413": _error("The body is too large."),
-            "503": _error("The event store is unavailable; retry later."),
+            "503": _retry_later("The event store is unavailable; retry later."),
         },
     },
     ("get", "/healthz"): {
@@ -441,6 +475,24 @@ def _schema_label(schema: dict[str, Any]) -> str:
     return kind
 
 
+def _answer_html(document: dict[str, Any], success: dict[str, Any]) -> list[str]:
+    """The fields of a 200's JSON answer (of each item, for a list), and its exports."""
+    out = []
+    content = success.get("content", {})
+    schema = content.get("application/json", {}).get("schema", {})
+    listed = schema.get("properties", {}).get("data", {}).get("items")
+    reference = (listed or schema).get("$ref", "")
+    if reference.startswith("#/components/schemas/"):
+        component = document["components"]["schemas"][reference.rsplit("/", 1)[1]]
+        fields = ", ".join(f"<code>{html.escape(name)}</code>" for name in component["properties"])
+        out.append(f"<p>{'Each item' if listed else 'Answer'}: {fields}.</p>")
+    for media_type, export in content.items():
+        if media_type != "application/json":
+            description = _inline_code(export["schema"].get("description", ""))
+            out.append(f"<p><code>{html.escape(media_type)}</code>: {description}</p>")
+    return out
+
+
 def docs_html(document: dict[str, Any]) -> str:
     info = document["info"]
     out = [
@@ -476,6 +528,7 @@ def docs_html(document: dict[str, Any]) -> str:
                         f"<td>{_inline_code(parameter.get('description', ''))}</td></tr>"
                     )
                 out.append("</table>")
+            out += _answer_html(document, operation["responses"].get("200", {}))
             statuses = ", ".join(
                 f"<code>{html.escape(status)}</code> {html.escape(response['description'])}"
                 for status, response in operation["responses"].items()

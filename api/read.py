@@ -97,8 +97,9 @@ LIMIT = Param(
 )
 CURSOR = Param(
     "cursor",
-    "Opaque `next_cursor` of the previous page. Walking cursors visits every item exactly once, "
-    "even while new events arrive.",
+    "Opaque `next_cursor` of the previous page, with the same filters (`limit` may change; other"
+    " filters are a 400). Walking cursors visits every item exactly once, even while new events"
+    " arrive.",
     {"type": "string"},
 )
 SINCE = Param("since", "Only items that occurred at or after this time (inclusive).", TIME_SCHEMA)
@@ -525,6 +526,10 @@ def csv_cell(value: Any) -> Any:
     return value
 
 
+# A CSV export's columns: each a name and what it takes from a rendered item.
+Columns = list[tuple[str, Callable[[dict[str, Any]], Any]]]
+
+
 def export(
     request: Request,
     fmt: str,
@@ -532,7 +537,7 @@ def export(
     fetch: Callable[[tuple[Any, ...] | None, int], Page],
     after: tuple[Any, ...] | None,
     render: Callable[[dict[str, Any]], dict[str, Any]],
-    columns: list[tuple[str, Callable[[dict[str, Any]], Any]]],
+    columns: Columns,
 ) -> Response:
     """Stream every item from `after` on, reading one keyset page of rows at a time."""
     headers = {"Content-Disposition": f'attachment; filename="{name}.{fmt}"'}
@@ -584,14 +589,14 @@ def _json_cell(key: str) -> Callable[[dict[str, Any]], str]:
     return lambda item: JsonCell(dumps(item[key]))
 
 
-def _actor_cells() -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
+def _actor_cells() -> Columns:
     return [
         (f"actor_{key}", lambda item, key=key: (item["actor"] or {}).get(key))
         for key in ("ip", "user_agent", "user_id", "impersonator")
     ]
 
 
-EVENT_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
+EVENT_COLUMNS: Columns = [
     ("id", lambda item: item["id"]),
     ("position", lambda item: item["position"]),
     ("type", lambda item: item["type"]),
@@ -604,7 +609,7 @@ EVENT_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ("data", _json_cell("data")),
 ]
 
-CHANGE_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
+CHANGE_COLUMNS: Columns = [
     ("position", lambda item: item["position"]),
     ("event_id", lambda item: item["event_id"]),
     ("type", lambda item: item["type"]),
@@ -1004,7 +1009,11 @@ class Endpoint:
     params: tuple[Param, ...]
     schema: str  # the component schema of the answer (of one item, for lists)
     is_list: bool = False
-    exportable: bool = False
+    export_columns: Columns | None = None  # a CSV export's; None: not exportable
+
+    @property
+    def exportable(self) -> bool:
+        return self.export_columns is not None
 
     @property
     def full_path(self) -> str:
@@ -1033,7 +1042,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         (TYPE, EVENT_SUBJECT, SINCE, UNTIL, *PAGING, FORMAT),
         "Event",
         is_list=True,
-        exportable=True,
+        export_columns=EVENT_COLUMNS,
     ),
     Endpoint(
         "/events/{svix_id}",
@@ -1152,7 +1161,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         (CHANGE_SUBJECT, FIELD, TYPE, SINCE, UNTIL, ACTOR_IP, *PAGING, FORMAT),
         "Change",
         is_list=True,
-        exportable=True,
+        export_columns=CHANGE_COLUMNS,
     ),
     Endpoint(
         "/projections",

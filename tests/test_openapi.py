@@ -137,6 +137,38 @@ def test_documented_parameters_are_the_accepted_ones(client: TestClient) -> None
         refused = client.get(url, params={"undocumented": "1"}, headers=AUTH)
         assert refused.status_code == 400, path
         assert refused.json()["error"]["code"] == "unknown_parameter"
+        assert "400" in operations["get"]["responses"], path  # routes without parameters too
+
+
+def test_exports_are_described_column_by_column(client: TestClient) -> None:
+    """The document names each column a CSV export sends, in order, on the page as well."""
+    document = client.get("/openapi.json").json()
+    page = client.get("/docs").text
+    for path in ("/v1/events", "/v1/changes"):
+        export = client.get(path, params={"format": "csv"}, headers=AUTH)
+        assert export.status_code == 200
+        header = export.text.split("\r\n", 1)[0].split(",")
+        response = document["paths"][path]["get"]["responses"]["200"]
+        described = response["content"]["text/csv"]["schema"]["description"]
+        assert ", ".join(f"`{name}`" for name in header) in described, path
+        assert "Content-Disposition" in response["headers"]
+        assert "Columns: " + ", ".join(f"<code>{name}</code>" for name in header) in page
+
+
+def test_every_503_says_when_to_retry_and_both_header_sets_are_documented(
+    client: TestClient,
+) -> None:
+    document = client.get("/openapi.json").json()
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            unavailable = operation["responses"].get("503")
+            if unavailable and path != "/readyz":  # a probe's answer, not a request to retry
+                assert "Retry-After" in unavailable["headers"], (method, path)
+    webhook = document["paths"]["/webhooks/clerk"]["post"]
+    names = ("id", "timestamp", "signature")
+    assert {p["name"] for p in webhook["parameters"]} == {
+        f"{prefix}-{name}" for prefix in ("svix", "webhook") for name in names
+    }
 
 
 def test_docs_page_renders_the_document(client: TestClient) -> None:
