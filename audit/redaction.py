@@ -12,8 +12,8 @@
 - an invitation's `url`, of an organization or of the application (it carries the invitation
   token).
 
-Secrets are recognised by key and by the kind of object holding them (`data.object`, or the event
-type when a payload omits it), so an unrelated `url` or `message` elsewhere is left alone. The event
+Secrets are recognised by key and by the kind of object holding them (`data.object`, and the event
+type at the top level), so an unrelated `url` or `message` elsewhere is left alone. The event
 store keeps what was signed; only what leaves through the API is redacted.
 """
 
@@ -99,9 +99,10 @@ def _under_secret(object_type: str | None, field: str) -> bool | None:
 def _redact(value: Any, kind: str | None, codes: set[str]) -> Any:
     if isinstance(value, dict):
         own = value.get("object")
-        secret = SECRET_BY_OBJECT.get(_KIND_ALIASES.get(own, own) if isinstance(own, str) else "")
-        if secret is None:
-            secret = SECRET_BY_OBJECT.get(kind or "", frozenset())
+        own_kind = _KIND_ALIASES.get(own, own) if isinstance(own, str) else None
+        # Both the object's own kind and the event type's: a payload whose `object` names
+        # another kind than its type (an `sms.created` saying "email") keeps neither's secrets.
+        secret = _secret_keys_of(own_kind) | _secret_keys_of(kind)
         result: dict[Any, Any] = {}
         for key, item in value.items():
             if key in SECRET_ANYWHERE:
@@ -114,6 +115,10 @@ def _redact(value: Any, kind: str | None, codes: set[str]) -> Any:
     if isinstance(value, list):
         return [_redact(item, None, codes) for item in value]
     return value
+
+
+def _secret_keys_of(kind: str | None) -> frozenset[str]:
+    return SECRET_BY_OBJECT.get(kind or "", frozenset())
 
 
 def _collect_codes(value: Any, codes: set[str]) -> None:

@@ -1494,6 +1494,33 @@ def test_an_application_invitation_url_is_redacted_everywhere(world: World) -> N
         assert b"app_invitation_ticket_7" not in body
 
 
+def test_a_payload_naming_another_kind_keeps_the_secrets_of_both(world: World) -> None:
+    """An `sms.created` whose `object` says "email" (or the reverse, or an invitation saying
+    "email") was redacted by its `object` alone: the SMS message went out (found by review)."""
+    sms = {"id": "sms_other_kind", "object": "email", "message": "sms_secret_1"}
+    email = {"id": "idn_other_kind", "object": "sms", "body": "email_secret_2"}
+    invitation = {"id": "orginv_other_kind", "object": "email", "url": "ticket_secret_3"}
+    invitation["organization_id"] = "org_other_kind"
+    for event_type, data in (
+        ("sms.created", sms),
+        ("email.created", {**email, "body_plain": "email_secret_4"}),
+        ("organizationInvitation.created", invitation),
+    ):
+        world.deliver({"type": event_type, "timestamp": T_CREATED, "data": data})
+    world.projector.run_once()
+    events = [
+        event
+        for data in (sms, email, invitation)
+        for event in world.walk("/v1/events", {"subject": data["id"]})
+    ]
+    assert len(events) == 3
+    bodies = [world.get(f"/v1/events/{event['id']}").content for event in events]
+    bodies += [world.get("/v1/events", {"format": fmt}).content for fmt in ("csv", "ndjson")]
+    bodies += [world.get("/v1/changes", {"format": fmt}).content for fmt in ("json", "csv")]
+    for body in bodies:
+        assert b"_secret_" not in body, body
+
+
 def test_redaction_rules() -> None:
     email = payload("email.created")["data"]
     redacted = redact(email, "email.created")
