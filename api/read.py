@@ -1155,7 +1155,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/changes",
         list_changes,
         "Field-level changes",
-        "Every changed field of every object, one item per field, by store position. Add "
+        "Every changed field of every versioned object (users, sessions, organizations,"
+        " memberships, invitations, domains, roles, permissions), one item per field, by store"
+        " position. Add "
         "`format=csv` or `format=ndjson` (or `Accept: text/csv`) to stream the whole filtered "
         "result.",
         (CHANGE_SUBJECT, FIELD, TYPE, SINCE, UNTIL, ACTOR_IP, *PAGING, FORMAT),

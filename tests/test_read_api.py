@@ -270,6 +270,34 @@ def test_an_event_is_found_by_any_svix_id_its_sender_chose(world: World, svix_id
     assert found["type"] == "role.created"
 
 
+def test_changes_to_roles_and_permissions_are_listed(world: World) -> None:
+    """`role.*` and `permission.*` carry the whole object, as `user.updated` does: what a role
+    may do, who changed it and from where, is an audit's question (found by review: `/v1/changes`
+    listed nothing of them). The samples: a role created with one permission, that permission
+    edited and another added, then the role deleted; a permission renamed, then deleted."""
+    role_id = payload("role.created")["data"]["id"]
+    changes = world.walk("/v1/changes", {"subject": role_id})
+    by_type: dict[str, dict[str, list[Any]]] = {}
+    for change in changes:
+        assert change["subject"] == {"id": role_id, "object": "role"}
+        assert change["actor"]["ip"] == "192.168.1.100"
+        by_type.setdefault(change["type"], {})[change["field"]] = [change["from"], change["to"]]
+    assert set(by_type) == {"role.created", "role.updated", "role.deleted"}
+    assert by_type["role.created"]["key"] == [None, "org:content_manager"]
+    updated = by_type["role.updated"]
+    assert updated["name"] == ["Content Manager", "Editor"]
+    create_posts = "permissions.perm_3x6fJavCGjK2K3pPKmNZNtl8kq0"  # its key edited in place
+    assert updated[f"{create_posts}.key"] == ["org:posts:create", "org:posts:edit"]
+    publish_posts = updated["permissions.perm_3qUdfRBPNcpDX6vSyEmOLR7zge3"]  # added whole
+    assert publish_posts[0] is None and publish_posts[1]["key"] == "org:posts:publish"
+    assert by_type["role.deleted"] == {"deleted": [None, True]}
+    by_field = world.walk("/v1/changes", {"type": "permission.*", "field": "name"})
+    assert [(c["type"], c["from"], c["to"]) for c in by_field] == [
+        ("permission.created", None, "Create Posts"),
+        ("permission.updated", "Create Posts", "Create and Edit Posts"),
+    ]
+
+
 def test_a_domain_deletion_stub_is_found_by_its_organization(world: World) -> None:
     """Clerk's `organizationDomain.deleted` names only the domain; its organization is the one
     the domain's earlier events named (SPEC 4: `subject` is any id the event concerns), in a

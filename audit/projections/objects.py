@@ -49,12 +49,15 @@ TABLE_OF_FAMILY = {
     "organizationMembership": "memberships",
     "organizationInvitation": "invitations",
     "organizationDomain": "domains",
+    # The instance's roles and their permissions: who changed what a role may do is an audit's
+    # question too. Neither belongs to a user or an organization.
+    "role": "roles",
+    "permission": "permissions",
 }
-USER_FAMILIES = ("user", "session")
 # In a session's stored view: when the version its `latest_activity` came from sorts.
 ACTIVITY_KEY = "latest_activity_key"
 
-SELF_OWNED = ("user", "organization")
+SELF_OWNED = ("user", "organization", "role", "permission")
 
 _VERSION_FIELDS = "event_id, type, k1, k2, k3, occurred_at, deletion, data"
 VERSION_COLUMNS = (
@@ -138,12 +141,15 @@ VIEW_OF_TABLE = {
     "memberships": membership_view,
     "invitations": invitation_view,
     "domains": domain_view,
+    "roles": _profile_view,
+    "permissions": _profile_view,
 }
 
 
 class ObjectsProjection(Projection):
     name = "objects"
-    version = 11  # 11: current rows keep the position that listed them (`listed_at`)
+    # 11: current rows keep the position that listed them (`listed_at`); 12: roles, permissions
+    version = 12
     time_marks_from = 5
     rebuild_seconds = 233.5
     table_names = ("versions", "history", "changes", "time_marks", *VIEW_OF_TABLE)
@@ -214,7 +220,7 @@ class ObjectsProjection(Projection):
         for event in events:
             family = event.delivery.type.split(".", 1)[0]
             table = TABLE_OF_FAMILY.get(family)
-            # Not versioned objects: email, sms, roles, billing, unknown types.
+            # Not versioned objects: email, sms, billing, unknown types.
             if table is not None and event.delivery.subject_id is not None:
                 versioned.append((event, family, table, event.delivery.subject_id))
         if not versioned:
