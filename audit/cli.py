@@ -169,6 +169,13 @@ def cmd_projections(args: argparse.Namespace) -> int:
     return 0
 
 
+LEFT_PART_WAY = (
+    "A build not yet switched is carried on by a running `audit serve` or `audit project`;"
+    " `audit rebuild` again starts a fresh one"
+)
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+
 def cmd_rebuild(args: argparse.Namespace) -> int:
     from audit.projections.runner import all_projections
     from audit.storage import LockHeld, held_exclusively, unavailable_reason
@@ -193,14 +200,15 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_BUSY
+    except KeyboardInterrupt:
+        print(f"audit rebuild: interrupted. {LEFT_PART_WAY}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:
         reason = unavailable_reason(exc)
         if reason is None:
             raise
         print(
-            f"audit rebuild: the database could not be used: {reason}. A build not yet"
-            " switched is carried on by a running `audit serve` or `audit project`, or by"
-            " `audit rebuild` again",
+            f"audit rebuild: the database could not be used: {reason}. {LEFT_PART_WAY}",
             file=sys.stderr,
         )
         return 1
@@ -213,7 +221,7 @@ def _rebuild(log, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from audit.projections import parallel
-    from audit.projections.runner import NewerVersion, Projector, active_tables
+    from audit.projections.runner import NewerVersion, Projector
 
     projector = Projector(log)
     names = list(projector.projections) if args.all else [args.name]
@@ -247,16 +255,28 @@ def _rebuild(log, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
             except parallel.CatchUpFailed as exc:
                 bar.close()
                 print(f"rebuild failed:\n{exc}", file=sys.stderr)
-                for name, generation in generations.items():
-                    serving = active_tables(log.db, name).generation
-                    state = "switched" if serving == generation else "not switched"
-                    print(f"{name}: {state}; reads use generation {serving}", file=sys.stderr)
+                _report_switches(log, generations)
                 return 1
         else:  # the builds step in turn, sharing each batch's decoding
             projector.catch_up(*(projector.projections[name] for name in names), progress=progress)
+        progress.finish()
+    return 0 if _report_switches(log, generations) else 1
+
+
+def _report_switches(log, generations: dict[str, int]) -> bool:  # type: ignore[no-untyped-def]
+    """Say where each projection's reads are; whether all are on the generation built here
+    (a build that another one replaced said it had switched)."""
+    from audit.projections.runner import active_tables
+
+    switched = True
     for name, generation in generations.items():
-        print(f"{name}: reads switched to generation {generation}")
-    return 0
+        serving = active_tables(log.db, name).generation
+        if serving == generation:
+            print(f"{name}: reads switched to generation {generation}")
+        else:
+            switched = False
+            print(f"{name}: not switched; reads use generation {serving}", file=sys.stderr)
+    return switched
 
 
 class RebuildProgress:
@@ -273,6 +293,13 @@ class RebuildProgress:
         if self.bar.n + records > self.bar.total:
             self.bar.total = max(self.stored_records() * self.builds, self.bar.n + records)
         self.bar.update(records)
+
+    def finish(self) -> None:
+        """The builds have caught up. A running `audit serve` or `audit project` steps the same
+        builds, so this process may have read only part of the store itself (the bar stopped
+        at 33-86% and then said the builds had switched)."""
+        if self.bar.n < self.bar.total:
+            self.bar.update(self.bar.total - self.bar.n)
 
 
 def cmd_send_samples(args: argparse.Namespace) -> int:

@@ -304,7 +304,9 @@ def held_exclusively(database: Database, purpose: str) -> Iterator[None]:
     if isinstance(database, SqliteDatabase):
         import fcntl  # POSIX; SQLite's own locks are fcntl ranges, which flock does not touch
 
-        path = database.path.with_name(f"{database.path.name}-{purpose}.lock")
+        # Beside the file itself: another path to it (a symlink) takes the same lock.
+        real = database.path.resolve()
+        path = real.with_name(f"{real.name}-{purpose}.lock")
         with open(path, "a") as file:
             try:
                 fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)

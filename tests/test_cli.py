@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import httpx
 import pytest
 from tqdm import tqdm
 
-from audit.aggregates.delivery import parse_delivery
+from audit.aggregates.delivery import Delivery, parse_delivery
 from audit.application import AuditLog
 from audit.cli import RebuildProgress
 from audit.config import Database, PostgresDatabase, SqliteDatabase
@@ -386,6 +387,67 @@ def test_a_store_at_another_version_is_reported_and_a_downgrade_refused(
 
 
 @pytest.mark.postgres
+def many_users(count: int) -> list[Delivery]:
+    """`count` deliveries of `user.updated`, each of another user: enough for a rebuild of
+    several steps."""
+    user = payload("user.updated")
+    return [
+        parse_delivery(
+            json.dumps({**user, "data": {**user["data"], "id": f"user_{i}"}}).encode(),
+            svix_id=f"msg_{i}",
+            svix_timestamp=1,
+            received_at=1,
+        )
+        for i in range(count)
+    ]
+
+
+def first_step_of(rebuild: subprocess.Popen[str]) -> str:
+    """What a running `audit rebuild` wrote to stderr up to its bar's first step."""
+    assert rebuild.stderr is not None
+    seen = ""
+    while not re.search(r"\| *[1-9]\d*/\d+ ", seen):
+        read = rebuild.stderr.read(1)
+        assert read, f"the rebuild ended before its first step: {seen}"
+        seen += read
+    return seen
+
+
+def test_a_rebuild_through_another_path_to_the_file_takes_the_same_lock(
+    tmp_path: Path, log: AuditLog
+) -> None:
+    """The lock was named after the path as given: through a symlink a second rebuild ran
+    beside the first, dropped its build, and the first said it had switched (found by
+    review). A file's paths are SQLite's; PostgreSQL's lock is the schema's."""
+    if not isinstance(log.database, SqliteDatabase):
+        pytest.skip("a store reached by two paths is a SQLite file's")
+    log.record(sample_deliveries())
+    Projector(log).run_once()
+    link = tmp_path / "link.db"
+    link.symlink_to(log.database.path)
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": f"sqlite:///{link}"}
+    with held_exclusively(log.database, "rebuild"):
+        refused = run_audit("rebuild", "objects", env=env)
+    assert refused.returncode == 3, refused.stdout
+
+
+def test_ctrl_c_stops_a_rebuild_with_one_line(tmp_path: Path, log: AuditLog) -> None:
+    """It printed KeyboardInterrupt's traceback (found by review)."""
+    log.record(many_users(3000))
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(log.database)}
+    rebuild = subprocess.Popen(
+        [*AUDIT, "rebuild", "--all"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    first_step_of(rebuild)
+    rebuild.send_signal(signal.SIGINT)
+    assert rebuild.stderr is not None
+    rest = rebuild.stderr.read()
+    assert rebuild.wait(timeout=60) == 128 + signal.SIGINT
+    assert "Traceback" not in rest
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith("audit rebuild: interrupted. A build not yet switched is carried on")
+
+
 def test_losing_the_database_mid_rebuild_says_so_in_a_few_lines(tmp_path: Path) -> None:
     """It printed each process's chained tracebacks, some 460 lines, for a network blip."""
     database = new_postgres_database()
@@ -393,29 +455,13 @@ def test_losing_the_database_mid_rebuild_says_so_in_a_few_lines(tmp_path: Path) 
     proxy.start()
     log = AuditLog(database)
     try:
-        user = payload("user.updated")
-        log.record(
-            [
-                parse_delivery(
-                    json.dumps({**user, "data": {**user["data"], "id": f"user_{i}"}}).encode(),
-                    svix_id=f"msg_{i}",
-                    svix_timestamp=1,
-                    received_at=1,
-                )
-                for i in range(3000)
-            ]
-        )
+        log.record(many_users(3000))
         env = {**base_env(tmp_path)}
         env["AUDIT_DATABASE_URL"] = url_of(replace(database, host="127.0.0.1", port=proxy.port))
         rebuild = subprocess.Popen(
             [*AUDIT, "rebuild", "--all"], env=env, stderr=subprocess.PIPE, text=True
         )
-        assert rebuild.stderr is not None
-        seen = ""
-        while not re.search(r"\| *[1-9]\d*/\d+ ", seen):  # the bar's first step: cut then
-            read = rebuild.stderr.read(1)
-            assert read, f"the rebuild ended before its first step: {seen}"
-            seen += read
+        seen = first_step_of(rebuild)  # cut then
         proxy.stop()
         rest = rebuild.stderr.read()
         assert rebuild.wait(timeout=60) == 1
@@ -511,6 +557,31 @@ def test_the_rebuild_progress_bar_takes_in_deliveries_that_arrive_during_the_reb
         )
         everything = len(names) * 2 * len(deliveries)
         assert (bar.n, bar.total) == (everything, everything)
+
+
+def test_the_rebuild_progress_bar_ends_full_when_another_process_stepped_the_build(
+    log: AuditLog,
+) -> None:
+    """A running `audit serve` or `audit project` steps the build too, so the rebuild read only
+    part of the store itself: its bar stopped at 33-86%, then it said the builds had switched
+    (found by review). Here another projector steps the build after the rebuild's first step."""
+    log.record(sample_deliveries())
+    projector = Projector(log, batch_size=4)
+    projector.rebuild("objects")
+    serving = Projector(log, batch_size=4)  # as `audit serve`'s child
+    out = io.StringIO()
+    with tqdm(file=out) as bar:
+        progress = RebuildProgress(bar, projector.stored_records, builds=1)
+
+        def another_process_steps_too(name: str, records: int) -> None:
+            if bar.n == 0:
+                serving.run_once()  # the rest of the build, and its switch
+            progress(name, records)
+
+        projector.catch_up(projector.projections["objects"], progress=another_process_steps_too)
+        assert bar.n < bar.total  # what this process read itself
+        progress.finish()
+        assert bar.n == bar.total
 
 
 def test_reading_commands_open_a_store_another_process_is_writing(
