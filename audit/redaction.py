@@ -102,7 +102,9 @@ def _redact(value: Any, kind: str | None, codes: set[str]) -> Any:
         own_kind = _KIND_ALIASES.get(own, own) if isinstance(own, str) else None
         # Both the object's own kind and the event type's: a payload whose `object` names
         # another kind than its type (an `sms.created` saying "email") keeps neither's secrets.
-        secret = _secret_keys_of(own_kind) | _secret_keys_of(kind)
+        secret = _secret_keys_of(own_kind)
+        if kind is not None:  # the top level only: no set made for every nested object
+            secret |= _secret_keys_of(kind)
         result: dict[Any, Any] = {}
         for key, item in value.items():
             if key in SECRET_ANYWHERE:
