@@ -38,9 +38,10 @@ from audit.aggregates.streams import (
     marker_event,
     recorded_event,
 )
-from audit.config import Database
+from audit.config import Database, SqliteDatabase
 from audit.storage import (
     APPLICATION_NAME,
+    AppendsFirst,
     Db,
     StoreUnavailable,
     dialect_of,
@@ -105,10 +106,15 @@ class AuditLog(Application[UUID]):
                 self.recorder.datastore,  # type: ignore[attr-defined]
                 dialect,
                 getattr(database, "schema", ""),
+                AppendsFirst(database) if isinstance(database, SqliteDatabase) else None,
             )
             self.db.protect_events_table()
         self._versions: OrderedDict[UUID, int] = OrderedDict()
         self._versions_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.db.close()
+        super().close()
 
     def construct_transcoder(self) -> StoreTranscoder:
         transcoder = StoreTranscoder()
@@ -129,7 +135,7 @@ class AuditLog(Application[UUID]):
         Raises StoreUnavailable when the database cannot take the write: then nothing of the
         batch is written, and a retry (Svix's) will succeed later.
         """
-        with self.db.guarded():
+        with self.db.guarded(), self.db.appending():
             return self._record_batch(deliveries)
 
     def _record_batch(self, deliveries: Sequence[Delivery]) -> list[Outcome]:

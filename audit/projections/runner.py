@@ -248,7 +248,7 @@ class Projector:
         tables = Tables(self.db, projection.name, generation)
         key = tracking_key(projection.name, generation)
         # A step's rows commit with its position: a step lost in a crash is applied again.
-        with self.db.transaction(wait_for_flush=False) as cursor:
+        with self.db.stepping(), self.db.transaction(wait_for_flush=False) as cursor:
             suffix = " FOR UPDATE" if self.db.dialect == "postgresql" else ""
             cursor.execute(
                 self.db.sql(
