@@ -29,6 +29,7 @@ from audit.projections.base import StoredDelivery, Tables
 from audit.projections.events import EventIndex
 from audit.projections.parallel import CatchUpFailed, catch_up_in_processes, groups
 from audit.projections.runner import (
+    RETIRED,
     NewerVersion,
     Projector,
     active_tables,
@@ -291,6 +292,33 @@ def test_a_version_bump_builds_beside_the_live_one_and_switches_atomically(log: 
     with log.db.reader() as cursor:
         left = [name for name in log.db.table_names(cursor) if name.startswith(v1_tables.prefix)]
     assert left == [], "every table of the old generation is dropped, known to this version or not"
+
+
+def test_tables_a_switch_retired_but_did_not_drop_are_dropped_at_the_next_start(
+    log: AuditLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A switch renames the old generation's tables (quick: on SQLite every statement holds
+    the one write lock that webhooks wait for), then drops them, each in a transaction of its
+    own. A process that ends between the two leaves them: the next start drops them."""
+    log.record(sample_deliveries()[:10])
+    Projector(log, [EventIndex()]).run_once()
+    v1_prefix = active_tables(log.db, "events").prefix
+    upgraded = Projector(log, [EventIndexRaised()])
+    monkeypatch.setattr(upgraded, "_drop_retired", lambda name=None: None)  # it ends here
+    upgraded.run_once()
+
+    def names() -> list[str]:
+        with log.db.reader() as cursor:
+            return log.db.table_names(cursor)
+
+    retired = [name for name in names() if name.startswith(RETIRED)]
+    assert retired and all(name.startswith(RETIRED + v1_prefix) for name in retired)
+    assert not any(name.startswith(v1_prefix) for name in names())
+    assert len(table_rows(log.db, "events")["events"]) == 10  # reads use the new generation
+
+    Projector(log, [EventIndexRaised()])  # the next start
+    assert not any(name.startswith(RETIRED) for name in names())
+    assert len(table_rows(log.db, "events")["events"]) == 10
 
 
 def test_an_older_release_s_rebuild_is_refused_and_if_forced_built_over_again(

@@ -7,8 +7,8 @@ anywhere rolls the whole step back; a restart carries on from the recorded posit
 
 Each projection's tables belong to a generation (`p_<name>_g<N>_<table>`); the registry says which
 generation reads use. A schema version bump (or `audit rebuild`) builds a new generation from
-position 0 beside the live one; once it has caught up, one transaction points reads at it and drops
-the old tables.
+position 0 beside the live one; once it has caught up, one transaction points reads at it and
+retires the old tables, which are then dropped.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ COALESCE_SECONDS = 0.25
 # process registered or left part-way (an interrupted `audit rebuild`) is then carried on.
 RECHECK_SECONDS = 30.0
 MARKER_TOPIC = DeliveryMarker.Created.TOPIC
+# A switched-away generation's tables are renamed with this prefix, then dropped.
+RETIRED = "retired_"
 
 
 def all_projections() -> list[Projection]:
@@ -115,6 +117,7 @@ class Projector:
             )
         for projection in self.projections.values():
             self._register(projection)
+        self._drop_retired()  # a switch's, if its process ended before it had dropped them
 
     def _register(self, projection: Projection) -> Registration:
         """Register a projection new to the store, or start the build of its version if the
@@ -468,8 +471,18 @@ class Projector:
         )
 
     def _switch(self, projection: Projection, generation: int) -> None:
-        """Point reads at a caught-up build, in one transaction, and drop the old tables."""
-        with self.db.transaction() as cursor:
+        """Point reads at a caught-up build, in one transaction, and drop the old tables.
+
+        Only what must be one with the switch is in its transaction. On SQLite each statement
+        holds the file's one write lock, and webhooks wait for it: at 100,000 events the
+        switch of `objects` held it 4.5 s (building its read indexes 1.9 s, dropping the old
+        tables 2.6 s). So the read indexes are built before it and the old tables dropped
+        after it, each in a transaction of its own that lets waiting appends go first; the
+        switch renames the old tables (`RETIRED`), which is quick.
+        """
+        if not self._build_read_indexes(projection, generation):
+            return
+        with self.db.stepping(), self.db.transaction() as cursor:
             registration = self._registration(cursor, projection.name, lock=True)
             if registration is None or registration.building_generation != generation:
                 return
@@ -489,6 +502,7 @@ class Projector:
                     cursor,
                     Tracking(tracking_key(projection.name, generation), rows[-1]["position"]),
                 )
+            # Built already; here in case another process's switch raced this one's building.
             for statement in projection.read_indexes(tables):
                 cursor.execute(statement)
             # A build's tables were filled in bulk: without statistics the planner guesses, and
@@ -496,7 +510,7 @@ class Projector:
             # (128 ms instead of 0.4). Autovacuum would get there, later, if it is on.
             for name in projection.table_names:
                 self.db.analyze(cursor, tables[name])
-            self._drop_generation(cursor, projection, registration.generation)
+            self._retire_generation(cursor, projection, registration.generation)
             cursor.execute(
                 self.db.sql(
                     f"UPDATE {self.db.table('projection_registry')} SET version = %s,"
@@ -506,6 +520,42 @@ class Projector:
                 [registration.building_version, generation, projection.name],
             )
         log.info("projection %s: reads switched to generation %d", projection.name, generation)
+        self._drop_retired(projection.name)
+
+    def _build_read_indexes(self, projection: Projection, generation: int) -> bool:
+        """The build's read indexes, each in a transaction of its own; False if it is no longer
+        the build (switched or replaced meanwhile by another process)."""
+        tables = Tables(self.db, projection.name, generation)
+        for statement in projection.read_indexes(tables):
+            with self.db.stepping(), self.db.transaction() as cursor:
+                registration = self._registration(cursor, projection.name, lock=True)
+                if registration is None or registration.building_generation != generation:
+                    return False
+                cursor.execute(statement)
+        return True
+
+    def _retire_generation(self, cursor: Cursor, projection: Projection, generation: int) -> None:
+        """Rename a generation's tables out of reads' way (a read that still names them finds
+        them missing, and looks up the live generation again) for `_drop_retired`."""
+        prefix = Tables(self.db, projection.name, generation).prefix
+        for name in self.db.table_names(cursor):
+            if name.startswith(prefix):
+                # The new name unqualified: PostgreSQL keeps a table in its schema.
+                cursor.execute(f'ALTER TABLE {self.db.table(name)} RENAME TO "{RETIRED}{name}"')
+        cursor.execute(
+            self.db.sql(f"DELETE FROM {self._tracking()} WHERE application_name = %s"),
+            [tracking_key(projection.name, generation)],
+        )
+
+    def _drop_retired(self, name: str | None = None) -> None:
+        """Drop retired tables (of one projection, or all), each in a transaction of its own.
+        Those a crash left are dropped at the next `setup`."""
+        prefix = RETIRED + (f"p_{name}_" if name else "")
+        with self.db.reader() as cursor:
+            retired = [table for table in self.db.table_names(cursor) if table.startswith(prefix)]
+        for table in retired:
+            with self.db.stepping(), self.db.transaction() as cursor:
+                cursor.execute(f"DROP TABLE IF EXISTS {self.db.table(table)}")
 
     def rebuild(self, name: str, *, downgrade: bool = False) -> int:
         """Start a fresh build of `name` beside the live one (caught up by `run_once`).
