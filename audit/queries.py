@@ -113,9 +113,9 @@ def _missing_table(exc: BaseException) -> bool:
 
 
 # The live generation of each projection, per database, so that a read costs one query, not two.
-# A switch renames the old generation's tables (then drops them) in the same transaction that
-# changes the registry, so a stale entry shows itself as a missing table and is then looked up
-# again.
+# A switch renames the old generation's tables in the transaction that changes the registry
+# (and drops them in later ones), so a stale entry shows itself as a missing table and is then
+# looked up again.
 _live_generations: weakref.WeakKeyDictionary[Db, dict[str, Tables]] = weakref.WeakKeyDictionary()
 
 

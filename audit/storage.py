@@ -7,6 +7,8 @@ named columns, and runs it through `Db`, which adapts it to SQLite or PostgreSQL
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import re
 import sqlite3
 import threading
@@ -30,6 +32,10 @@ from audit.config import Database, PostgresDatabase, SqliteDatabase
 Dialect = Literal["sqlite", "postgresql"]
 T = TypeVar("T")
 APPLICATION_NAME = "audit"
+logger = logging.getLogger(__name__)
+
+# How long a write waits for SQLite's write lock before it gives up (then: 503, retry).
+SQLITE_LOCK_TIMEOUT_SECONDS = 30
 # The longest a projection step waits for webhook appends on SQLite (AppendsFirst): under a
 # constant stream of them, its turn comes at least this often.
 APPENDS_FIRST_SECONDS = 0.5
@@ -237,7 +243,7 @@ def eventsourcing_env(database: Database) -> dict[str, str]:
         return {
             "PERSISTENCE_MODULE": "eventsourcing.sqlite",
             "SQLITE_DBNAME": str(database.path),
-            "SQLITE_LOCK_TIMEOUT": "30",
+            "SQLITE_LOCK_TIMEOUT": str(SQLITE_LOCK_TIMEOUT_SECONDS),
             "APPLICATION_RECORDER_TOPIC": f"{__name__}:AuditSqliteRecorder",
         }
     return {
@@ -338,9 +344,12 @@ class AppendsFirst:
     - an append holds `-appends.lock` shared for as long as it records, and a step waits until
       no append holds it, for at most `limit` seconds (under a constant stream of appends, the
       steps still take turns);
-    - a step holds `-steps.lock` exclusively while it writes, and an append waits for a step
-      under way on that lock, so that it starts the moment the step commits rather than at
-      its busy handler's next try.
+    - a step holds `-steps.lock` while it writes, and an append waits for a step under way on
+      that lock (as long as SQLite's own lock timeout at most), so that it starts the moment
+      the step commits rather than at its busy handler's next try.
+
+    Each is a file opened read-only: any user who can read the store can take its locks. Where
+    one cannot be opened (a directory no one may create it in), this process goes without.
     """
 
     POLL_SECONDS = 0.002
@@ -352,12 +361,17 @@ class AppendsFirst:
         self._lock = threading.Lock()
         self._appending = 0  # this process's appends under way (a flock is per open file)
         # Each use its own open file: flocks on one conflict only with those on others.
-        self._files: dict[str, Any] = {}
+        self._files: dict[str, int | None] = {}
 
-    def _file(self, use: str) -> Any:
+    def _file(self, use: str) -> int | None:
+        """The descriptor for `use`, opened the first time; None if it cannot be."""
         if use not in self._files:
             path = self.appends_path if use.startswith("append") else self.steps_path
-            self._files[use] = open(path, "a")  # noqa: SIM115 (held open, closed in `close`)
+            try:
+                self._files[use] = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                logger.warning("%s: %s; webhooks and projection steps go unordered", path, exc)
+                self._files[use] = None
         return self._files[use]
 
     @contextmanager
@@ -366,48 +380,58 @@ class AppendsFirst:
         import fcntl  # POSIX, as SQLite's own locking of the file is
 
         with self._lock:
-            if self._appending == 0:
-                fcntl.flock(self._file("appending"), fcntl.LOCK_SH)
+            appending, steps = self._file("appending"), self._file("steps seen by appends")
+            if appending is not None and self._appending == 0:
+                fcntl.flock(appending, fcntl.LOCK_SH)
             self._appending += 1
-            steps = self._file("steps seen by appends")
         try:
-            fcntl.flock(steps, fcntl.LOCK_SH)  # returns when no step is writing
-            fcntl.flock(steps, fcntl.LOCK_UN)
+            if steps is not None:
+                _poll_flock(steps, fcntl.LOCK_SH, SQLITE_LOCK_TIMEOUT_SECONDS)
+                fcntl.flock(steps, fcntl.LOCK_UN)
             yield
         finally:
             with self._lock:
                 self._appending -= 1
-                if self._appending == 0:
-                    fcntl.flock(self._file("appending"), fcntl.LOCK_UN)
+                if appending is not None and self._appending == 0:
+                    fcntl.flock(appending, fcntl.LOCK_UN)
 
     @contextmanager
     def step(self, limit: float) -> Iterator[None]:
         """Around a projection step's transaction."""
         import fcntl
 
-        appends = self._file("appends seen by steps")
-        deadline = time.monotonic() + limit
-        while True:
-            try:
-                fcntl.flock(appends, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if time.monotonic() < deadline:
-                    time.sleep(self.POLL_SECONDS)
-                    continue
-            else:
-                fcntl.flock(appends, fcntl.LOCK_UN)
-            break
-        steps = self._file("stepping")
-        fcntl.flock(steps, fcntl.LOCK_EX)
+        appends, steps = self._file("appends seen by steps"), self._file("stepping")
+        if appends is not None and _poll_flock(appends, fcntl.LOCK_EX, limit):
+            fcntl.flock(appends, fcntl.LOCK_UN)
+        if steps is not None:
+            fcntl.flock(steps, fcntl.LOCK_EX)  # others hold it an instant, or for their step
         try:
             yield
         finally:
-            fcntl.flock(steps, fcntl.LOCK_UN)
+            if steps is not None:
+                fcntl.flock(steps, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        for file in self._files.values():
-            file.close()
+        for descriptor in self._files.values():
+            if descriptor is not None:
+                os.close(descriptor)
         self._files.clear()
+
+
+def _poll_flock(descriptor: int, operation: int, limit: float) -> bool:
+    """Take a flock, trying every AppendsFirst.POLL_SECONDS for up to `limit` seconds; whether
+    it was taken."""
+    import fcntl
+
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            fcntl.flock(descriptor, operation | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(AppendsFirst.POLL_SECONDS)
 
 
 def postgres_connect_args(database: PostgresDatabase) -> dict[str, Any]:

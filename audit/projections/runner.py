@@ -588,7 +588,7 @@ class Projector:
         During a burst of deliveries the catching up waits a little (FollowingPace)."""
         waiter = EventWaiter(self.log.database, self.db.events_table.replace(".", "_"))
         caught_up_to: int | None = None
-        caught_up_at = time.monotonic()
+        caught_up_at = swept_at = time.monotonic()
         pace = FollowingPace()
         try:
             while not stop.is_set():
@@ -597,6 +597,11 @@ class Projector:
                     # nothing has arrived since the last catch-up.
                     head = self.log.recorder.max_notification_id()
                     now = time.monotonic()
+                    if now - swept_at >= recheck_seconds:
+                        # Tables a switch retired but did not drop (its process was stopped
+                        # in between: Ctrl-C on `audit rebuild`): this process runs for weeks.
+                        self._drop_retired()
+                        swept_at = now
                     if head != caught_up_to or now - caught_up_at >= recheck_seconds:
                         pause = pace.wait_before_catching_up(now, head or 0)
                         if pause:
