@@ -103,11 +103,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_project(args: argparse.Namespace) -> int:
     import threading
 
-    from audit.projections.runner import Projector
+    from audit.projections.runner import FOLLOWING_BATCH_SIZES, Projector
 
     log = open_log(configured_database())
     try:
-        projector = Projector(log)
+        projector = Projector(log, batch_size=FOLLOWING_BATCH_SIZES[log.db.dialect])
         if args.once:
             before = {row["name"]: row["position"] for row in projector.status()}
             projector.run_once()
