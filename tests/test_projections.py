@@ -13,7 +13,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +296,31 @@ def test_a_version_bump_builds_beside_the_live_one_and_switches_atomically(log: 
     assert retired == [], "renamed out of reads' way at the switch, then dropped"
 
 
+@contextlib.contextmanager
+def following(projector: Projector) -> Iterator[None]:
+    """`projector.run_forever` in a thread for the block, looking often: as the projections
+    process of `audit serve` follows the store."""
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=projector.run_forever,
+        args=(stop,),
+        kwargs={"poll_seconds": 0.05, "recheck_seconds": 0.1},
+    )
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def wait_until(done: Callable[[], bool], failure: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.05)
+
+
 def test_tables_a_switch_retired_but_did_not_drop_are_dropped_at_the_next_start(
     log: AuditLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -342,21 +367,8 @@ def test_a_running_follower_drops_tables_a_switch_retired_but_did_not_drop(
             return [name for name in log.db.table_names(cursor) if name.startswith(RETIRED)]
 
     assert retired()
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=follower.run_forever,
-        args=(stop,),
-        kwargs={"poll_seconds": 0.05, "recheck_seconds": 0.1},
-    )
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while retired():
-            assert time.monotonic() < deadline, "the follower never dropped them"
-            stop.wait(0.05)
-    finally:
-        stop.set()
-        thread.join()
+    with following(follower):
+        wait_until(lambda: not retired(), "the follower never dropped them")
 
 
 def test_an_older_release_s_rebuild_is_refused_and_if_forced_built_over_again(
@@ -516,24 +528,14 @@ def test_a_follower_carries_on_a_build_left_part_way_though_nothing_new_arrives(
     log.record(sample_deliveries())
     follower = Projector(log)
     follower.run_once()
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=follower.run_forever,
-        args=(stop,),
-        kwargs={"poll_seconds": 0.05, "recheck_seconds": 0.1},
-    )
-    thread.start()
-    try:
+    with following(follower):
         interrupted = Projector(log, batch_size=5)  # as in another process
         built = interrupted.rebuild("events")
         interrupted.step(interrupted.projections["events"], built)
-        deadline = time.monotonic() + 30
-        while active_tables(log.db, "events").generation != built:
-            assert time.monotonic() < deadline, "the follower never carried on the build"
-            stop.wait(0.05)
-    finally:
-        stop.set()
-        thread.join()
+        wait_until(
+            lambda: active_tables(log.db, "events").generation == built,
+            "the follower never carried on the build",
+        )
     [status] = [row for row in follower.status() if row["name"] == "events"]
     assert status["state"] == "live" and status["lag"] == 0
 
