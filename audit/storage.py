@@ -364,7 +364,8 @@ class AppendsFirst:
         self._files: dict[str, int | None] = {}
 
     def _file(self, use: str) -> int | None:
-        """The descriptor for `use`, opened the first time; None if it cannot be."""
+        """The descriptor for `use`, opened the first time; None if it cannot be. (Called
+        holding `_lock`.)"""
         if use not in self._files:
             path = self.appends_path if use.startswith("append") else self.steps_path
             try:
@@ -400,7 +401,8 @@ class AppendsFirst:
         """Around a projection step's transaction."""
         import fcntl
 
-        appends, steps = self._file("appends seen by steps"), self._file("stepping")
+        with self._lock:
+            appends, steps = self._file("appends seen by steps"), self._file("stepping")
         if appends is not None and _poll_flock(appends, fcntl.LOCK_EX, limit):
             fcntl.flock(appends, fcntl.LOCK_UN)
         if steps is not None:
