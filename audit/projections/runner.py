@@ -547,15 +547,17 @@ class Projector:
     def _retire_generation(self, cursor: Cursor, projection: Projection, generation: int) -> None:
         """Rename a generation's tables out of reads' way (a read that still names them finds
         them missing, and looks up the live generation again) for `_drop_retired`."""
+        # Its tracking row first: a follower's step of it holds that row, then writes the
+        # tables; renaming them first deadlocked with a step that had written only some.
+        cursor.execute(
+            self.db.sql(f"DELETE FROM {self._tracking()} WHERE application_name = %s"),
+            [tracking_key(projection.name, generation)],
+        )
         prefix = Tables(self.db, projection.name, generation).prefix
         for name in self.db.table_names(cursor):
             if name.startswith(prefix):
                 # The new name unqualified: PostgreSQL keeps a table in its schema.
                 cursor.execute(f'ALTER TABLE {self.db.table(name)} RENAME TO "{RETIRED}{name}"')
-        cursor.execute(
-            self.db.sql(f"DELETE FROM {self._tracking()} WHERE application_name = %s"),
-            [tracking_key(projection.name, generation)],
-        )
 
     def _drop_retired(self, name: str | None = None) -> None:
         """Drop retired tables (of one projection, or all), each in a transaction of its own.
