@@ -31,13 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.*
 from audit.application import AuditLog
 from audit.config import parse_database_url
 from bench.ingest import (
-    API_TOKEN,
     DEFAULT_POSTGRES,
     Delivery,
     LoadResult,
     PostgresStore,
     SqliteStore,
+    merge,
     send_one,
+    server_spec,
     shuffled_deliveries,
 )
 from bench.serverproc import TREE, ServerProcess, audit_command, free_port
@@ -71,12 +72,8 @@ def send_until(
         thread.start()
     for thread in threads:
         thread.join()
-    total = LoadResult(elapsed=time.perf_counter() - started)
-    for result in results:
-        total.latencies += result.latencies
-        total.statuses += result.statuses
-        total.outcomes += result.outcomes
-        total.errors += result.errors
+    total = merge(results)
+    total.elapsed = time.perf_counter() - started
     return total, slowest[1]
 
 
@@ -115,12 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     url = store.ours_url()
     tag = f"backend={args.backend} events={args.events} clients={args.clients}"
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-    env = {
-        **os.environ,
-        "AUDIT_DATABASE_URL": url,
-        "AUDIT_API_TOKENS": API_TOKEN,
-        "CLERK_WEBHOOK_SIGNING_SECRET": secret,
-    }
+    port = free_port()
+    spec = server_spec("ours", store, secret, port, workers=1)
+    env = spec.env  # `audit rebuild` runs on the same store
     try:
         log = AuditLog(parse_database_url(url))
         try:
@@ -129,10 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             log.close()
         fresh = shuffled_deliveries(random.Random(7), 5000, 500)
-        port = free_port()
-        command = [*audit_command(), "serve", "--host", "127.0.0.1", "--port", str(port)]
         with tempfile.NamedTemporaryFile(prefix="bench_busy_", suffix=".log") as server_log:
-            server = ServerProcess("ours", command, env, port, server_log)
+            server = ServerProcess("ours", spec.command, env, port, server_log)
             try:
                 server.wait_ready()
                 stop = threading.Event()
