@@ -371,6 +371,40 @@ def test_a_running_follower_drops_tables_a_switch_retired_but_did_not_drop(
         wait_until(lambda: not retired(), "the follower never dropped them")
 
 
+def test_a_new_rebuild_renames_the_build_it_replaces_and_drops_it_after_its_switch(
+    log: AuditLog,
+) -> None:
+    """`audit rebuild` over a build left part-way dropped that build's tables in the
+    transaction that started the new one: on SQLite, the one write lock webhooks wait for,
+    held for as long as a large build takes to drop. It renames them there, as a switch does,
+    and they are dropped with what the switch retires, each in a transaction of its own."""
+    log.record(sample_deliveries()[:10])
+    projector = Projector(log, [EventIndex()], batch_size=4)
+    projector.run_once()
+    live_prefix = active_tables(log.db, "events").prefix
+    left = projector.rebuild("events")
+    projector.step(projector.projections["events"], left)  # part-way, then stopped
+    left_prefix = Tables(log.db, "events", left).prefix
+
+    def names() -> list[str]:
+        with log.db.reader() as cursor:
+            return log.db.table_names(cursor)
+
+    assert any(name.startswith(left_prefix) for name in names())
+    built = projector.rebuild("events")
+    assert built == left + 1
+    retired = [name for name in names() if name.startswith(RETIRED)]
+    assert retired and all(name.startswith(RETIRED + left_prefix) for name in retired)
+    assert not any(name.startswith(left_prefix) for name in names())
+
+    projector.run_once()  # the build caught up and switched
+    assert active_tables(log.db, "events").generation == built
+    assert not any(name.startswith((RETIRED, left_prefix, live_prefix)) for name in names())
+    assert len(table_rows(log.db, "events")["events"]) == 10
+    [status] = projector.status()
+    assert (status["state"], status["lag"], status["errors"]) == ("live", 0, 0)
+
+
 def test_an_older_release_s_rebuild_is_refused_and_if_forced_built_over_again(
     log: AuditLog, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -133,7 +133,7 @@ class Projector:
     def _register(self, projection: Projection) -> Registration:
         """Register a projection new to the store, or start the build of its version if the
         store's is older; returns its registration as it then stands."""
-        with self.db.transaction() as cursor:
+        with self._stepping() as cursor:
             registration = self._registration(cursor, projection.name, lock=True)
             if registration is None:
                 self._create_generation(cursor, projection, 1, live=True)
@@ -207,7 +207,9 @@ class Projector:
             # deadlocked with a step that had written some and went on to the others.
             key = tracking_key(projection.name, registration.building_generation)
             tracked_position(self.db, cursor, key, lock=True)
-            self._drop_generation(cursor, projection, registration.building_generation)
+            # Renamed here, and dropped with what the switch retires (`_drop_retired`): on
+            # SQLite, dropping a large build here held the lock webhooks wait for, for seconds.
+            self._retire_generation(cursor, projection, registration.building_generation)
         self._create_generation(cursor, projection, generation, live=False)
         cursor.execute(
             self.db.sql(
@@ -224,13 +226,6 @@ class Projector:
         )
         return generation
 
-    def _drop_generation(self, cursor: Cursor, projection: Projection, generation: int) -> None:
-        self._drop_tables(cursor, Tables(self.db, projection.name, generation))
-        cursor.execute(
-            self.db.sql(f"DELETE FROM {self._tracking()} WHERE application_name = %s"),
-            [tracking_key(projection.name, generation)],
-        )
-
     def _drop_tables(self, cursor: Cursor, tables: Tables) -> None:
         """Every table of a generation, not only those this version makes: the generation may
         be another version's, with tables this one no longer has (or does not know yet)."""
@@ -240,8 +235,9 @@ class Projector:
 
     @contextmanager
     def _stepping(self, *, wait_for_flush: bool = True) -> Iterator[Cursor]:
-        """A transaction of a step, a switch or its index builds and drops: on SQLite, webhook
-        appends waiting for the write lock go first (`Db.stepping`)."""
+        """A transaction of the projector's that writes (a step, the start of a build, a switch,
+        its index builds and drops): on SQLite, webhook appends waiting for the write lock go
+        first (`Db.stepping`)."""
         with self.db.stepping(), self.db.transaction(wait_for_flush=wait_for_flush) as cursor:
             yield cursor
 
@@ -583,7 +579,7 @@ class Projector:
         projection = self.projections.get(name)
         if projection is None:
             raise UnknownProjection(name)
-        with self.db.transaction() as cursor:
+        with self._stepping() as cursor:
             registration = self._registration(cursor, name, lock=True)
             assert registration is not None
             if not downgrade:
