@@ -520,15 +520,16 @@ class Db:
             return f'"{self.schema}"."{name}"'
         return f'"{name}"'
 
-    def table_names(self, cursor: Cursor) -> list[str]:
-        """The unqualified names of every table in the store's schema (or SQLite file)."""
+    def table_names(self, cursor: Cursor, prefix: str = "") -> list[str]:
+        """The unqualified names of the tables in the store's schema (or SQLite file) that
+        start with `prefix` (a generation's, a retired one's)."""
         if self.dialect == "postgresql":
             cursor.execute(
                 "SELECT tablename AS name FROM pg_tables WHERE schemaname = %s", [self.schema]
             )
         else:
             cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        return [row["name"] for row in cursor.fetchall()]
+        return [row["name"] for row in cursor.fetchall() if row["name"].startswith(prefix)]
 
     def analyze(self, cursor: Cursor, table: str) -> None:
         """Gather the planner's statistics for a table (on SQLite from a sample, as PostgreSQL

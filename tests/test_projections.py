@@ -252,6 +252,11 @@ def test_a_crash_between_batches_resumes_exactly_once(log: AuditLog) -> None:
     assert sorted(r["svix_id"] for r in rows) == sorted(d.svix_id for d in deliveries)
 
 
+def stored_tables(db: Db, prefix: str = "") -> list[str]:
+    with db.reader() as cursor:
+        return db.table_names(cursor, prefix)
+
+
 class EventIndexRaised(EventIndex):
     version = EventIndex.version + 1
 
@@ -289,9 +294,7 @@ def test_a_version_bump_builds_beside_the_live_one_and_switches_atomically(log: 
     assert len(table_rows(log.db, "events")["events"]) == 12
     with pytest.raises(Exception):  # noqa: B017 - the old generation's tables are gone
         log.db.fetchall(f"SELECT * FROM {v1_tables['events']}")
-    with log.db.reader() as cursor:
-        left = [name for name in log.db.table_names(cursor) if name.startswith(v1_tables.prefix)]
-        retired = [name for name in log.db.table_names(cursor) if name.startswith(RETIRED)]
+    left, retired = stored_tables(log.db, v1_tables.prefix), stored_tables(log.db, RETIRED)
     assert left == [], "every table of the old generation is dropped, known to this version or not"
     assert retired == [], "renamed out of reads' way at the switch, then dropped"
 
@@ -334,17 +337,13 @@ def test_tables_a_switch_retired_but_did_not_drop_are_dropped_at_the_next_start(
     monkeypatch.setattr(upgraded, "_drop_retired", lambda name=None: None)  # it ends here
     upgraded.run_once()
 
-    def names() -> list[str]:
-        with log.db.reader() as cursor:
-            return log.db.table_names(cursor)
-
-    retired = [name for name in names() if name.startswith(RETIRED)]
+    retired = stored_tables(log.db, RETIRED)
     assert retired and all(name.startswith(RETIRED + v1_prefix) for name in retired)
-    assert not any(name.startswith(v1_prefix) for name in names())
+    assert not stored_tables(log.db, v1_prefix)
     assert len(table_rows(log.db, "events")["events"]) == 10  # reads use the new generation
 
     Projector(log, [EventIndexRaised()])  # the next start
-    assert not any(name.startswith(RETIRED) for name in names())
+    assert not stored_tables(log.db, RETIRED)
     assert len(table_rows(log.db, "events")["events"]) == 10
 
 
@@ -362,13 +361,9 @@ def test_a_running_follower_drops_tables_a_switch_retired_but_did_not_drop(
     interrupted.rebuild("events")
     interrupted.run_once()
 
-    def retired() -> list[str]:
-        with log.db.reader() as cursor:
-            return [name for name in log.db.table_names(cursor) if name.startswith(RETIRED)]
-
-    assert retired()
+    assert stored_tables(log.db, RETIRED)
     with following(follower):
-        wait_until(lambda: not retired(), "the follower never dropped them")
+        wait_until(lambda: not stored_tables(log.db, RETIRED), "the follower never dropped them")
 
 
 def test_a_new_rebuild_renames_the_build_it_replaces_and_drops_it_after_its_switch(
@@ -386,20 +381,18 @@ def test_a_new_rebuild_renames_the_build_it_replaces_and_drops_it_after_its_swit
     projector.step(projector.projections["events"], left)  # part-way, then stopped
     left_prefix = Tables(log.db, "events", left).prefix
 
-    def names() -> list[str]:
-        with log.db.reader() as cursor:
-            return log.db.table_names(cursor)
-
-    assert any(name.startswith(left_prefix) for name in names())
+    assert stored_tables(log.db, left_prefix)
     built = projector.rebuild("events")
     assert built == left + 1
-    retired = [name for name in names() if name.startswith(RETIRED)]
+    retired = stored_tables(log.db, RETIRED)
     assert retired and all(name.startswith(RETIRED + left_prefix) for name in retired)
-    assert not any(name.startswith(left_prefix) for name in names())
+    assert not stored_tables(log.db, left_prefix)
 
     projector.run_once()  # the build caught up and switched
     assert active_tables(log.db, "events").generation == built
-    assert not any(name.startswith((RETIRED, left_prefix, live_prefix)) for name in names())
+    assert not any(
+        name.startswith((RETIRED, left_prefix, live_prefix)) for name in stored_tables(log.db)
+    )
     assert len(table_rows(log.db, "events")["events"]) == 10
     [status] = projector.status()
     assert (status["state"], status["lag"], status["errors"]) == ("live", 0, 0)
@@ -640,8 +633,8 @@ def test_a_new_rebuild_waits_for_a_step_of_the_build_it_replaces(log: AuditLog) 
     log.record(sample_deliveries())
     rebuilding = Projector(log, [EventIndex()], batch_size=10)
     left = rebuilding.rebuild("events")
-    with log.db.reader() as cursor:  # the table a new rebuild drops last: the step holds it
-        last = [n for n in log.db.table_names(cursor) if n.startswith(f"p_events_g{left}_")][-1]
+    # The table a new rebuild drops last: the step holds it.
+    last = stored_tables(log.db, f"p_events_g{left}_")[-1]
     halfway = HalfwayIndex(last.removeprefix(f"p_events_g{left}_"))
     follower = Projector(log, [halfway], batch_size=10)
     stepping = threading.Thread(target=follower.step, args=(halfway, left))
@@ -675,8 +668,7 @@ def test_a_switch_waits_for_a_step_of_the_generation_it_retires(log: AuditLog) -
     built = switching.rebuild("events")
     switching.step(switching.projections["events"], built)  # caught up: the switch is next
     log.record(sample_deliveries()[10:12])
-    with log.db.reader() as cursor:  # the table the switch renames last: the step holds it
-        last = [n for n in log.db.table_names(cursor) if n.startswith(live.prefix)][-1]
+    last = stored_tables(log.db, live.prefix)[-1]  # the switch renames it last: the step holds it
     halfway = HalfwayIndex(last.removeprefix(live.prefix))
     follower = Projector(log, [halfway], batch_size=1000)
     failures: list[BaseException] = []

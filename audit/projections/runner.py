@@ -229,9 +229,8 @@ class Projector:
     def _drop_tables(self, cursor: Cursor, tables: Tables) -> None:
         """Every table of a generation, not only those this version makes: the generation may
         be another version's, with tables this one no longer has (or does not know yet)."""
-        for name in self.db.table_names(cursor):
-            if name.startswith(tables.prefix):
-                cursor.execute(f"DROP TABLE IF EXISTS {self.db.table(name)}")
+        for name in self.db.table_names(cursor, tables.prefix):
+            cursor.execute(f"DROP TABLE IF EXISTS {self.db.table(name)}")
 
     @contextmanager
     def _stepping(self, *, wait_for_flush: bool = True) -> Iterator[Cursor]:
@@ -555,17 +554,16 @@ class Projector:
             [tracking_key(projection.name, generation)],
         )
         prefix = Tables(self.db, projection.name, generation).prefix
-        for name in self.db.table_names(cursor):
-            if name.startswith(prefix):
-                # The new name unqualified: PostgreSQL keeps a table in its schema.
-                cursor.execute(f'ALTER TABLE {self.db.table(name)} RENAME TO "{RETIRED}{name}"')
+        for name in self.db.table_names(cursor, prefix):
+            # The new name unqualified: PostgreSQL keeps a table in its schema.
+            cursor.execute(f'ALTER TABLE {self.db.table(name)} RENAME TO "{RETIRED}{name}"')
 
     def _drop_retired(self, name: str | None = None) -> None:
         """Drop retired tables (of one projection, or all), each in a transaction of its own.
         Those a stopped process left are dropped at the next `setup`, and by `run_forever`."""
         prefix = RETIRED + (f"p_{name}_" if name else "")
         with self.db.reader() as cursor:
-            retired = [table for table in self.db.table_names(cursor) if table.startswith(prefix)]
+            retired = self.db.table_names(cursor, prefix)
         for table in retired:
             with self._stepping() as cursor:
                 cursor.execute(f"DROP TABLE IF EXISTS {self.db.table(table)}")
