@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.sto
 from audit.application import AuditLog
 from audit.config import Database, PostgresDatabase, parse_database_url
 from audit.projections import parallel
+from audit.projections.base import Tables
 from audit.projections.runner import BATCH_SIZE, MARKER_TOPIC, Projector, active_tables
 from audit.runtime import collect_garbage_less_often
 from audit.storage import postgres_connect_args
@@ -141,6 +142,44 @@ def child_rebuild(database: Database, batch: int, profile_top: int) -> dict[str,
             projector.rebuild(name)
         parallel.catch_up_in_processes(database, groups, batch_size=batch)
         return {**usage.result(), **_outcome(projector), "per_projection": {}, "groups": groups}
+    finally:
+        log.close()
+
+
+# A generation number no build reaches: the write floor's scratch tables.
+FLOOR_GENERATION = 999_999
+
+
+def child_floor(database: Database) -> dict[str, Any]:
+    """The write floor (PostgreSQL): every row the rebuild wrote, written again by PostgreSQL
+    alone into empty tables of the same schema, with no Python per row: `INSERT ... SELECT`
+    from the live tables, one projection at a time on one connection, its own indexes first
+    and the read indexes after, as a build makes them. No projector, however its rows were
+    made, writes these tables faster on one connection. (If anything it is low: a compressed
+    payload is copied as it is, not compressed again as the rebuild's COPY does.)"""
+    log = AuditLog(database)
+    try:
+        projector = Projector(log)
+        db = projector.db
+        usage = Usage()
+        per_projection: dict[str, float] = {}
+        rows = 0
+        for projection in projector.projections.values():
+            live = active_tables(db, projection.name)
+            scratch = Tables(db, projection.name, FLOOR_GENERATION)
+            began = time.perf_counter()
+            with db.transaction() as cursor:
+                for statement in projection.schema(scratch, db):
+                    cursor.execute(statement)
+                for table in projection.table_names:
+                    cursor.execute(f"INSERT INTO {scratch[table]} SELECT * FROM {live[table]}")
+                    rows += cursor.rowcount
+                for statement in projection.read_indexes(scratch):
+                    cursor.execute(statement)
+            per_projection[projection.name] = time.perf_counter() - began
+            with db.transaction() as cursor:
+                projector._drop_tables(cursor, scratch)
+        return {**usage.result(), "rows": rows, "per_projection": per_projection}
     finally:
         log.close()
 
@@ -328,6 +367,18 @@ def run_size(args: argparse.Namespace, events: int) -> dict[str, Any]:
             return {"events": events, "peak_rss_mb": followed["peak_rss_mb"], "ok": ok}
         rebuilt = run_child("rebuild", args.backend, url, args.batch)
         ok = report_rebuild(tag, events, ceiling_rate, rebuilt, args.batch)
+        if args.floor:
+            floor = run_child("floor", args.backend, url, args.batch)
+            print(
+                f"floor {tag} rows={floor['rows']} seconds={floor['seconds']:.1f}"
+                f" cpu_postgres={floor['db_cpu']:.1f}s "
+                + " ".join(
+                    f"{name}={seconds:.1f}s" for name, seconds in floor["per_projection"].items()
+                )
+                + f" ceiling_seconds={ceiling['seconds']:.1f}"
+                f" best_ratio_one_writer={ceiling['seconds'] / floor['seconds']:.2f}",
+                flush=True,
+            )
         if args.rounds:  # the same store rebuilt again, in one process (per-projection figures)
             rounds = run_child("rounds", args.backend, url, args.batch)
             ok = report_rebuild(tag, events, ceiling_rate, rounds, args.batch) and ok
@@ -367,7 +418,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="instead of a rebuild: live projections catch up with the stored events",
     )
     parser.add_argument(
-        "--child", choices=["ceiling", "rebuild", "rounds", "follow"], help=argparse.SUPPRESS
+        "--floor",
+        action="store_true",
+        help="then write the rebuilt rows again in PostgreSQL alone: the write floor",
+    )
+    parser.add_argument(
+        "--child",
+        choices=["ceiling", "rebuild", "rounds", "follow", "floor"],
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -382,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         database = parse_database_url(args.database_url)
         if args.child == "ceiling":
             result = child_ceiling(database, args.batch)
+        elif args.child == "floor":
+            result = child_floor(database)
         elif args.child in ("rounds", "follow"):
             result = child_rebuild_in_rounds(
                 database, args.batch, args.profile, build=args.child == "rounds"
