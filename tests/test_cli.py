@@ -272,7 +272,7 @@ def test_show_takes_the_secrets_out_as_the_api_does(tmp_path, database: Database
 
 
 @pytest.mark.parametrize(
-    "command", [["serve", "--port", "1"], ["project", "--once"], ["projections"]]
+    "command", [["serve", "--port", "1"], ["project", "--once"], ["projections"], ["verify"]]
 )
 def test_a_file_that_is_not_a_database_is_one_line(tmp_path, command: list[str]) -> None:
     """It was a 53-line traceback, exit 1 (found by review)."""
@@ -294,7 +294,9 @@ def test_rebuilding_an_unknown_projection_is_a_usage_error(tmp_path: Path) -> No
     assert not (tmp_path / "audit.db").exists()
 
 
-@pytest.mark.parametrize("command", [["projections"], ["show", "user_x"], ["rebuild", "--all"]])
+@pytest.mark.parametrize(
+    "command", [["projections"], ["show", "user_x"], ["rebuild", "--all"], ["verify"]]
+)
 def test_reading_a_store_never_opened_is_one_line_and_creates_nothing(
     tmp_path, database: Database, command: list[str]
 ) -> None:
@@ -620,6 +622,7 @@ def test_reading_commands_open_a_store_another_process_is_writing(
         ["rebuild", "--all"],
         ["project", "--once"],
         ["send-samples", "--url", "http://127.0.0.1:9/webhooks/clerk"],
+        ["verify"],
     ],
 )
 @pytest.mark.parametrize(

@@ -1,0 +1,212 @@
+"""`audit verify`: a store as recorded passes; each way of changing it behind the triggers'
+back is reported, on both backends."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from audit.application import AuditLog
+from audit.integrity import verify_store
+from audit.projections.runner import MARKER_TOPIC
+from tests.test_cli import base_env, run_audit, url_of
+from tests.test_projections import sample_deliveries
+
+
+def stored_rows(log: AuditLog) -> list[Any]:
+    db = log.db
+    return db.fetchall(
+        f"SELECT {db.position_column} AS position, originator_id, originator_version, topic,"
+        f" state FROM {db.table(db.events_table)} ORDER BY {db.position_column}",
+        payloads=True,
+    )
+
+
+def deliveries(log: AuditLog) -> list[Any]:
+    return [row for row in stored_rows(log) if row["topic"] != MARKER_TOPIC]
+
+
+def unprotected(log: AuditLog) -> None:
+    """What someone who owns the database can do: take the triggers away."""
+    table = log.db.table(log.db.events_table)
+    if log.db.dialect == "sqlite":
+        statements = ["DROP TRIGGER events_refuse_update", "DROP TRIGGER events_refuse_delete"]
+    else:
+        statements = [f"ALTER TABLE {table} DISABLE TRIGGER events_refuse_change"]
+    with log.db.transaction() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+
+
+def rewrite(log: AuditLog, row: Any, change: Callable[[dict[str, Any]], None]) -> None:
+    """Change one stored event's recorded fields in place."""
+    state = json.loads(bytes(row["state"]))
+    change(state)
+    replace_state(log, row, json.dumps(state).encode())
+
+
+def replace_state(log: AuditLog, row: Any, state: bytes) -> None:
+    db = log.db
+    with db.transaction() as cursor:
+        cursor.execute(
+            db.sql(
+                f"UPDATE {db.table(db.events_table)} SET state = %s WHERE {db.position_column} = %s"
+            ),
+            [state, row["position"]],
+        )
+
+
+def delete(log: AuditLog, row: Any) -> None:
+    db = log.db
+    with db.transaction() as cursor:
+        cursor.execute(
+            db.sql(f"DELETE FROM {db.table(db.events_table)} WHERE {db.position_column} = %s"),
+            [row["position"]],
+        )
+
+
+def middle_of_a_stream(log: AuditLog) -> Any:
+    """A delivery with later ones in its stream: deleting it leaves a gap."""
+    rows = deliveries(log)
+    third = {row["originator_id"] for row in rows if row["originator_version"] == 3}
+    return next(r for r in rows if r["originator_version"] == 2 and r["originator_id"] in third)
+
+
+def test_a_store_as_recorded_passes(log: AuditLog) -> None:
+    recorded = sample_deliveries()
+    log.record(recorded)
+    log.record(recorded[:3])  # redeliveries store nothing more
+    report = verify_store(log, batch_size=7)  # batches that split deliveries from markers
+    assert report.ok, report.problems
+    assert (report.events, report.deliveries, report.markers) == (
+        2 * len(recorded),
+        len(recorded),
+        len(recorded),
+    )
+    assert 0 < report.streams < len(recorded)
+    assert report.streams == len({row["originator_id"] for row in deliveries(log)})
+
+
+def edit_body(state: dict[str, Any]) -> None:
+    state["body"] = state["body"].replace('"type"', ' "type"', 1)  # the same JSON, other bytes
+
+
+def edit_body_and_digest(state: dict[str, Any]) -> None:
+    edit_body(state)
+    state["sha256"] = hashlib.sha256(state["body"].encode()).hexdigest()
+
+
+def edit_type(state: dict[str, Any]) -> None:
+    state["type"] = "user.deleted" if state["type"] != "user.deleted" else "user.updated"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (edit_body, "its body does not have the SHA-256 recorded with it"),
+        (edit_body_and_digest, "has another SHA-256 than its marker"),
+        (edit_type, "its stored type is not what its body says"),
+    ],
+)
+def test_a_delivery_changed_in_place_is_reported(
+    log: AuditLog, change: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    log.record(sample_deliveries())
+    unprotected(log)
+    target = deliveries(log)[5]
+    rewrite(log, target, change)
+    report = verify_store(log)
+    assert report.problem_count == 1, report.problems
+    [problem] = report.problems
+    assert expected in problem
+    assert f"position {target['position']}" in problem
+
+
+def test_an_event_deleted_from_a_stream_is_reported(log: AuditLog) -> None:
+    log.record(sample_deliveries())
+    unprotected(log)
+    target = middle_of_a_stream(log)
+    delete(log, target)
+    report = verify_store(log)
+    assert report.problem_count == 2, report.problems
+    gap = next(p for p in report.problems if p.startswith("stream "))
+    assert "1 missing" in gap
+    orphan = next(p for p in report.problems if "holds no delivery" in p)
+    assert f"version {target['originator_version']}," in orphan
+
+
+def test_a_marker_deleted_is_reported(log: AuditLog) -> None:
+    log.record(sample_deliveries())
+    unprotected(log)
+    marker = next(row for row in stored_rows(log) if row["topic"] == MARKER_TOPIC)
+    delete(log, marker)
+    report = verify_store(log)
+    assert report.problem_count == 1, report.problems
+    assert report.problems[0].endswith("has no marker")
+
+
+def test_audit_verify_says_ok_or_lists_what_it_found(tmp_path, log: AuditLog) -> None:
+    log.record(sample_deliveries())
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(log.database)}
+    passed = run_audit("verify", env=env)
+    assert passed.returncode == 0, passed.stderr
+    count = len(sample_deliveries())
+    assert passed.stdout.startswith(f"read {2 * count} stored events: {count} deliveries,")
+    assert passed.stdout.splitlines()[-1].startswith("ok: ")
+    unprotected(log)
+    rewrite(log, deliveries(log)[0], edit_body)
+    failed = run_audit("verify", env=env)
+    assert failed.returncode == 1
+    lines = failed.stdout.splitlines()
+    assert "its body does not have the SHA-256 recorded with it" in lines[1]
+    assert lines[-1] == "1 problem: the store is not as it was recorded"
+
+
+def test_a_record_that_cannot_be_read_is_reported_and_the_walk_goes_on(log: AuditLog) -> None:
+    log.record(sample_deliveries())
+    unprotected(log)
+    target = deliveries(log)[2]
+    replace_state(log, target, b"not json")
+    report = verify_store(log)
+    assert report.deliveries == len(sample_deliveries()) - 1  # the rest were all read
+    assert report.problem_count == 2, report.problems
+    assert report.problems[0].startswith(f"position {target['position']}: cannot be read (")
+    assert report.problems[1].endswith("which holds no delivery")  # its marker, left alone
+
+
+def test_a_marker_moved_to_another_svix_id_is_reported(log: AuditLog) -> None:
+    log.record(sample_deliveries())
+    unprotected(log)
+    marker = next(row for row in stored_rows(log) if row["topic"] == MARKER_TOPIC)
+    rewrite(log, marker, lambda state: state.update(svix_id="msg_other"))
+    report = verify_store(log)
+    assert report.problems == [
+        f"position {marker['position']}: the marker of msg_other is on another id",
+        f"position {marker['position']}: the marker of msg_other names the delivery at position"
+        f" {marker['position'] - 1}, which is msg_s0",
+    ]
+
+
+def test_an_event_of_another_class_is_reported(log: AuditLog) -> None:
+    log.record(sample_deliveries())
+    unprotected(log)
+    target = deliveries(log)[1]
+    db = log.db
+    with db.transaction() as cursor:
+        cursor.execute(
+            db.sql(
+                f"UPDATE {db.table(db.events_table)} SET topic = %s WHERE {db.position_column} = %s"
+            ),
+            ["eventsourcing.domain:AggregateEvent", target["position"]],
+        )
+    report = verify_store(log)
+    assert report.problem_count == 2, report.problems
+    assert report.problems[0] == (
+        f"position {target['position']}: an event of unexpected type"
+        " eventsourcing.domain:AggregateEvent"
+    )
+    assert report.problems[1].endswith("which holds no delivery")
