@@ -49,6 +49,7 @@ class WebhookReceiver:
                 svix_id=svix_id,
                 svix_timestamp=int(timestamp),
                 received_at=time.time_ns() // 1_000_000,
+                signature=signatures,
             )
         except InvalidPayload as exc:
             reason = str(exc)  # capitalize() would lower-case the rest ("json", "nan")

@@ -16,6 +16,7 @@ from eventsourcing.application import AggregateNotFoundError
 
 from audit.config import (
     DATABASE_VARIABLE,
+    SECRET_VARIABLE,
     ConfigError,
     Database,
     load_settings,
@@ -377,19 +378,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from audit.integrity import verify_store
 
-    log = open_log(configured_database(), existing=True)
+    settings = load_settings(require_secret=False)
+    log = open_log(settings.database, existing=True)
     try:
         db = log.db
         stored = db.fetchone(f"SELECT COUNT(*) AS n FROM {db.table(db.events_table)}")["n"]
         # On a terminal only: a log collector gets the result lines, not a bar's redraws.
         with tqdm(total=stored, unit=" events", disable=None) as bar:
-            report = verify_store(log, progress=bar.update)
+            report = verify_store(log, secrets=settings.signing_secrets, progress=bar.update)
     finally:
         log.close()
     print(
         f"read {report.events} stored events: {report.deliveries} deliveries,"
         f" {report.markers} markers, in {report.streams} streams"
     )
+    if report.signatures_checked:
+        print(
+            f"signatures: {report.signed} made by a configured signing secret;"
+            f" {report.unsigned} recorded before signatures were kept"
+        )
+    else:
+        print(f"signatures not checked: {SECRET_VARIABLE} is not set")
     if report.ok:
         print(
             "ok: every delivery is what its body says and has its marker,"

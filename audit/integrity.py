@@ -8,21 +8,27 @@ an event. This walk finds what such a change leaves behind:
   fields (its type, occurrence time, instance, request attributes) are not what its body says;
 - a delivery without its marker, a marker without its delivery, or the two disagreeing on the
   svix-id or the digest;
-- a stream whose versions do not run 1, 2, ... n: an event deleted from it.
+- a stream whose versions do not run 1, 2, ... n: an event deleted from it;
+- given the signing secrets, a delivery whose stored signature header (kept since class
+  version 3) is not one that any of them makes for its svix-id, timestamp and body.
 
-It cannot find a rewrite that kept all of these consistent: Svix's signature is checked on
-receipt and not stored, so nothing in the store was made with a key the store does not hold.
+The last is what finds a rewrite that kept everything else consistent: nothing in the store
+can make a signature without a secret the store does not hold. Deliveries recorded before
+signatures were kept are counted, not reported.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import hmac
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
+from svix.webhooks import Webhook
 
 from audit.aggregates.delivery import Delivery, InvalidPayload, parse_delivery
 from audit.aggregates.routing import delivery_marker_id
@@ -43,6 +49,11 @@ class IntegrityReport:
     deliveries: int = 0
     markers: int = 0
     streams: int = 0
+    # With signing secrets given: deliveries whose signature one of them makes, and those
+    # recorded before signatures were kept.
+    signatures_checked: bool = False
+    signed: int = 0
+    unsigned: int = 0
     problems: list[str] = field(default_factory=list)
     problem_count: int = 0
 
@@ -68,12 +79,15 @@ class _Digest:
 def verify_store(
     log: AuditLog,
     *,
+    secrets: Sequence[str] = (),
     batch_size: int = BATCH_SIZE,
     progress: Callable[[int], None] | None = None,
 ) -> IntegrityReport:
-    """Read every stored event in position order and report what is not as it was recorded.
-    `progress` is called with the number of events read in each batch."""
-    report = IntegrityReport()
+    """Read every stored event in position order and report what is not as it was recorded;
+    with `secrets` (`whsec_...`), check the stored signatures too. `progress` is called with
+    the number of events read in each batch."""
+    report = IntegrityReport(signatures_checked=bool(secrets))
+    signers = [Webhook(secret) for secret in secrets]
     halves = _Halves(report)
     db = log.db
     position = 0
@@ -87,7 +101,7 @@ def verify_store(
                 [position, batch_size],
             )
         for row in rows:
-            _check_event(log, row, report, halves)
+            _check_event(log, row, report, halves, signers)
         report.events += len(rows)
         if progress is not None:
             progress(len(rows))
@@ -99,7 +113,9 @@ def verify_store(
     return report
 
 
-def _check_event(log: AuditLog, row: Any, report: IntegrityReport, halves: _Halves) -> None:
+def _check_event(
+    log: AuditLog, row: Any, report: IntegrityReport, halves: _Halves, signers: list[Webhook]
+) -> None:
     position = row["position"]
     try:
         event = log.mapper.to_domain_event(
@@ -126,6 +142,8 @@ def _check_event(log: AuditLog, row: Any, report: IntegrityReport, halves: _Halv
         stored = event.delivery()
         for problem in _body_problems(stored):
             report.problem(f"position {position}: delivery {stored.svix_id}: {problem}")
+        if signers:
+            _check_signature(report, position, stored, signers)
         halves.delivery(
             (UUID(str(event.originator_id)), event.originator_version),
             _Digest(position, stored.svix_id, stored.sha256),
@@ -153,6 +171,26 @@ def _body_problems(stored: Delivery) -> list[str]:
         for name in ("type", "occurred_at", "instance_id", "event_attributes")
         if getattr(read, name) != getattr(stored, name)
     ]
+
+
+def _check_signature(
+    report: IntegrityReport, position: int, stored: Delivery, signers: list[Webhook]
+) -> None:
+    if stored.signature is None:
+        report.unsigned += 1
+        return
+    sent = stored.svix_timestamp
+    given = [entry.encode() for entry in stored.signature.split(" ")]
+    for signer in signers:
+        expected = signer.sign(stored.svix_id, datetime.fromtimestamp(sent, tz=UTC), stored.body)
+        if any(hmac.compare_digest(expected.encode(), entry) for entry in given):
+            report.signed += 1
+            return
+    report.problem(
+        f"position {position}: delivery {stored.svix_id}: no signing secret given makes its"
+        " stored signature (its body or headers changed, or it was signed with a secret"
+        " not given)"
+    )
 
 
 class _Halves:

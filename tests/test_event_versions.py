@@ -45,9 +45,10 @@ def test_a_version_1_event_without_a_digest_still_loads(log: AuditLog) -> None:
     )
     (event,) = log.stream_events(stream)
     assert isinstance(event, RecordedDelivery)
-    assert RecordedDelivery.class_version == 2
+    assert RecordedDelivery.class_version == 3
     import hashlib
 
     assert event.sha256 == hashlib.sha256(body.encode()).hexdigest()
+    assert event.signature is None  # version 3 keeps the signature header; older ones had none
     state = log.user_state(USER_ID)
     assert state.view()["data"]["first_name"] == payload("user.created")["data"]["first_name"]

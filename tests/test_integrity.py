@@ -9,12 +9,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from starlette.testclient import TestClient
 
 from audit.application import AuditLog
 from audit.integrity import verify_store
 from audit.projections.runner import MARKER_TOPIC
+from tests.conftest import new_secret
 from tests.test_cli import base_env, run_audit, url_of
 from tests.test_projections import sample_deliveries
+from tests.webhook_helpers import payload_files, post
 
 
 def stored_rows(log: AuditLog) -> list[Any]:
@@ -157,12 +160,19 @@ def test_audit_verify_says_ok_or_lists_what_it_found(tmp_path, log: AuditLog) ->
     count = len(sample_deliveries())
     assert passed.stdout.startswith(f"read {2 * count} stored events: {count} deliveries,")
     assert passed.stdout.splitlines()[-1].startswith("ok: ")
+    with_secret = run_audit("verify", env={**env, "CLERK_WEBHOOK_SIGNING_SECRET": new_secret()})
+    assert with_secret.returncode == 0, with_secret.stderr
+    assert with_secret.stdout.splitlines()[1] == (
+        f"signatures: 0 made by a configured signing secret; {count} recorded before"
+        " signatures were kept"
+    )
     unprotected(log)
     rewrite(log, deliveries(log)[0], edit_body)
     failed = run_audit("verify", env=env)
     assert failed.returncode == 1
     lines = failed.stdout.splitlines()
-    assert "its body does not have the SHA-256 recorded with it" in lines[1]
+    assert lines[1] == "signatures not checked: CLERK_WEBHOOK_SIGNING_SECRET is not set"
+    assert "its body does not have the SHA-256 recorded with it" in lines[2]
     assert lines[-1] == "1 problem: the store is not as it was recorded"
 
 
@@ -210,3 +220,54 @@ def test_an_event_of_another_class_is_reported(log: AuditLog) -> None:
         " eventsourcing.domain:AggregateEvent"
     )
     assert report.problems[1].endswith("which holds no delivery")
+
+
+def post_samples(client: TestClient, secret: str) -> int:
+    files = payload_files()
+    for i, path in enumerate(files):
+        header_set = "webhook" if i % 2 else "svix"  # either set's signature is kept
+        response = post(client, secret, path.read_bytes(), header_set=header_set)
+        assert response.status_code == 200, response.text
+    return len(files)
+
+
+def test_signatures_kept_on_receipt_verify_with_the_secret_that_made_them(
+    client: TestClient, secret: str, log: AuditLog
+) -> None:
+    count = post_samples(client, secret)
+    report = verify_store(log, secrets=[secret])
+    assert report.ok, report.problems
+    assert (report.signatures_checked, report.signed, report.unsigned) == (True, count, 0)
+    rotated = verify_store(log, secrets=[new_secret(), secret])  # any of several, as on receipt
+    assert (rotated.ok, rotated.signed) == (True, count)
+    other = verify_store(log, secrets=[new_secret()])
+    assert other.problem_count == count
+    assert all("no signing secret given makes its stored signature" in p for p in other.problems)
+    unchecked = verify_store(log)
+    assert (unchecked.ok, unchecked.signatures_checked, unchecked.signed) == (True, False, 0)
+
+
+def test_only_the_signature_finds_a_rewrite_that_kept_every_digest(
+    client: TestClient, secret: str, log: AuditLog
+) -> None:
+    post_samples(client, secret)
+    unprotected(log)
+    rows = stored_rows(log)
+    index = next(i for i, row in enumerate(rows) if row["topic"] != MARKER_TOPIC)
+    delivery, marker = rows[index], rows[index + 1]
+    assert marker["topic"] == MARKER_TOPIC
+    rewrite(log, delivery, edit_body_and_digest)
+    digest = json.loads(bytes(stored_rows(log)[index]["state"]))["sha256"]
+    rewrite(log, marker, lambda state: state.update(sha256=digest))
+    assert verify_store(log).ok  # consistent: nothing else can tell
+    report = verify_store(log, secrets=[secret])
+    assert report.problem_count == 1, report.problems
+    assert report.problems[0].startswith(f"position {delivery['position']}: ")
+    assert "no signing secret given makes its stored signature" in report.problems[0]
+
+
+def test_deliveries_recorded_without_a_signature_are_counted_not_reported(log: AuditLog) -> None:
+    log.record(sample_deliveries())
+    report = verify_store(log, secrets=[new_secret()])
+    assert report.ok, report.problems
+    assert (report.signed, report.unsigned) == (0, len(sample_deliveries()))

@@ -24,6 +24,9 @@ class Delivery:
 
     `body` is the raw request body decoded from UTF-8: encoding it again gives the signed bytes
     back, so it is a lossless copy. Everything else is read from it or from the delivery's headers.
+    `signature` is the delivery's signature header as verified on receipt (its well-formed
+    entries), kept so that `audit verify` can check the body against it again later; None for
+    deliveries recorded before it was kept, or not received over HTTP.
     """
 
     svix_id: str
@@ -36,6 +39,8 @@ class Delivery:
     body: str
     sha256: str
     data: dict[str, Any] = field(compare=False, repr=False, hash=False)
+    # Receipt metadata, not the delivery: a redelivery of the same body is signed anew.
+    signature: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def subject_id(self) -> str | None:
@@ -113,7 +118,14 @@ def _nesting(value: Any) -> int:
     return deepest
 
 
-def parse_delivery(body: bytes, *, svix_id: str, svix_timestamp: int, received_at: int) -> Delivery:
+def parse_delivery(
+    body: bytes,
+    *,
+    svix_id: str,
+    svix_timestamp: int,
+    received_at: int,
+    signature: str | None = None,
+) -> Delivery:
     """Read a verified body into a Delivery, or raise InvalidPayload."""
     try:
         text = body.decode("utf-8")
@@ -173,6 +185,7 @@ def parse_delivery(body: bytes, *, svix_id: str, svix_timestamp: int, received_a
         body=text,
         sha256=hashlib.sha256(body).hexdigest(),
         data=data,
+        signature=signature,
     )
 
 
@@ -197,4 +210,5 @@ def delivery_from_record(record: dict[str, Any]) -> Delivery:
         body=record["body"],
         sha256=record["sha256"],
         data=envelope["data"],
+        signature=record["signature"],
     )

@@ -26,9 +26,10 @@ class RecordedDelivery(AggregateEvent):
     """A verified Clerk delivery, verbatim, with its receipt metadata.
 
     Version 1 stored no SHA-256 of the body; the upcast computes it, so old events still load.
+    Version 2 kept no signature header: those events have none.
     """
 
-    class_version: ClassVar[int] = 2
+    class_version: ClassVar[int] = 3
 
     svix_id: str
     svix_timestamp: int
@@ -39,10 +40,15 @@ class RecordedDelivery(AggregateEvent):
     received_at: int
     body: str
     sha256: str
+    signature: str | None
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
         state["sha256"] = hashlib.sha256(state["body"].encode("utf-8")).hexdigest()
+
+    @staticmethod
+    def upcast_v2_v3(state: dict[str, Any]) -> None:
+        state["signature"] = None
 
     def delivery(self) -> Delivery:
         return delivery_from_record(self.__dict__)
@@ -62,6 +68,7 @@ def delivery_fields(delivery: Delivery) -> dict[str, Any]:
         "received_at": delivery.received_at,
         "body": delivery.body,
         "sha256": delivery.sha256,
+        "signature": delivery.signature,
     }
 
 
