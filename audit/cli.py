@@ -377,6 +377,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from audit.integrity import verify_store
+    from audit.storage import unavailable_reason
 
     settings = load_settings(require_secret=False)
     log = open_log(settings.database, existing=True)
@@ -385,7 +386,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
         stored = db.fetchone(f"SELECT COUNT(*) AS n FROM {db.table(db.events_table)}")["n"]
         # On a terminal only: a log collector gets the result lines, not a bar's redraws.
         with tqdm(total=stored, unit=" events", disable=None) as bar:
-            report = verify_store(log, secrets=settings.signing_secrets, progress=bar.update)
+
+            def progress(events: int) -> None:
+                bar.total = max(bar.total, bar.n + events)  # appends go on meanwhile
+                bar.update(events)
+
+            report = verify_store(log, secrets=settings.signing_secrets, progress=progress)
+    except KeyboardInterrupt:
+        print("audit verify: interrupted; nothing was checked to the end", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        reason = unavailable_reason(exc)
+        if reason is None:
+            raise
+        # Not 1, which says the store was checked and found changed.
+        print(f"audit verify: the database could not be used: {reason}", file=sys.stderr)
+        return EXIT_CONFIG
     finally:
         log.close()
     print(
@@ -395,14 +411,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if report.signatures_checked:
         print(
             f"signatures: {report.signed} made by a configured signing secret;"
-            f" {report.unsigned} recorded before signatures were kept"
+            f" {report.unsigned} without one, recorded before signatures were kept"
         )
     else:
         print(f"signatures not checked: {SECRET_VARIABLE} is not set")
     if report.ok:
         print(
-            "ok: every delivery is what its body says and has its marker,"
-            " and no stream is missing an event"
+            "ok: every delivery is what its body says and has its marker, and no stream has a gap"
         )
         return 0
     for problem in report.problems:
@@ -483,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_show)
 
     verify = commands.add_parser(
-        "verify", help="check that every stored delivery is what its body says, none missing"
+        "verify", help="check that every stored delivery is what its body says and was signed"
     )
     verify.set_defaults(func=cmd_verify)
     return parser

@@ -163,8 +163,8 @@ def test_audit_verify_says_ok_or_lists_what_it_found(tmp_path, log: AuditLog) ->
     with_secret = run_audit("verify", env={**env, "CLERK_WEBHOOK_SIGNING_SECRET": new_secret()})
     assert with_secret.returncode == 0, with_secret.stderr
     assert with_secret.stdout.splitlines()[1] == (
-        f"signatures: 0 made by a configured signing secret; {count} recorded before"
-        " signatures were kept"
+        f"signatures: 0 made by a configured signing secret; {count} without one, recorded"
+        " before signatures were kept"
     )
     unprotected(log)
     rewrite(log, deliveries(log)[0], edit_body)
@@ -271,3 +271,66 @@ def test_deliveries_recorded_without_a_signature_are_counted_not_reported(log: A
     report = verify_store(log, secrets=[new_secret()])
     assert report.ok, report.problems
     assert (report.signed, report.unsigned) == (0, len(sample_deliveries()))
+
+
+def test_a_damaged_body_is_a_digest_that_does_not_match(log: AuditLog) -> None:
+    """One byte changed so that the body is no JSON: reported, and the walk goes on."""
+    log.record(sample_deliveries())
+    unprotected(log)
+    target = deliveries(log)[3]
+    rewrite(log, target, lambda state: state.update(body=state["body"].replace('"', "'", 1)))
+    report = verify_store(log)
+    assert report.problem_count == 1, report.problems
+    assert report.problems[0].startswith(f"position {target['position']}: delivery ")
+    assert report.problems[0].endswith("its body does not have the SHA-256 recorded with it")
+    assert report.deliveries == len(sample_deliveries())
+
+
+def with_timestamp(timestamp: int, occurred_at: int) -> Callable[[dict[str, Any]], None]:
+    def change(state: dict[str, Any]) -> None:
+        envelope = json.loads(state["body"])
+        envelope["timestamp"] = timestamp
+        state["body"] = json.dumps(envelope)
+        state["sha256"] = hashlib.sha256(state["body"].encode()).hexdigest()
+        state["occurred_at"] = occurred_at
+
+    return change
+
+
+def test_fields_are_read_from_the_body_as_the_release_that_stored_it_read_them(
+    log: AuditLog,
+) -> None:
+    """A release before 4fe3e4d kept a whole timestamp as it was, even past year 9999, which
+    today's reading (`epoch_ms`) turns into None: that is no change to the store. A stored
+    time the body does not say either way is."""
+    log.record(sample_deliveries())
+    unprotected(log)
+    rows = stored_rows(log)
+    index = next(i for i, row in enumerate(rows) if row["topic"] != MARKER_TOPIC)
+    delivery, marker = rows[index], rows[index + 1]
+    far = 10**15  # year 33658
+    rewrite(log, delivery, with_timestamp(far, occurred_at=far))
+    digest = json.loads(bytes(stored_rows(log)[index]["state"]))["sha256"]
+    rewrite(log, marker, lambda state: state.update(sha256=digest))
+    assert verify_store(log).ok
+    rewrite(log, stored_rows(log)[index], lambda state: state.update(occurred_at=far - 1))
+    report = verify_store(log)
+    assert report.problem_count == 1, report.problems
+    assert report.problems[0].endswith("its stored occurred_at is not what its body says")
+
+
+def test_a_signature_taken_away_after_signatures_were_kept_is_reported(
+    client: TestClient, secret: str, log: AuditLog
+) -> None:
+    """Without its signature header a rewritten delivery would pass as an older release's."""
+    log.record(sample_deliveries()[:2])  # an older release's: none kept
+    post_samples(client, secret)
+    unprotected(log)
+    target = deliveries(log)[-1]
+    rewrite(log, target, lambda state: state.update(signature=None))
+    for secrets in ([], [secret]):
+        report = verify_store(log, secrets=secrets)
+        assert report.problem_count == 1, report.problems
+        assert report.problems[0].startswith(f"position {target['position']}: delivery ")
+        assert "it has no signature, though the delivery at position" in report.problems[0]
+        assert report.unsigned == 2
