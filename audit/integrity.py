@@ -53,12 +53,10 @@ class IntegrityReport:
     deliveries: int = 0
     markers: int = 0
     streams: int = 0
-    # With signing secrets given: deliveries whose signature one of them makes, and those
-    # recorded before signatures were kept.
-    signatures_checked: bool = False
-    signed: int = 0
-    unsigned: int = 0  # before the first delivery that kept one: recorded by older releases
-    first_signed: int | None = None  # the position of the first delivery with a signature
+    signatures_checked: bool = False  # signing secrets were given
+    signed: int = 0  # deliveries whose kept signature one of the secrets makes
+    unsigned: int = 0  # deliveries before the first that kept a signature (older releases')
+    first_signed: int | None = None  # the position of that first one
     problems: list[str] = field(default_factory=list)
     problem_count: int = 0
 
