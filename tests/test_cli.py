@@ -388,7 +388,6 @@ def test_a_store_at_another_version_is_reported_and_a_downgrade_refused(
     assert projector.registration("objects").version == ours
 
 
-@pytest.mark.postgres
 def many_users(count: int) -> list[Delivery]:
     """`count` deliveries of `user.updated`, each of another user: enough for a rebuild of
     several steps."""
@@ -450,6 +449,7 @@ def test_ctrl_c_stops_a_rebuild_with_one_line(tmp_path: Path, log: AuditLog) -> 
     assert last.startswith("audit rebuild: interrupted. A build not yet switched is carried on")
 
 
+@pytest.mark.postgres
 def test_losing_the_database_mid_rebuild_says_so_in_a_few_lines(tmp_path: Path) -> None:
     """It printed each process's chained tracebacks, some 460 lines, for a network blip."""
     database = new_postgres_database()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -14,9 +16,10 @@ from starlette.testclient import TestClient
 from audit.application import AuditLog
 from audit.integrity import verify_store
 from audit.projections.runner import MARKER_TOPIC
-from tests.conftest import new_secret
-from tests.test_cli import base_env, run_audit, url_of
-from tests.test_projections import sample_deliveries
+from tests.conftest import drop_postgres_schema, new_postgres_database, new_secret
+from tests.tcp_proxy import TcpProxy
+from tests.test_cli import AUDIT, base_env, many_users, run_audit, url_of
+from tests.test_projections import sample_deliveries, wait_until
 from tests.webhook_helpers import payload_files, post
 
 
@@ -334,3 +337,38 @@ def test_a_signature_taken_away_after_signatures_were_kept_is_reported(
         assert report.problems[0].startswith(f"position {target['position']}: delivery ")
         assert "it has no signature, though the delivery at position" in report.problems[0]
         assert report.unsigned == 2
+
+
+@pytest.mark.postgres
+def test_losing_the_database_mid_walk_is_one_line_and_not_a_finding(tmp_path) -> None:
+    """Exit 1 says the store was checked and found changed; a lost connection is neither."""
+    database = new_postgres_database()
+    proxy = TcpProxy(database.host, database.port)
+    proxy.start()
+    log = AuditLog(database)
+    try:
+        log.record(many_users(20_000))  # 40 batches: the walk takes a second or so
+        env = {**base_env(tmp_path)}
+        env["AUDIT_DATABASE_URL"] = url_of(replace(database, host="127.0.0.1", port=proxy.port))
+        verify = subprocess.Popen(
+            [*AUDIT, "verify"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        walking = (
+            "SELECT COUNT(*) AS n FROM pg_stat_activity"
+            " WHERE query LIKE 'SELECT notification_id AS position, originator_id%%LIMIT%%'"
+        )
+        # Until its first batch has been read (or it has ended, which the exit status shows).
+        wait_until(
+            lambda: verify.poll() is not None or log.db.fetchone(walking)["n"] > 0,
+            "audit verify never read a batch",
+        )
+        proxy.stop()
+        out, err = verify.communicate(timeout=60)
+    finally:
+        log.close()
+        proxy.stop()
+        drop_postgres_schema(database)
+    assert verify.returncode == 2, out + err
+    assert out == ""
+    [line] = err.strip().splitlines()
+    assert line.startswith("audit verify: the database could not be used: ")
