@@ -271,16 +271,21 @@ class AuditLog(Application[UUID]):
 
     # -- reading ---------------------------------------------------------------------------
 
-    def stored_delivery(self, row: Mapping[str, Any]) -> Delivery:
-        """The delivery a row of the events table holds (its `topic`, `originator_id`,
+    def stored_event(self, row: Mapping[str, Any]) -> Any:
+        """The event a row of the events table holds (its `topic`, `originator_id`,
         `originator_version` and `state`), through the application's mapper (upcasting)."""
-        stored = StoredEvent(
-            originator_id=row["originator_id"],
-            originator_version=row["originator_version"],
-            topic=row["topic"],
-            state=bytes(row["state"]),
+        return self.mapper.to_domain_event(
+            StoredEvent(
+                originator_id=row["originator_id"],
+                originator_version=row["originator_version"],
+                topic=row["topic"],
+                state=bytes(row["state"]),
+            )
         )
-        event = self.mapper.to_domain_event(stored)
+
+    def stored_delivery(self, row: Mapping[str, Any]) -> Delivery:
+        """The delivery a row of the events table holds (`stored_event`)."""
+        event = self.stored_event(row)
         assert isinstance(event, RecordedDelivery)
         return event.delivery()
 

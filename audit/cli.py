@@ -250,7 +250,7 @@ def _rebuild(log, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
         print(f"in {len(groups)} processes: {' | '.join(', '.join(g) for g in groups)}")
     # The log's lines (a switch, a poison event) are written above the bar, not through it.
     with logging_redirect_tqdm(), tqdm(desc=desc, unit=" records") as bar:
-        progress = RebuildProgress(bar, projector.stored_records, builds=len(names))
+        progress = RebuildProgress(bar, projector.db.stored_records, builds=len(names))
         if len(groups) > 1:
             try:
                 parallel.catch_up_in_processes(log.database, groups, progress)
@@ -382,10 +382,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     settings = load_settings(require_secret=False)
     log = open_log(settings.database, existing=True)
     try:
-        db = log.db
-        stored = db.fetchone(f"SELECT COUNT(*) AS n FROM {db.table(db.events_table)}")["n"]
         # On a terminal only: a log collector gets the result lines, not a bar's redraws.
-        with tqdm(total=stored, unit=" events", disable=None) as bar:
+        with tqdm(total=log.db.stored_records(), unit=" events", disable=None) as bar:
 
             def progress(events: int) -> None:
                 bar.total = max(bar.total, bar.n + events)  # appends go on meanwhile

@@ -30,7 +30,6 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import StoredEvent
 from svix.webhooks import Webhook
 
 from audit.aggregates.routing import delivery_marker_id
@@ -121,14 +120,7 @@ def _check_event(
 ) -> None:
     position = row["position"]
     try:
-        event = log.mapper.to_domain_event(
-            StoredEvent(
-                originator_id=row["originator_id"],
-                originator_version=row["originator_version"],
-                topic=row["topic"],
-                state=bytes(row["state"]),
-            )
-        )
+        event = log.stored_event(row)
         if isinstance(event, DeliveryMarker.Created):
             report.markers += 1
             if UUID(str(event.originator_id)) != delivery_marker_id(event.svix_id):

@@ -707,6 +707,13 @@ class Db:
 
     # -- the events table ------------------------------------------------------------------
 
+    def stored_records(self) -> int:
+        """Every record in the store, deliveries and their markers: what a rebuild or `audit
+        verify` reads. (Not the last position: positions have gaps, where a duplicate's append
+        rolled back.)"""
+        table = self.table(self.events_table)
+        return self.fetchone(f"SELECT COUNT(*) AS records FROM {table}")["records"]
+
     @property
     def position_column(self) -> str:
         return "rowid" if self.dialect == "sqlite" else "notification_id"

@@ -544,7 +544,7 @@ def test_the_rebuild_progress_bar_takes_in_deliveries_that_arrive_during_the_reb
         projector.rebuild(name)
     out = io.StringIO()
     with tqdm(file=out) as bar:
-        progress = RebuildProgress(bar, projector.stored_records, builds=len(names))
+        progress = RebuildProgress(bar, projector.db.stored_records, builds=len(names))
         assert bar.total == len(names) * 2 * half
 
         def arrivals_after_the_first_step(name: str, records: int) -> None:
@@ -573,7 +573,7 @@ def test_the_rebuild_progress_bar_ends_full_when_another_process_stepped_the_bui
     serving = Projector(log, batch_size=4)  # as `audit serve`'s child
     out = io.StringIO()
     with tqdm(file=out) as bar:
-        progress = RebuildProgress(bar, projector.stored_records, builds=1)
+        progress = RebuildProgress(bar, projector.db.stored_records, builds=1)
 
         def another_process_steps_too(name: str, records: int) -> None:
             if bar.n == 0:

@@ -20,6 +20,7 @@ from tests.conftest import drop_postgres_schema, new_postgres_database, new_secr
 from tests.tcp_proxy import TcpProxy
 from tests.test_cli import AUDIT, base_env, many_users, run_audit, url_of
 from tests.test_projections import sample_deliveries, wait_until
+from tests.test_store import unprotected
 from tests.webhook_helpers import payload_files, post
 
 
@@ -34,18 +35,6 @@ def stored_rows(log: AuditLog) -> list[Any]:
 
 def deliveries(log: AuditLog) -> list[Any]:
     return [row for row in stored_rows(log) if row["topic"] != MARKER_TOPIC]
-
-
-def unprotected(log: AuditLog) -> None:
-    """What someone who owns the database can do: take the triggers away."""
-    table = log.db.table(log.db.events_table)
-    if log.db.dialect == "sqlite":
-        statements = ["DROP TRIGGER events_refuse_update", "DROP TRIGGER events_refuse_delete"]
-    else:
-        statements = [f"ALTER TABLE {table} DISABLE TRIGGER events_refuse_change"]
-    with log.db.transaction() as cursor:
-        for statement in statements:
-            cursor.execute(statement)
 
 
 def rewrite(log: AuditLog, row: Any, change: Callable[[dict[str, Any]], None]) -> None:

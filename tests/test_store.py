@@ -157,19 +157,25 @@ def test_payload_reads_return_what_a_plain_read_returns(
     assert delivery.data["first_name"] == "Zoë \u0000 \u65e5\u672c"
 
 
+def unprotected(log: AuditLog) -> None:
+    """What someone who owns the database can do: take the events table's triggers away."""
+    table = log.db.table(log.db.events_table)
+    if log.db.dialect == "sqlite":
+        statements = ["DROP TRIGGER events_refuse_update", "DROP TRIGGER events_refuse_delete"]
+    else:
+        statements = [f"ALTER TABLE {table} DISABLE TRIGGER events_refuse_change"]
+    with log.db.transaction() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+
+
 def test_opening_the_store_puts_back_what_keeps_events_immutable(log: AuditLog) -> None:
     """Opening writes nothing when the events table's triggers are in place (10fb69c), but a
     trigger dropped, or disabled on PostgreSQL, is put back by the next open, as re-creating
     them on every start did (review F)."""
     log.record(sample_deliveries()[:1])
     table = log.db.table(log.db.events_table)
-    if log.db.dialect == "sqlite":
-        broken = ["DROP TRIGGER events_refuse_update"]
-    else:
-        broken = [f"ALTER TABLE {table} DISABLE TRIGGER events_refuse_change"]
-    with log.db.transaction() as cursor:
-        for statement in broken:
-            cursor.execute(statement)
+    unprotected(log)
     assert not log.db._events_protected()
     AuditLog(log.database).close()  # a process starting on the store
     assert log.db._events_protected()

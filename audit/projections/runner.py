@@ -691,12 +691,6 @@ class Projector:
                 )
         return rows
 
-    def stored_records(self) -> int:
-        """Every record in the store, deliveries and their markers: what a rebuild reads.
-        (Not the last position: positions have gaps, where a duplicate's append rolled back.)"""
-        table = self.db.table(self.db.events_table)
-        return self.db.fetchone(f"SELECT COUNT(*) AS records FROM {table}")["records"]
-
     def deliveries_between(self, after: int, upto: int) -> int:
         """How many deliveries the store holds after position `after`, up to `upto`."""
         with self.db.reader() as cursor:
