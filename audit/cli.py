@@ -376,9 +376,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from audit.integrity import verify_store
+    from audit.integrity import Seal, verify_store
     from audit.storage import unavailable_reason
 
+    try:
+        seals = [Seal.parse(text) for text in args.sealed]
+    except ValueError as exc:
+        print(f"audit verify: --sealed: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     settings = load_settings(require_secret=False)
     log = open_log(settings.database, existing=True)
     try:
@@ -389,7 +394,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 bar.total = max(bar.total, bar.n + events)  # appends go on meanwhile
                 bar.update(events)
 
-            report = verify_store(log, secrets=settings.signing_secrets, progress=progress)
+            report = verify_store(
+                log, secrets=settings.signing_secrets, seals=seals, progress=progress
+            )
     except KeyboardInterrupt:
         print("audit verify: interrupted; nothing was checked to the end", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -413,19 +420,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
     else:
         print(f"signatures not checked: {SECRET_VARIABLE} is not set")
+    for held in report.seals_held:
+        print(f"seal {held.position} holds: the stored events up to it are those it sealed")
     if report.ok:
         print(
             "ok: every delivery is what its body says and has its marker, and no stream has a gap"
         )
-        return 0
-    for problem in report.problems:
-        print(problem)
-    unlisted = report.problem_count - len(report.problems)
-    if unlisted:
-        print(f"... and {unlisted} more")
-    count = report.problem_count
-    print(f"{count} problem{'' if count == 1 else 's'}: the store is not as it was recorded")
-    return EXIT_PROBLEMS
+    else:
+        for problem in report.problems:
+            print(problem)
+        unlisted = report.problem_count - len(report.problems)
+        if unlisted:
+            print(f"... and {unlisted} more")
+        count = report.problem_count
+        print(f"{count} problem{'' if count == 1 else 's'}: the store is not as it was recorded")
+    # Last, to be copied: the store as this walk read it, whatever it found.
+    print(f"seal: {report.seal}")
+    return 0 if report.ok else EXIT_PROBLEMS
 
 
 def _nothing_recorded(log, family: str, clerk_id: str) -> str:  # type: ignore[no-untyped-def]
@@ -496,7 +507,20 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_show)
 
     verify = commands.add_parser(
-        "verify", help="check that every stored delivery is what its body says and was signed"
+        "verify",
+        help="check that every stored delivery is what its body says and was signed",
+        description="Check the event store against itself; print its seal (POSITION:SHA256)"
+        " last. Keep the seal where the store's owner cannot write: a later `audit verify"
+        " --sealed` with it shows whether any stored event up to that position has been"
+        " changed, removed or added since.",
+    )
+    verify.add_argument(
+        "--sealed",
+        action="append",
+        default=[],
+        metavar="POSITION:SHA256",
+        help="a seal an earlier `audit verify` printed: check that the store still matches it"
+        " (repeatable)",
     )
     verify.set_defaults(func=cmd_verify)
     return parser

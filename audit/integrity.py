@@ -15,9 +15,14 @@ an event. This walk finds what such a change leaves behind:
 
 The last is what finds a rewrite that kept everything else consistent: nothing in the store
 can make a signature without a secret the store does not hold. Deliveries before the first
-that kept a signature (older releases') are counted, not reported. What no check here can see:
-a stream's last events deleted together with their markers (that would take a chain of
-digests across the store).
+that kept a signature (older releases') are counted, not reported.
+
+What those checks cannot see is a stream's last events deleted together with their markers. The
+*seal* covers that: a SHA-256 over every stored record (its position, stream, version, class
+and stored bytes) in position order, up to the last one read. A reviewer keeps it somewhere
+the store's owner cannot write; a later walk given it (`--sealed POSITION:SHA256`) says whether
+the records up to that position are still exactly those, wherever a change was made. Only what
+was stored after the last seal kept elsewhere is beyond it.
 """
 
 from __future__ import annotations
@@ -46,6 +51,25 @@ MAX_DESCRIBED = 100
 _Place = tuple[UUID, int]
 
 
+@dataclass(frozen=True)
+class Seal:
+    """The SHA-256 of the store's records up to `position`, as `audit verify` prints it."""
+
+    position: int
+    sha256: str
+
+    def __str__(self) -> str:
+        return f"{self.position}:{self.sha256}"
+
+    @classmethod
+    def parse(cls, text: str) -> Seal:
+        position, _, sha256 = text.strip().partition(":")
+        sha256 = sha256.lower()
+        if not position.isdigit() or len(sha256) != 64 or set(sha256) - set("0123456789abcdef"):
+            raise ValueError(f"not a seal (POSITION:SHA256, as `audit verify` prints it): {text!r}")
+        return cls(int(position), sha256)
+
+
 @dataclass
 class IntegrityReport:
     events: int = 0
@@ -56,6 +80,8 @@ class IntegrityReport:
     signed: int = 0  # deliveries whose kept signature one of the secrets makes
     unsigned: int = 0  # deliveries before the first that kept a signature (older releases')
     first_signed: int | None = None  # the position of that first one
+    seal: Seal | None = None  # the store's, up to the last record read
+    seals_held: list[Seal] = field(default_factory=list)  # given seals the store still matches
     problems: list[str] = field(default_factory=list)
     problem_count: int = 0
 
@@ -82,15 +108,18 @@ def verify_store(
     log: AuditLog,
     *,
     secrets: Sequence[str] = (),
+    seals: Sequence[Seal] = (),
     batch_size: int = BATCH_SIZE,
     progress: Callable[[int], None] | None = None,
 ) -> IntegrityReport:
     """Read every stored event in position order and report what is not as it was recorded;
-    with `secrets` (`whsec_...`), check the stored signatures too. `progress` is called with
-    the number of events read in each batch."""
+    with `secrets` (`whsec_...`), check the stored signatures too, and with `seals`, that the
+    records up to each one's position are those it sealed. `progress` is called with the
+    number of events read in each batch."""
     report = IntegrityReport(signatures_checked=bool(secrets))
     signers = [Webhook(secret) for secret in secrets]
     halves = _Halves(report)
+    sealer = _Sealer(report, seals)
     db = log.db
     position = 0
     while True:
@@ -103,6 +132,7 @@ def verify_store(
                 [position, batch_size],
             )
         for row in rows:
+            sealer.add(row)
             _check_event(log, row, report, halves, signers)
         report.events += len(rows)
         if progress is not None:
@@ -110,9 +140,53 @@ def verify_store(
         if len(rows) < batch_size:
             break
         position = rows[-1]["position"]
+    sealer.finish()
     halves.report_unpaired()
     _check_streams(log, report)
     return report
+
+
+class _Sealer:
+    """The store's seal, made as the walk reads each record, and the given seals compared with
+    it when the walk passes their positions."""
+
+    def __init__(self, report: IntegrityReport, seals: Sequence[Seal]) -> None:
+        self.report = report
+        self.hash = hashlib.sha256()
+        self.position = 0
+        self.pending = sorted(set(seals), key=lambda seal: seal.position)
+
+    def add(self, row: Any) -> None:
+        self._compare_before(row["position"])
+        self.position = row["position"]
+        state = bytes(row["state"])
+        # Each field framed so that no two different records hash alike: a length before the
+        # bytes, and no field of the line before them can hold a space or a line break.
+        self.hash.update(
+            f"{row['position']} {UUID(str(row['originator_id']))} {row['originator_version']}"
+            f" {row['topic']} {len(state)}\n".encode()
+        )
+        self.hash.update(state)
+
+    def finish(self) -> None:
+        self._compare_before(None)
+        self.report.seal = Seal(self.position, self.hash.hexdigest())
+
+    def _compare_before(self, position: int | None) -> None:
+        """Every given seal of a position before this one: its records have all been read."""
+        while self.pending and (position is None or self.pending[0].position < position):
+            seal = self.pending.pop(0)
+            if self.hash.hexdigest() == seal.sha256:
+                self.report.seals_held.append(seal)
+                continue
+            # A seal's position is that of the last event it sealed: nothing at it now says so.
+            gone = f" (no event is stored at position {seal.position}, the last it sealed)"
+            ends = gone if self.position < seal.position else ""
+            self.report.problem(
+                f"seal {seal.position}: the stored events up to position {seal.position} are not"
+                f" those it sealed{ends}: one was changed, removed or added, or the seal is not"
+                " this store's"
+            )
 
 
 def _check_event(

@@ -14,7 +14,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from audit.application import AuditLog
-from audit.integrity import verify_store
+from audit.integrity import Seal, verify_store
 from audit.projections.runner import MARKER_TOPIC
 from tests.conftest import drop_postgres_schema, new_postgres_database, new_secret
 from tests.tcp_proxy import TcpProxy
@@ -151,7 +151,8 @@ def test_audit_verify_says_ok_or_lists_what_it_found(tmp_path, log: AuditLog) ->
     assert passed.returncode == 0, passed.stderr
     count = len(sample_deliveries())
     assert passed.stdout.startswith(f"read {2 * count} stored events: {count} deliveries,")
-    assert passed.stdout.splitlines()[-1].startswith("ok: ")
+    assert passed.stdout.splitlines()[-2].startswith("ok: ")
+    assert passed.stdout.splitlines()[-1] == f"seal: {verify_store(log).seal}"
     with_secret = run_audit("verify", env={**env, "CLERK_WEBHOOK_SIGNING_SECRET": new_secret()})
     assert with_secret.returncode == 0, with_secret.stderr
     assert with_secret.stdout.splitlines()[1] == (
@@ -165,7 +166,8 @@ def test_audit_verify_says_ok_or_lists_what_it_found(tmp_path, log: AuditLog) ->
     lines = failed.stdout.splitlines()
     assert lines[1] == "signatures not checked: CLERK_WEBHOOK_SIGNING_SECRET is not set"
     assert "its body does not have the SHA-256 recorded with it" in lines[2]
-    assert lines[-1] == "1 problem: the store is not as it was recorded"
+    assert lines[-2] == "1 problem: the store is not as it was recorded"
+    assert lines[-1].startswith("seal: ")
 
 
 def test_a_record_that_cannot_be_read_is_reported_and_the_walk_goes_on(log: AuditLog) -> None:
@@ -361,3 +363,120 @@ def test_losing_the_database_mid_walk_is_one_line_and_not_a_finding(tmp_path) ->
     assert out == ""
     [line] = err.strip().splitlines()
     assert line.startswith("audit verify: the database could not be used: ")
+
+
+def delivery_and_marker(log: AuditLog, pick: Callable[[list[Any]], Any]) -> list[Any]:
+    """A delivery `pick` chooses among the stored ones, and its marker (stored right after it)."""
+    rows = stored_rows(log)
+    delivery = pick(deliveries(log))
+    marker = rows[rows.index(delivery) + 1]
+    assert marker["topic"] == MARKER_TOPIC
+    return [delivery, marker]
+
+
+def last_of_a_stream(rows: list[Any]) -> Any:
+    """The last delivery of a stream with several, not the store's last: deleting it with its
+    marker leaves every other check satisfied."""
+    last = {row["originator_id"]: row for row in rows}
+    return next(
+        r
+        for r in reversed(rows[:-1])
+        if r["originator_version"] > 1 and last[r["originator_id"]] is r
+    )
+
+
+def test_a_seal_holds_while_the_store_only_grows(log: AuditLog) -> None:
+    recorded = sample_deliveries()
+    log.record(recorded[:10])
+    first = verify_store(log, batch_size=3)
+    assert first.seal is not None
+    assert first.seal.position == stored_rows(log)[-1]["position"]
+    assert verify_store(log).seal == first.seal  # batches do not change it
+    log.record(recorded[10:])
+    later = verify_store(log, seals=[first.seal])
+    assert later.ok, later.problems
+    assert later.seals_held == [first.seal]
+    assert later.seal is not None and later.seal.position > first.seal.position
+    assert later.seal.sha256 != first.seal.sha256
+
+
+def test_only_a_seal_finds_a_streams_last_event_removed_with_its_marker(log: AuditLog) -> None:
+    log.record(sample_deliveries())
+    seal = verify_store(log).seal
+    assert seal is not None
+    unprotected(log)
+    for row in delivery_and_marker(log, last_of_a_stream):
+        delete(log, row)
+    assert verify_store(log).ok  # what the other checks cannot see
+    report = verify_store(log, seals=[seal])
+    assert report.problems == [
+        f"seal {seal.position}: the stored events up to position {seal.position} are not those"
+        " it sealed: one was changed, removed or added, or the seal is not this store's"
+    ]
+    assert report.seals_held == []
+
+
+def test_a_seal_finds_the_stores_last_events_removed(log: AuditLog) -> None:
+    log.record(sample_deliveries())
+    seal = verify_store(log).seal
+    assert seal is not None
+    unprotected(log)
+    removed = delivery_and_marker(log, lambda rows: rows[-1])
+    for row in removed:
+        delete(log, row)
+    report = verify_store(log, seals=[seal])
+    assert report.problem_count == 1, report.problems
+    assert (
+        f"(no event is stored at position {seal.position}, the last it sealed)"
+        in (report.problems[0])
+    )
+
+
+def test_a_seal_covers_its_position_and_no_further(log: AuditLog) -> None:
+    """A change after a seal's position is not the seal's to find (the other checks find
+    this one); at or before it, it is."""
+    log.record(sample_deliveries()[:6])
+    seal = verify_store(log).seal
+    assert seal is not None
+    log.record(sample_deliveries()[6:])
+    unprotected(log)
+    after = deliveries(log)[6]
+    rewrite(log, after, edit_body)
+    report = verify_store(log, seals=[seal])
+    assert report.seals_held == [seal]
+    assert report.problem_count == 1 and "SHA-256" in report.problems[0]
+    at = next(row for row in stored_rows(log) if row["position"] == seal.position)
+    # The same record, its bytes as long and in another order.
+    state = json.loads(bytes(at["state"]))
+    reordered = json.dumps(dict(reversed(state.items())), separators=(",", ":")).encode()
+    assert len(reordered) == len(bytes(at["state"])) and reordered != bytes(at["state"])
+    replace_state(log, at, reordered)
+    assert verify_store(log).problem_count == 1  # the other checks read it as it was
+    assert verify_store(log, seals=[seal]).problems[0].startswith(f"seal {seal.position}: ")
+
+
+def test_audit_verify_checks_the_seals_it_is_given(tmp_path, log: AuditLog) -> None:
+    log.record(sample_deliveries())
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(log.database)}
+    first = run_audit("verify", env=env)
+    assert first.returncode == 0, first.stderr
+    sealed = first.stdout.splitlines()[-1].removeprefix("seal: ")
+    position = Seal.parse(sealed).position
+    held = run_audit("verify", "--sealed", sealed, env=env)
+    assert held.returncode == 0, held.stderr
+    assert f"seal {position} holds: the stored events up to it are those it sealed" in (
+        held.stdout.splitlines()
+    )
+    unprotected(log)
+    for row in delivery_and_marker(log, last_of_a_stream):
+        delete(log, row)
+    broken = run_audit("verify", "--sealed", sealed, env=env)
+    assert broken.returncode == 1
+    assert f"seal {position}: the stored events up to position {position} are not" in (
+        broken.stdout
+    )
+    for bad in ("12", "x:" + "0" * 64, "3:" + "g" * 64, "3:abc"):
+        refused = run_audit("verify", "--sealed", bad, env=env)
+        assert refused.returncode == 2
+        assert refused.stdout == ""
+        assert refused.stderr.startswith("audit verify: --sealed: not a seal (POSITION:SHA256")
