@@ -424,7 +424,9 @@ def _document() -> dict[str, Any]:
             "Times are ISO 8601 UTC with milliseconds; `since`/`until` accept ISO 8601 or epoch "
             "milliseconds and select [since, until) on occurred_at. Lists answer "
             "`{data, next_cursor}`. OTP codes, e-mail bodies, SMS messages and invitation URLs "
-            "are always redacted.",
+            "are always redacted. Any method a path does not list here answers 405 "
+            "(`method_not_allowed`, with an `Allow` header naming the ones it does; HEAD goes "
+            "with GET).",
         },
         "paths": paths,
         "components": {

@@ -113,6 +113,23 @@ def test_every_route_is_documented_and_every_documented_route_exists(
                 assert "401" in operation["responses"]
 
 
+def test_every_method_a_path_does_not_document_answers_405_naming_those_it_does(
+    client: TestClient,
+) -> None:
+    """SPEC 4's 405, as the document's description states it for every path."""
+    document = client.get("/openapi.json").json()
+    assert "answers 405" in document["info"]["description"]
+    for path, operations in document["paths"].items():
+        url = path.format(**KNOWN_IDS, svix_id="msg_unknown")
+        allowed = {method.upper() for method in operations}
+        allowed |= {"HEAD"} if "GET" in allowed else set()
+        for method in {"GET", "POST", "PUT", "PATCH", "DELETE"} - allowed:
+            response = client.request(method, url, headers=AUTH)
+            assert response.status_code == 405, (method, path, response.text)
+            assert response.json()["error"]["code"] == "method_not_allowed", (method, path)
+            assert set(response.headers["Allow"].split(", ")) == allowed, (method, path)
+
+
 def test_documented_parameters_are_the_accepted_ones(client: TestClient) -> None:
     """Each documented query parameter is accepted; an undocumented one is refused."""
     document = client.get("/openapi.json").json()
