@@ -422,6 +422,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"signatures not checked: {SECRET_VARIABLE} is not set")
     for held in report.seals_held:
         print(f"seal {held.position} holds: the stored events up to it are those it sealed")
+    for broken in report.seals_broken:  # each given seal is answered, however many problems
+        print(broken)
     if report.ok:
         print(
             "ok: every delivery is what its body says and has its marker, and no stream has a gap"
@@ -432,8 +434,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         unlisted = report.problem_count - len(report.problems)
         if unlisted:
             print(f"... and {unlisted} more")
-        count = report.problem_count
-        print(f"{count} problem{'' if count == 1 else 's'}: the store is not as it was recorded")
+        count = report.problem_count + len(report.seals_broken)
+        what = "the store is not as it was recorded"
+        if not report.problem_count:  # a seal alone: it may be another store's, or mistyped
+            what = "the store is not as it was sealed, or a seal given is not this store's"
+        print(f"{count} problem{'' if count == 1 else 's'}: {what}")
     # Last, to be copied: the store as this walk read it, whatever it found.
     print(f"seal: {report.seal}")
     return 0 if report.ok else EXIT_PROBLEMS

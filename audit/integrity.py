@@ -19,16 +19,18 @@ that kept a signature (older releases') are counted, not reported.
 
 What those checks cannot see is a stream's last events deleted together with their markers. The
 *seal* covers that: a SHA-256 over every stored record (its position, stream, version, class
-and stored bytes) in position order, up to the last one read. A reviewer keeps it somewhere
-the store's owner cannot write; a later walk given it (`--sealed POSITION:SHA256`) says whether
-the records up to that position are still exactly those, wherever a change was made. Only what
-was stored after the last seal kept elsewhere is beyond it.
+and stored bytes, as stored) in position order, up to the last one read, and that position. A
+reviewer keeps it somewhere the store's owner cannot write; a later walk given it (`--sealed
+POSITION:SHA256`) says whether the records up to that position are still exactly those,
+wherever a change was made. Only what was stored after the last seal kept elsewhere is beyond
+it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -51,9 +53,14 @@ MAX_DESCRIBED = 100
 _Place = tuple[UUID, int]
 
 
+# As `audit verify` prints it; "seal: " before it (the printed line, copied whole) is taken too.
+_SEAL_TEXT = re.compile(r"(?:seal:\s*)?(0|[1-9][0-9]*):([0-9a-fA-F]{64})", re.ASCII)
+
+
 @dataclass(frozen=True)
 class Seal:
-    """The SHA-256 of the store's records up to `position`, as `audit verify` prints it."""
+    """The SHA-256 of the store's records up to `position` (and of the position itself, so
+    that a seal holds for the position it was made at only), as `audit verify` prints it."""
 
     position: int
     sha256: str
@@ -63,11 +70,10 @@ class Seal:
 
     @classmethod
     def parse(cls, text: str) -> Seal:
-        position, _, sha256 = text.strip().partition(":")
-        sha256 = sha256.lower()
-        if not position.isdigit() or len(sha256) != 64 or set(sha256) - set("0123456789abcdef"):
+        found = _SEAL_TEXT.fullmatch(text.strip())
+        if found is None:
             raise ValueError(f"not a seal (POSITION:SHA256, as `audit verify` prints it): {text!r}")
-        return cls(int(position), sha256)
+        return cls(int(found[1]), found[2].lower())
 
 
 @dataclass
@@ -82,12 +88,14 @@ class IntegrityReport:
     first_signed: int | None = None  # the position of that first one
     seal: Seal | None = None  # the store's, up to the last record read
     seals_held: list[Seal] = field(default_factory=list)  # given seals the store still matches
+    # Given seals it does not match, each with what was found: never cut short, as problems are.
+    seals_broken: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     problem_count: int = 0
 
     @property
     def ok(self) -> bool:
-        return self.problem_count == 0
+        return self.problem_count == 0 and not self.seals_broken
 
     def problem(self, text: str) -> None:
         self.problem_count += 1
@@ -148,7 +156,12 @@ def verify_store(
 
 class _Sealer:
     """The store's seal, made as the walk reads each record, and the given seals compared with
-    it when the walk passes their positions."""
+    it when the walk passes their positions.
+
+    Each record is hashed as its columns are stored, not as they are read (a stream id in
+    another case is another stream to a reader), each column tagged with its kind and its
+    length, so that no two different records, or runs of records, hash alike. Nothing here
+    raises on a damaged record: that is the other checks' to report."""
 
     def __init__(self, report: IntegrityReport, seals: Sequence[Seal]) -> None:
         self.report = report
@@ -157,36 +170,54 @@ class _Sealer:
         self.pending = sorted(set(seals), key=lambda seal: seal.position)
 
     def add(self, row: Any) -> None:
-        self._compare_before(row["position"])
-        self.position = row["position"]
-        state = bytes(row["state"])
-        # Each field framed so that no two different records hash alike: a length before the
-        # bytes, and no field of the line before them can hold a space or a line break.
-        self.hash.update(
-            f"{row['position']} {UUID(str(row['originator_id']))} {row['originator_version']}"
-            f" {row['topic']} {len(state)}\n".encode()
-        )
-        self.hash.update(state)
+        position = row["position"]
+        self._compare_before(position)
+        self.position = position
+        for name in ("position", "originator_id", "originator_version", "topic", "state"):
+            self.hash.update(_framed(row[name]))
 
     def finish(self) -> None:
         self._compare_before(None)
-        self.report.seal = Seal(self.position, self.hash.hexdigest())
+        self.report.seal = Seal(self.position, self._digest(self.position))
+
+    def _digest(self, position: int) -> str:
+        sealed = self.hash.copy()
+        sealed.update(b"end" + _framed(position))
+        return sealed.hexdigest()
 
     def _compare_before(self, position: int | None) -> None:
         """Every given seal of a position before this one: its records have all been read."""
         while self.pending and (position is None or self.pending[0].position < position):
             seal = self.pending.pop(0)
-            if self.hash.hexdigest() == seal.sha256:
+            if self._digest(seal.position) == seal.sha256:
                 self.report.seals_held.append(seal)
                 continue
             # A seal's position is that of the last event it sealed: nothing at it now says so.
             gone = f" (no event is stored at position {seal.position}, the last it sealed)"
             ends = gone if self.position < seal.position else ""
-            self.report.problem(
+            self.report.seals_broken.append(
                 f"seal {seal.position}: the stored events up to position {seal.position} are not"
                 f" those it sealed{ends}: one was changed, removed or added, or the seal is not"
                 " this store's"
             )
+
+
+def _framed(value: Any) -> bytes:
+    """A stored column's value as bytes no other value of any kind has: its kind, its length,
+    its bytes."""
+    if value is None:
+        return b"n"
+    if isinstance(value, bytes | bytearray | memoryview):
+        kind, raw = b"b", bytes(value)
+    elif isinstance(value, str):
+        kind, raw = b"s", value.encode("utf-8", "surrogatepass")
+    elif isinstance(value, int):
+        kind, raw = b"i", str(value).encode()
+    elif isinstance(value, UUID):  # PostgreSQL's uuid column
+        kind, raw = b"u", value.bytes
+    else:
+        kind, raw = b"r", repr(value).encode("utf-8", "surrogatepass")
+    return kind + str(len(raw)).encode() + b":" + raw
 
 
 def _check_event(
