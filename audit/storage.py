@@ -98,6 +98,13 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+def is_database_failure(exc: BaseException) -> bool:
+    """Whether `exc` is the database failing (a lost connection, a lock or statement timeout, a
+    cancelled query, a deadlock, a full disk), or was raised from or while handling one: not
+    something about the data a statement carried."""
+    return any(isinstance(cause, UNAVAILABLE_ERRORS) for cause in _causes(exc))
+
+
 def unavailable_reason(exc: BaseException) -> str | None:
     """The first line of why the database could not be used, when that is what `exc` is, or
     was raised from or while handling; None for anything else (a bug keeps its traceback)."""

@@ -37,7 +37,7 @@ from audit.projections.runner import (
     tracked_position,
     tracking_key,
 )
-from audit.storage import Cursor, Db
+from audit.storage import Cursor, Db, StoreUnavailable
 from tests.conftest import drop_postgres_schema, new_postgres_database
 from tests.test_domain_state import organization_histories, user_histories
 from tests.webhook_helpers import payload, payload_files
@@ -753,8 +753,40 @@ def test_a_poison_event_is_reported_counted_and_skipped(log: AuditLog) -> None:
     rows = log.db.fetchall(f"SELECT type FROM {active_tables(log.db, 'events')['events']}")
     assert len(rows) == len(deliveries) - 1
     assert "role.created" not in {r["type"] for r in rows}
-    errors = log.db.fetchall("SELECT error FROM " + log.db.table("projection_errors"))
+    errors = log.db.fetchall("SELECT event_id, error FROM " + log.db.table("projection_errors"))
     assert "cannot handle roles" in errors[0]["error"]
+    role = next(d for d in deliveries if d.type == "role.created")
+    assert errors[0]["event_id"] == role.svix_id  # which delivery, not only where
+
+
+def test_a_database_failure_mid_step_is_not_a_poison_event(
+    log: AuditLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock timeout (a role's `lock_timeout`, a `pg_dump` or a maintenance job holding the
+    table) fails the step, which is tried again: no event is reported and skipped for it."""
+    if log.db.dialect != "postgresql":
+        pytest.skip("SQLite takes its write lock at BEGIN: no lock can time out inside a step")
+    deliveries = sample_deliveries()
+    log.record(deliveries)
+    Projector(log).run_once()  # the tables exist; the next deliveries wait for the next step
+    more = [dataclasses.replace(d, svix_id=f"{d.svix_id}_again") for d in deliveries[:5]]
+    log.record(more)
+    monkeypatch.setenv("PGOPTIONS", "-c lock_timeout=200")  # as a DBA might set for a role
+    timed = AuditLog(log.database)
+    try:
+        projector = Projector(timed)
+        table = active_tables(log.db, "events")["events"]
+        with log.db.transaction() as holder:
+            holder.execute(f"LOCK TABLE {table} IN SHARE MODE")
+            with pytest.raises(StoreUnavailable, match="lock timeout"):
+                projector.run_once()
+        projector.run_once()
+        errors = log.db.fetchall("SELECT error FROM " + log.db.table("projection_errors"))
+        assert errors == []
+        indexed = {r["svix_id"] for r in log.db.fetchall(f"SELECT svix_id FROM {table}")}
+        assert {d.svix_id for d in [*deliveries, *more]} <= indexed
+    finally:
+        timed.close()
 
 
 def test_a_rebuild_in_a_process_per_projection_equals_the_live_generation(log: AuditLog) -> None:

@@ -32,7 +32,14 @@ from audit.projections.events import EventIndex
 from audit.projections.objects import ObjectsProjection
 from audit.projections.pace import FollowingPace
 from audit.projections.timelines import SessionTimelines
-from audit.storage import Cursor, Db, EventWaiter, setup_lock, unavailable_reason
+from audit.storage import (
+    Cursor,
+    Db,
+    EventWaiter,
+    is_database_failure,
+    setup_lock,
+    unavailable_reason,
+)
 
 log = logging.getLogger("audit.projections")
 
@@ -288,6 +295,8 @@ class Projector:
                     events = [self.decode(row) for row in deliveries]
                     projection.apply(writer, tables, self.db, events)
                 except Exception as exc:
+                    if is_database_failure(exc):
+                        raise  # not the events': the whole step is tried again later
                     raise _PoisonInBatch() from exc
             if rows:
                 self.tracking._insert_tracking(cursor, Tracking(key, rows[-1]["position"]))
@@ -361,13 +370,24 @@ class Projector:
         self, cursor: Cursor, projection: Projection, tables: Tables, generation: int, row: Any
     ) -> None:
         cursor.execute("SAVEPOINT projection_event")
+        event: StoredDelivery | None = None
         try:
             event = self.decode(row)
             projection.apply(self.db.text_safe(cursor), tables, self.db, [event])
         except Exception as exc:  # a poison event: report it, keep going
+            if is_database_failure(exc):
+                # A lock or statement timeout, a cancelled query, a lost connection: the event
+                # is not at fault. Skipped as poison, it would be missing from the read model
+                # for good; the whole step is tried again later instead.
+                raise
             cursor.execute("ROLLBACK TO SAVEPOINT projection_event")
+            event_id = event.delivery.svix_id if event is not None else None
             log.error(
-                "projection %s: event at %s failed: %s", projection.name, row["position"], exc
+                "projection %s: event at %s (%s) failed: %s",
+                projection.name,
+                row["position"],
+                event_id or "not readable",
+                exc,
             )
             cursor.execute(
                 self.db.sql(
@@ -378,7 +398,7 @@ class Projector:
                     projection.name,
                     generation,
                     row["position"],
-                    None,
+                    event_id,
                     "".join(traceback.format_exception_only(exc)).strip()[:2000],
                 ],
             )
