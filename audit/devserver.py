@@ -35,9 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         "dev-signing-secret", lambda: "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
     )
     token = _kept("dev-api-token", lambda: "dev_" + secrets.token_urlsafe(24))
-    os.environ.setdefault("CLERK_WEBHOOK_SIGNING_SECRET", secret)
-    os.environ.setdefault("AUDIT_API_TOKENS", token)
-    os.environ.setdefault("AUDIT_DATABASE_URL", "sqlite:///var/audit.db")
+    defaults = {
+        "CLERK_WEBHOOK_SIGNING_SECRET": secret,
+        "AUDIT_API_TOKENS": token,
+        "AUDIT_DATABASE_URL": "sqlite:///var/audit.db",
+    }
+    for name, value in defaults.items():
+        if not os.environ.get(name, "").strip():  # set but empty (`VAR= make run`) is unset
+            os.environ[name] = value
     print("clerk-audit development server")
     print(f"  signing secret: {os.environ['CLERK_WEBHOOK_SIGNING_SECRET']}")
     print(f"  API token:      {os.environ['AUDIT_API_TOKENS']}")

@@ -31,7 +31,7 @@ from audit.storage import held_exclusively, store_exists
 from tests.conftest import drop_postgres_schema, new_postgres_database, new_secret
 from tests.soak.scenario import free_port
 from tests.tcp_proxy import TcpProxy
-from tests.test_projections import ARRIVAL_COLUMNS, all_rows, sample_deliveries
+from tests.test_projections import ARRIVAL_COLUMNS, all_rows, sample_deliveries, wait_until
 from tests.webhook_helpers import payload
 
 AUDIT = [sys.executable, "-m", "audit.cli"]
@@ -504,6 +504,40 @@ def test_make_run_shows_the_secret_and_token_the_server_takes(tmp_path: Path) ->
     ) in lines
     assert f"  curl -H 'Authorization: Bearer t0ken' {url}/v1/events\n" in lines
     assert (tmp_path / "var" / "dev-signing-secret").read_text().strip() != secret
+
+
+def test_make_run_takes_empty_variables_as_unset(tmp_path: Path) -> None:
+    """An empty secret stopped the server after it printed hints; empty tokens started it
+    with none, so the printed curl got 401."""
+    env = {**base_env(tmp_path), "CLERK_WEBHOOK_SIGNING_SECRET": "", "AUDIT_API_TOKENS": " "}
+    port = free_port()
+    devserver = subprocess.Popen(
+        [sys.executable, "-m", "audit.devserver", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert devserver.stdout is not None
+        lines = [devserver.stdout.readline() for _ in range(7)]
+        [curl] = [line for line in lines if line.startswith("  curl -H 'Authorization: Bearer ")]
+        token = curl.split("Bearer ", 1)[1].split("'", 1)[0]
+        assert token == (tmp_path / "var" / "dev-api-token").read_text().strip()
+        url = f"http://127.0.0.1:{port}/v1/projections"
+
+        def answered() -> bool:
+            assert devserver.poll() is None, "the server stopped"
+            try:
+                return httpx.get(url, headers={"Authorization": f"Bearer {token}"}).is_success
+            except httpx.TransportError:
+                return False  # not listening yet
+
+        wait_until(answered, "the printed token never got an answer")
+    finally:
+        devserver.terminate()
+        devserver.wait(timeout=30)
 
 
 def test_the_rebuild_progress_bar_ends_full_when_positions_have_gaps(
