@@ -26,7 +26,7 @@ from audit.serving import stop_with_spawning_parent
 # How long /readyz waits for the store to answer before saying it is not ready.
 READINESS_SECONDS = 3.0
 
-# Threads that may run the read API's handlers (and export chunks, and /readyz) at once in one
+# Threads that may run the read API's handlers (and export chunks) at once in one
 # worker process (api.deadline). Python runs one of them at a time (the GIL); a second lets one
 # compute while the other waits on the database. More only take turns on the GIL and lengthen
 # every request: with anyio's default of 40, 8 clients on two workers got history p99 19-24 ms;
@@ -58,9 +58,13 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     read_threads = ReadThreads(READ_THREADS)
+    # A thread of its own: behind reads that take every read thread (long exports, a table
+    # locked by a migration), the readiness probe answered 503 though the store was reachable,
+    # and a load balancer would take a busy worker out of service.
+    readiness_thread = ReadThreads(1)
 
     async def readyz(request: Request) -> JSONResponse:
-        await read_threads.run(log.db.ping, READINESS_SECONDS)
+        await readiness_thread.run(log.db.ping, READINESS_SECONDS)
         return JSONResponse({"status": "ready"})
 
     @contextlib.asynccontextmanager
@@ -70,6 +74,7 @@ def create_app(
         finally:
             intake.close()
             read_threads.close()
+            readiness_thread.close()
             if own_log:
                 log.close()
 

@@ -36,6 +36,7 @@ from audit.storage import (
 )
 from tests.conftest import API_TOKEN, drop_postgres_schema, new_postgres_database, new_secret
 from tests.tcp_proxy import TcpProxy
+from tests.test_projections import wait_until
 from tests.test_slow_clients import serving
 from tests.webhook_helpers import payload, post
 
@@ -222,6 +223,33 @@ def test_reads_past_their_deadline_hold_no_more_connections_than_the_read_thread
         recorded = post(client, secret, payload("user.updated"))
         assert recorded.status_code == 200, recorded.text
     assert client.get(user, headers=READ_HEADERS).status_code == 200
+
+
+@pytest.mark.postgres
+def test_readiness_answers_while_reads_take_every_read_thread(served: BehindProxy) -> None:
+    """The probe shared the read threads: behind reads waiting on a lock it answered 503
+    `store_unavailable` though the store answered at once (found by review)."""
+    client = served.client
+    user = _projected_user(served)
+    db = client.app.state.log.db
+    users = active_tables(db, "objects")["users"]
+    waiting = (
+        "SELECT count(*) AS n FROM pg_stat_activity"
+        f" WHERE wait_event_type = 'Lock' AND query LIKE '%%{users}%%'"
+    )
+    with db.transaction() as holder:
+        holder.execute(f"LOCK TABLE {users} IN ACCESS EXCLUSIVE MODE")
+        threads = [
+            threading.Thread(target=client.get, args=(user,), kwargs={"headers": READ_HEADERS})
+            for _ in range(READ_THREADS)
+        ]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: db.fetchone(waiting)["n"] == READ_THREADS, "the reads never waited")
+        ready = client.get("/readyz")
+    for thread in threads:
+        thread.join(timeout=60)
+    assert ready.status_code == 200, ready.text
 
 
 STUCK_READ_THEN_EXIT = """
