@@ -45,6 +45,7 @@ from tests.webhook_helpers import new_svix_id, payload, payload_files, post
 
 SAMPLE_USER = "user_3XIOWrI57CYv83K9cu9aN3gSz5Q"
 SAMPLE_ORG = "org_3UByhZomz62ag88bTkeSUIU5gEC"
+SUBSCRIPTION = "csub_3SqMLsLR2zzxp4dtesnZjpFKpUM"  # the sample subscription items' own
 SAMPLE_SESSION = "sess_3nuW59H6KiTSqRrNmFSG0rZD6BO"
 FRESH_USER = "user_2freshAuditReadApiTest01"
 FRESH_SESSION = "sess_2freshAuditReadApiTest01"
@@ -242,6 +243,19 @@ def test_event_filters(world: World) -> None:
     assert org and all(e["type"].startswith("organizationDomain.") for e in org)
     session = world.walk("/v1/events", {"subject": SAMPLE_SESSION})
     assert session and all(e["type"].startswith("session.") for e in session)
+    # Billing events concern whom they bill, and the subscription an item belongs to.
+    billing = ("subscription.*", "subscriptionItem.*", "paymentAttempt.*")
+    billed = world.walk("/v1/events", [("type", t) for t in billing])
+    assert len(billed) == 16
+    paid_by_user = world.walk(
+        "/v1/events", [("subject", SAMPLE_USER), *(("type", t) for t in billing)]
+    )
+    # Each names the user as its payer, but the sample subscriptionItem.created (no payer).
+    assert [e["id"] for e in paid_by_user] == [
+        e["id"] for e in billed if e["type"] != "subscriptionItem.created"
+    ]
+    items = world.walk("/v1/events", {"subject": SUBSCRIPTION, "type": "subscriptionItem.*"})
+    assert len(items) == 10
 
     # since inclusive, until exclusive, ISO or epoch ms
     at_update = world.walk("/v1/events", {"since": str(T_UPDATED), "until": T_UPDATED + 1})

@@ -129,4 +129,12 @@ def related_ids(event_type: str, data: dict[str, Any]) -> list[str]:
     actor = data.get("actor")
     if isinstance(actor, dict):
         add(actor.get("sub"))
+    # Billing (subscription*, paymentAttempt.*): whom it bills, and what it belongs to.
+    payer = data.get("payer")
+    if isinstance(payer, dict):
+        add(payer.get("user_id"))
+        add(payer.get("organization_id"))
+        add(payer.get("id"))
+    add(data.get("subscription_id"))
+    add(data.get("plan_id"))
     return ids

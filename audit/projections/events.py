@@ -50,7 +50,8 @@ ORPHAN_COLUMNS = (("object_id", "text"), ("position", "bigint"))
 
 class EventIndex(Projection):
     name = "events"
-    version = 4
+    # 5: billing events concern their payer (its user or organization), subscription and plan
+    version = 5
     time_marks_from = 3
     rebuild_seconds = 125.8
     table_names = ("events", "event_subjects", "time_marks", "owners", "orphan_stubs")
