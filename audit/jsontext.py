@@ -49,8 +49,8 @@ def loads(text: str, **fallback: Any) -> Any:
     orjson reads it unless the text holds a long run of digits, or orjson refuses it (NaN,
     a lone surrogate, deep nesting): then `json` does, with `fallback`'s arguments, and raises
     what it raises. One difference remains: orjson reads nesting up to 1,024 levels deep where
-    `json` stops a little short of 1,000; text from outside that could nest that deep is read
-    by `json` (see `parse_delivery`), so what is stored never nests deeper than `json` reads.
+    `json` stops a little short of 1,000; a delivery's body is read by
+    `audit.aggregates.delivery.read_envelope`, which reads no level past 256 but as text.
     """
     if (
         len(text) < len(_LONG_DIGIT_RUN)  # most values in a page: too short to hold one

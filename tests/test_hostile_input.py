@@ -16,6 +16,7 @@ from audit.aggregates.delivery import MAX_NESTING, Delivery, parse_delivery
 from audit.aggregates.routing import StreamKind, stream_id
 from audit.application import AuditLog
 from audit.cursors import encode_cursor
+from audit.integrity import verify_store
 from audit.projections.runner import Projector
 from audit.samples import signed_headers
 from tests.conftest import API_TOKEN
@@ -245,14 +246,37 @@ def test_values_of_the_wrong_type_in_text_columns_still_project(
     assert session["status"] == status
 
 
-def test_a_body_nested_deeper_than_the_limit_is_400(client: TestClient, secret: str) -> None:
-    """orjson reads 1,024 levels and `json` nearly 1,000; the diffing of 600 hit the recursion
-    limit, so the webhook keeps to MAX_NESTING (Clerk's payloads nest six or so)."""
-    for depth in (MAX_NESTING, 1000):
-        deep = '{"type": "user.created", "data": {"a": ' + "[" * depth + "]" * depth + "}}"
-        response = post(client, secret, deep.encode())
-        assert response.status_code == 400
-        assert response.json()["error"]["code"] == "invalid_payload"
+def test_a_body_nested_deeper_than_the_limit_is_recorded_and_read(
+    client: TestClient, log: AuditLog, secret: str
+) -> None:
+    """Refused with 400 until 2026-12-06, which let a user write `unsafe_metadata` deep enough
+    (from the browser) that their own later `user.updated` deliveries could never be recorded
+    (found by review). Recorded as signed; read, projected and rendered with what lies past
+    MAX_NESTING as text, at any depth (orjson's 1,024 and `json`'s 1,000 included)."""
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    for depth in (MAX_NESTING, 1000, 5000):
+        user_id = f"user_{new_svix_id()}"
+        envelope = payload("user.updated")
+        envelope["data"] = dict(envelope["data"], id=user_id, unsafe_metadata="DEEP")
+        deep = '{"a": ' * depth + "1" + "}" * depth
+        raw = json.dumps(envelope).replace('"DEEP"', deep).encode()
+        svix_id = new_svix_id()
+        response = post(client, secret, raw, svix_id=svix_id)
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "recorded"
+        projector = Projector(log)
+        projector.run_once()
+        assert all(row["errors"] == 0 and row["lag"] == 0 for row in projector.status())
+        event = client.get(f"/v1/events/{svix_id}", headers=auth)
+        assert event.status_code == 200, event.text[:200]
+        value, levels = event.json()["data"]["unsafe_metadata"], 3  # the envelope, data, it
+        while isinstance(value, dict):
+            value, levels = value["a"], levels + 1
+        assert levels == MAX_NESTING + 1  # the first level read as text
+        assert value == '{"a": ' * (depth - levels + 3) + "1" + "}" * (depth - levels + 3)
+        for path in (f"/v1/users/{user_id}", f"/v1/users/{user_id}/history"):
+            assert client.get(path, headers=auth).status_code == 200, path
+    assert verify_store(log).ok  # each stored field is what the body says, read the same way
 
 
 CREATED = 1716883200000  # 2024-05-28T08:00:00Z

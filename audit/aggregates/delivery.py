@@ -10,7 +10,7 @@ from typing import Any
 
 from audit.aggregates.changes import MAX_FIELD_LENGTH, field_path
 from audit.aggregates.routing import related_ids
-from audit.jsontext import is_unicode, loads
+from audit.jsontext import dumps, is_unicode, loads
 from audit.timeparse import epoch_ms
 
 
@@ -95,27 +95,54 @@ def _holds_lone_surrogate(value: Any) -> bool:
     return False
 
 
-# Clerk's payloads nest six levels or so; metadata is the customer's JSON, any depth `json` reads
-# (about 1,000). The projections' diffing recurses two frames a level, and comparing two values
-# recurses in C against the same limit: at 600 levels a version was unrecordable (a projection
-# error, its changes missing from history), so deeper bodies are refused.
+# Clerk's payloads nest six levels or so, but metadata is the customer's JSON, and a user may
+# write their own `unsafe_metadata` from the browser: refusing a deep body (as releases before
+# 2026-12-06 did) let a user make their own later `user.updated` deliveries unrecordable. The
+# projections' diffing recurses two frames a level, and orjson writes 254 levels at most, so what
+# lies deeper than MAX_NESTING is read as the JSON text it is (`read_envelope`): the store keeps
+# the body as signed, and every reading of it agrees.
 MAX_NESTING = 256
+_STRUCTURE = re.compile(r'[\\"\[\]{}]')
 
 
-def _nesting(value: Any) -> int:
-    """How many levels of objects and arrays `value` nests (a loop: it may nest deep)."""
-    deepest, pending = 0, [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, depth)
-        pending.extend((child, depth + 1) for child in children)
-    return deepest
+def read_envelope(text: str, **reading: Any) -> Any:
+    """The value of a delivery's body, each array or object nested deeper than MAX_NESTING
+    levels read as a string of its own text (unchecked beyond being balanced: only what a
+    signature proves the sender wrote gets here)."""
+    if text.count("{") + text.count("[") > MAX_NESTING:  # else it cannot nest that deep
+        text = _deeper_levels_as_text(text, MAX_NESTING)
+    return loads(text, **reading)
+
+
+def _deeper_levels_as_text(text: str, limit: int) -> str:
+    """`text` with each array or object that opens at level `limit + 1` replaced by a JSON
+    string holding its text (a loop over the brackets and quotes, not a parser: no recursion)."""
+    pieces: list[str] = []
+    depth, start, last, skip_to = 0, 0, 0, -1
+    in_string = False
+    for found in _STRUCTURE.finditer(text):
+        at = found.start()
+        if at < skip_to:
+            continue  # the character a backslash escapes
+        char = text[at]
+        if in_string:
+            if char == "\\":
+                skip_to = at + 2
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth == limit + 1:
+                start = at
+        elif char in "]}":
+            if depth == limit + 1:
+                pieces += [text[last:start], dumps(text[start : at + 1])]
+                last = at + 1
+            depth -= 1
+    pieces.append(text[last:])
+    return "".join(pieces)
 
 
 def parse_delivery(
@@ -132,18 +159,13 @@ def parse_delivery(
     except UnicodeDecodeError as exc:
         raise InvalidPayload("the body is not valid UTF-8") from exc
     try:
-        envelope = loads(text, **_READING)
-    except RecursionError as exc:
-        raise InvalidPayload(f"the body nests deeper than {MAX_NESTING} levels") from exc
+        envelope = read_envelope(text, **_READING)
     except InvalidPayload:
         raise
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # deep and unbalanced: no JSON either
         raise InvalidPayload("the body is not valid JSON") from exc
     if _SURROGATE_ESCAPE.search(text) and _holds_lone_surrogate(envelope):
         raise InvalidPayload("the body has a lone UTF-16 surrogate, which is not Unicode text")
-    # Fewer opening brackets than the limit cannot nest deeper (nearly every body).
-    if body.count(b"{") + body.count(b"[") > MAX_NESTING and _nesting(envelope) > MAX_NESTING:
-        raise InvalidPayload(f"the body nests deeper than {MAX_NESTING} levels")
     if not isinstance(envelope, dict):
         raise InvalidPayload("the body is not a JSON object")
     event_type = envelope.get("type")
@@ -198,7 +220,7 @@ def http_request_of(event_attributes: dict[str, Any] | None) -> dict[str, Any]:
 
 def delivery_from_record(record: dict[str, Any]) -> Delivery:
     """Rebuild a Delivery from the fields a stored event keeps (the body is re-parsed)."""
-    envelope = loads(record["body"])
+    envelope = read_envelope(record["body"])
     return Delivery(
         svix_id=record["svix_id"],
         svix_timestamp=record["svix_timestamp"],
