@@ -863,18 +863,41 @@ def _owned_as_of(
     view = _view_as_of(request, parent, object_id, as_of)
     if view["first_seen_at"] is None:  # nothing of it had happened by then
         raise _no_state(parent, object_id, known=False, as_of=as_of)
-    items = view[VIEW_LIST_OF_TABLE[table]]
-    if not include_deleted:
-        gone = table == "domains" and view["deleted"]  # the view keeps those, flagged
-        items = [item for item in items if not gone and not item.get("deleted")]
-    owner = "user_id" if parent == "user" else "organization_id"
-    rows = [{"id": item["id"], owner: object_id, "view": item} for item in items]
+    if parent == "user" and table == "memberships":
+        rows = [] if view["deleted"] else _memberships_of_user_as_of(request, object_id, as_of)
+    else:
+        items = view[VIEW_LIST_OF_TABLE[table]]
+        if not include_deleted:
+            gone = table == "domains" and view["deleted"]  # the view keeps those, flagged
+            items = [item for item in items if not gone and not item.get("deleted")]
+        owner = "user_id" if parent == "user" else "organization_id"
+        rows = [{"id": item["id"], owner: object_id, "view": item} for item in items]
     return queries.sorted_page(
         rows,
         lambda row: created_sort_key(row["view"]),
         after=args.cursor(f"{parent}-{table}-as-of", (int, str)),
         limit=args.limit(),
     )
+
+
+def _memberships_of_user_as_of(request: Request, user_id: str, as_of: int) -> list[dict[str, Any]]:
+    """A user's memberships as of `as_of`: a membership is its organization's (SPEC 3), so each
+    organization the user is or was a member of is folded up to then, as `as_of` rebuilds its
+    members; none of an organization deleted by then."""
+    rows = []
+    for organization_id in queries.membership_organizations(db_of(request), user_id):
+        try:
+            organization = _view_as_of(request, "organization", organization_id, as_of)
+        except ApiError:
+            continue  # nothing of it had happened by then
+        if organization["deleted"]:
+            continue
+        rows += [
+            {"id": member["id"], "organization_id": organization_id, "view": member}
+            for member in organization["members"]
+            if member.get("user_id") == user_id and not member.get("deleted")
+        ]
+    return rows
 
 
 def user_sessions(request: Request, args: Args) -> Response:
@@ -1086,8 +1109,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         user_organizations,
         "A user's organizations",
         "The user's current organization memberships, with role, in the order they were recorded"
-        " (none of deleted organizations, none once the user is deleted).",
-        (USER_ID, *PAGING),
+        " (none of deleted organizations, none once the user is deleted); with `as_of`, those"
+        " of that time, each organization rebuilt from its stream.",
+        (USER_ID, AS_OF_LIST, *PAGING),
         "Membership",
         is_list=True,
     ),

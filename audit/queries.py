@@ -446,6 +446,21 @@ class OrderChanged(ValueError):
 LISTED_FROM_VERSION = 11
 
 
+def membership_organizations(db: Db, user_id: str) -> list[str]:
+    """Every organization the user has or had a membership of, as the read model knows them
+    (deleted memberships included): where `as_of` looks for the user's memberships."""
+
+    def query(t: Tables) -> list[str]:
+        rows = db.fetchall(
+            f"SELECT DISTINCT organization_id FROM {t['memberships']} WHERE user_id = %s"
+            " ORDER BY organization_id",
+            [user_id],
+        )
+        return [row["organization_id"] for row in rows if row["organization_id"]]
+
+    return _with_tables(db, "objects", query)
+
+
 def owned_objects(
     db: Db,
     table: str,

@@ -2348,6 +2348,50 @@ def test_sub_collections_as_of_a_time_are_rebuilt_from_the_stream(world: World) 
     assert world.get(sessions, {"as_of": T_CREATED - 1}).status_code == 404
 
 
+def test_a_users_organizations_as_of_a_time_are_rebuilt_from_each_organization(
+    world: World,
+) -> None:
+    """What access a user had on a given day, across organizations: the members of each
+    organization were there as of a time, the user's organizations were not (review)."""
+    org_id = "org_2usersOrganizationsAsOf1"
+    organization = dict(payload("organization.created")["data"], id=org_id)
+    world.deliver(_envelope("organization.created", organization, T_CREATED, UPDATE_IP))
+    member_id = "orgmem_2usersOrganizationsAsOf"
+
+    def membership(event_type: str, second: int, role: str) -> None:
+        data = copy.deepcopy(payload("organizationMembership.created")["data"])
+        at = T_CREATED + second * 1000
+        data.update(id=member_id, role=role, created_at=T_CREATED + 1000, updated_at=at)
+        data["organization"]["id"] = org_id
+        data["public_user_data"]["user_id"] = FRESH_USER
+        world.deliver(_envelope(event_type, data, at, UPDATE_IP))
+
+    membership("organizationMembership.created", 1, "org:admin")
+    membership("organizationMembership.updated", 5, "org:member")
+    world.projector.run_once()
+    organizations = f"/v1/users/{FRESH_USER}/organizations"
+    now = world.walk(organizations)
+    assert (member_id, "org:member") in [(item["id"], item["role"]) for item in now]
+    assert world.walk(organizations, {"as_of": MAX_EPOCH_MS - 1}) == now
+
+    def roles(second: int) -> list[tuple[str, str, str]]:
+        walked = world.walk(organizations, {"as_of": T_CREATED + second * 1000}, limit=1)
+        found = [(item["id"], item["organization_id"], item["role"]) for item in walked]
+        return [entry for entry in found if entry[1] == org_id]
+
+    assert roles(0) == []
+    assert roles(1) == [(member_id, org_id, "org:admin")]
+    assert roles(5) == [(member_id, org_id, "org:member")]
+    gone = {"object": "organization_membership", "id": member_id, "deleted": True}
+    gone["organization"] = {"id": org_id}
+    world.deliver(_envelope("organizationMembership.deleted", gone, T_CREATED + 9_000, UPDATE_IP))
+    world.projector.run_once()
+    assert roles(5) == [(member_id, org_id, "org:member")]  # what it was, then
+    assert roles(9) == []
+    assert member_id not in [item["id"] for item in world.walk(organizations)]
+    assert world.get(organizations, {"as_of": T_CREATED - 1}).status_code == 404
+
+
 def test_a_time_between_two_milliseconds_bounds_as_its_filter_means(world: World) -> None:
     """`since=…00.0005Z` took events at …00.000, which are before it: the parser floored
     every time (review B). A bound that excludes what is before it (`since`, and `until`,
