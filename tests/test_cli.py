@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -477,39 +479,12 @@ def test_losing_the_database_mid_rebuild_says_so_in_a_few_lines(tmp_path: Path) 
     assert len(lines) <= 12, "\n".join(lines)
 
 
-def test_make_run_shows_the_secret_and_token_the_server_takes(tmp_path: Path) -> None:
-    """Where the environment overrides var/'s, the hints showed var/'s (401 on every try)."""
-    env = base_env(tmp_path)
-    secret = new_secret()
-    env.update(CLERK_WEBHOOK_SIGNING_SECRET=f"{secret} {new_secret()}", AUDIT_API_TOKENS="t0ken")
-    port = free_port()  # `make run PORT=...`; 8000 may be taken
-    devserver = subprocess.Popen(
-        [sys.executable, "-m", "audit.devserver", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert devserver.stdout is not None
-        lines = [devserver.stdout.readline() for _ in range(7)]
-    finally:
-        devserver.terminate()
-        devserver.wait(timeout=30)
-    url = f"http://127.0.0.1:{port}"
-    assert (
-        f"  CLERK_WEBHOOK_SIGNING_SECRET={secret} .venv/bin/audit send-samples"
-        f" --url {url}/webhooks/clerk\n"
-    ) in lines
-    assert f"  curl -H 'Authorization: Bearer t0ken' {url}/v1/events\n" in lines
-    assert (tmp_path / "var" / "dev-signing-secret").read_text().strip() != secret
-
-
-def test_make_run_takes_empty_variables_as_unset(tmp_path: Path) -> None:
-    """An empty secret stopped the server after it printed hints; empty tokens started it
-    with none, so the printed curl got 401."""
-    env = {**base_env(tmp_path), "CLERK_WEBHOOK_SIGNING_SECRET": "", "AUDIT_API_TOKENS": " "}
+@contextlib.contextmanager
+def dev_server(
+    tmp_path: Path, env: dict[str, str]
+) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
+    """`make run` on a free port (8000 may be taken): the process, its URL and the seven lines
+    it prints first; stopped on leaving."""
     port = free_port()
     devserver = subprocess.Popen(
         [sys.executable, "-m", "audit.devserver", "--port", str(port)],
@@ -522,22 +497,45 @@ def test_make_run_takes_empty_variables_as_unset(tmp_path: Path) -> None:
     try:
         assert devserver.stdout is not None
         lines = [devserver.stdout.readline() for _ in range(7)]
+        yield devserver, f"http://127.0.0.1:{port}", lines
+    finally:
+        devserver.terminate()
+        devserver.wait(timeout=30)
+
+
+def test_make_run_shows_the_secret_and_token_the_server_takes(tmp_path: Path) -> None:
+    """Where the environment overrides var/'s, the hints showed var/'s (401 on every try)."""
+    env = base_env(tmp_path)
+    secret = new_secret()
+    env.update(CLERK_WEBHOOK_SIGNING_SECRET=f"{secret} {new_secret()}", AUDIT_API_TOKENS="t0ken")
+    with dev_server(tmp_path, env) as (_, url, lines):
+        pass
+    assert (
+        f"  CLERK_WEBHOOK_SIGNING_SECRET={secret} .venv/bin/audit send-samples"
+        f" --url {url}/webhooks/clerk\n"
+    ) in lines
+    assert f"  curl -H 'Authorization: Bearer t0ken' {url}/v1/events\n" in lines
+    assert (tmp_path / "var" / "dev-signing-secret").read_text().strip() != secret
+
+
+def test_make_run_takes_empty_variables_as_unset(tmp_path: Path) -> None:
+    """An empty secret stopped the server after it printed hints; empty tokens started it
+    with none, so the printed curl got 401."""
+    env = {**base_env(tmp_path), "CLERK_WEBHOOK_SIGNING_SECRET": "", "AUDIT_API_TOKENS": " "}
+    with dev_server(tmp_path, env) as (devserver, url, lines):
         [curl] = [line for line in lines if line.startswith("  curl -H 'Authorization: Bearer ")]
         token = curl.split("Bearer ", 1)[1].split("'", 1)[0]
         assert token == (tmp_path / "var" / "dev-api-token").read_text().strip()
-        url = f"http://127.0.0.1:{port}/v1/projections"
 
         def answered() -> bool:
             assert devserver.poll() is None, "the server stopped"
             try:
-                return httpx.get(url, headers={"Authorization": f"Bearer {token}"}).is_success
+                headers = {"Authorization": f"Bearer {token}"}
+                return httpx.get(f"{url}/v1/projections", headers=headers).is_success
             except httpx.TransportError:
                 return False  # not listening yet
 
         wait_until(answered, "the printed token never got an answer")
-    finally:
-        devserver.terminate()
-        devserver.wait(timeout=30)
 
 
 def test_the_rebuild_progress_bar_ends_full_when_positions_have_gaps(
