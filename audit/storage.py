@@ -98,11 +98,30 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+# PostgreSQL's error classes that are the database failing, not the statement's data: lost
+# connections (08), deadlocks and serialization (40), resources such as a full disk (53),
+# cancelled queries and shutdowns (57), I/O (58); and a lock wait timed out (55P03). Not
+# class 54 (an index row too large, say), which psycopg raises as OperationalError too but
+# which the data causes.
+_FAILURE_CLASSES = ("08", "40", "53", "57", "58")
+_FAILURE_STATES = ("55P03",)
+
+
 def is_database_failure(exc: BaseException) -> bool:
     """Whether `exc` is the database failing (a lost connection, a lock or statement timeout, a
     cancelled query, a deadlock, a full disk), or was raised from or while handling one: not
-    something about the data a statement carried."""
-    return any(isinstance(cause, UNAVAILABLE_ERRORS) for cause in _causes(exc))
+    something about the data a statement carried, which would fail again the same way."""
+    wrapped = False  # eventsourcing's own error, which says no more than that
+    for cause in _causes(exc):
+        if isinstance(cause, psycopg.Error):
+            state = cause.sqlstate
+            if state is None:  # no answer from the server: the connection, a pool timeout
+                return isinstance(cause, (psycopg.OperationalError, psycopg.InterfaceError))
+            return state[:2] in _FAILURE_CLASSES or state in _FAILURE_STATES
+        if isinstance(cause, sqlite3.OperationalError):  # locked, I/O, disk full
+            return True
+        wrapped = wrapped or isinstance(cause, (StoreOperationalError, StoreInterfaceError))
+    return wrapped
 
 
 def unavailable_reason(exc: BaseException) -> str | None:

@@ -759,6 +759,37 @@ def test_a_poison_event_is_reported_counted_and_skipped(log: AuditLog) -> None:
     assert errors[0]["event_id"] == role.svix_id  # which delivery, not only where
 
 
+class OversizedIndex(EventIndex):
+    """Writes, for `role.created` only, a value no B-tree entry can hold: PostgreSQL refuses
+    it with class 54 (program limit exceeded), which psycopg raises as an OperationalError."""
+
+    def apply(self, cursor: Cursor, t: Tables, db: Db, events: Sequence[StoredDelivery]) -> None:
+        if any(event.delivery.type == "role.created" for event in events):
+            cursor.execute("CREATE TEMP TABLE IF NOT EXISTS oversized (value TEXT PRIMARY KEY)")
+            cursor.execute(
+                "INSERT INTO oversized SELECT string_agg(md5(i::text), '')"
+                " FROM generate_series(1, 200) AS i"
+            )
+        super().apply(cursor, t, db, events)
+
+
+def test_an_event_the_database_refuses_for_its_data_is_still_a_poison_event(
+    log: AuditLog,
+) -> None:
+    """Not every error psycopg calls operational is the database failing: an index row too
+    large is the event's own, would fail every retry, and must not stop the projection."""
+    if log.db.dialect != "postgresql":
+        pytest.skip("a PostgreSQL error class; SQLite has no limit on an index entry's size")
+    deliveries = sample_deliveries()
+    log.record(deliveries)
+    projector = Projector(log, [OversizedIndex()], batch_size=8)
+    projector.run_once()
+    (status,) = projector.status()
+    assert status["errors"] == 1 and status["lag"] == 0
+    errors = log.db.fetchall("SELECT error FROM " + log.db.table("projection_errors"))
+    assert "ProgramLimitExceeded" in errors[0]["error"]
+
+
 def test_a_database_failure_mid_step_is_not_a_poison_event(
     log: AuditLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
