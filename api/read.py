@@ -860,12 +860,12 @@ def _owned_as_of(
     then, as `as_of` rebuilds their state: the same items, shapes and order (creation) a
     current list has, except that the organization's stream does not hold its members' users'
     deletions."""
-    view = _view_as_of(request, parent, object_id, as_of)
-    if view["first_seen_at"] is None:  # nothing of it had happened by then
-        raise _no_state(parent, object_id, known=False, as_of=as_of)
     if parent == "user" and table == "memberships":
-        rows = [] if view["deleted"] else _memberships_of_user_as_of(request, object_id, as_of)
+        rows = _memberships_of_user_as_of(request, object_id, as_of)
     else:
+        view = _view_as_of(request, parent, object_id, as_of)
+        if view["first_seen_at"] is None:  # nothing of it had happened by then
+            raise _no_state(parent, object_id, known=False, as_of=as_of)
         items = view[VIEW_LIST_OF_TABLE[table]]
         if not include_deleted:
             gone = table == "domains" and view["deleted"]  # the view keeps those, flagged
@@ -884,6 +884,12 @@ def _memberships_of_user_as_of(request: Request, user_id: str, as_of: int) -> li
     """A user's memberships as of `as_of`: a membership is its organization's (SPEC 3), so each
     organization the user is or was a member of is folded up to then, as `as_of` rebuilds its
     members; none of an organization deleted by then."""
+    try:
+        user = _view_as_of(request, "user", user_id, as_of)
+    except ApiError:
+        user = None  # known from memberships only (a store begun after its creation, say)
+    if user is not None and user["deleted"]:
+        return []
     rows = []
     for organization_id in queries.membership_organizations(db_of(request), user_id):
         try:
@@ -897,7 +903,10 @@ def _memberships_of_user_as_of(request: Request, user_id: str, as_of: int) -> li
             for member in organization["members"]
             if member.get("user_id") == user_id and not member.get("deleted")
         ]
-    return rows
+    if not rows and (user is None or user["first_seen_at"] is None):
+        raise _no_state("user", user_id, known=False, as_of=as_of)  # nothing of them by then
+    # In creation order across organizations, as one organization's members are.
+    return sorted(rows, key=lambda row: created_sort_key(row["view"]))
 
 
 def user_sessions(request: Request, args: Args) -> Response:

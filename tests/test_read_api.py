@@ -2358,17 +2358,40 @@ def test_a_users_organizations_as_of_a_time_are_rebuilt_from_each_organization(
     world.deliver(_envelope("organization.created", organization, T_CREATED, UPDATE_IP))
     member_id = "orgmem_2usersOrganizationsAsOf"
 
-    def membership(event_type: str, second: int, role: str) -> None:
+    def membership(
+        event_type: str,
+        second: int,
+        role: str,
+        ids: tuple[str, str, str] = (member_id, org_id, FRESH_USER),
+    ) -> None:
         data = copy.deepcopy(payload("organizationMembership.created")["data"])
         at = T_CREATED + second * 1000
-        data.update(id=member_id, role=role, created_at=T_CREATED + 1000, updated_at=at)
-        data["organization"]["id"] = org_id
-        data["public_user_data"]["user_id"] = FRESH_USER
+        data.update(id=ids[0], role=role, created_at=T_CREATED + 1000, updated_at=at)
+        if event_type.endswith(".created"):
+            data["created_at"] = at
+        data["organization"]["id"] = ids[1]
+        data["public_user_data"]["user_id"] = ids[2]
         world.deliver(_envelope(event_type, data, at, UPDATE_IP))
 
     membership("organizationMembership.created", 1, "org:admin")
     membership("organizationMembership.updated", 5, "org:member")
+    # Another organization, whose id sorts first, joined later: pages go by creation.
+    other_org = "org_1usersOrganizationsAsOf1"
+    world.deliver(
+        _envelope("organization.created", dict(organization, id=other_org), T_CREATED, UPDATE_IP)
+    )
+    other = ("orgmem_1usersOrganizationsAsOf", other_org, FRESH_USER)
+    membership("organizationMembership.created", 3, "org:member", other)
+    # A user known from a membership only (a store begun after they were created).
+    only_member = ("orgmem_3usersOrganizationsAsOf", org_id, "user_2onlyKnownAsAMember01")
+    membership("organizationMembership.created", 2, "org:member", only_member)
     world.projector.run_once()
+    assert [item["id"] for item in _walk_as_of(world, only_member[2], 2)] == [only_member[0]]
+    assert [
+        (item["id"], item["organization_id"])
+        for item in _walk_as_of(world, FRESH_USER, 4)
+        if item["organization_id"] in (org_id, other_org)
+    ] == [(member_id, org_id), (other[0], other_org)]
     organizations = f"/v1/users/{FRESH_USER}/organizations"
     now = world.walk(organizations)
     assert (member_id, "org:member") in [(item["id"], item["role"]) for item in now]
@@ -2390,6 +2413,12 @@ def test_a_users_organizations_as_of_a_time_are_rebuilt_from_each_organization(
     assert roles(9) == []
     assert member_id not in [item["id"] for item in world.walk(organizations)]
     assert world.get(organizations, {"as_of": T_CREATED - 1}).status_code == 404
+
+
+def _walk_as_of(world: World, user_id: str, second: int) -> list[dict[str, Any]]:
+    """A user's organizations as of a second after T_CREATED, a page of one at a time."""
+    path = f"/v1/users/{user_id}/organizations"
+    return world.walk(path, {"as_of": T_CREATED + second * 1000}, limit=1)
 
 
 def test_a_time_between_two_milliseconds_bounds_as_its_filter_means(world: World) -> None:
