@@ -105,6 +105,27 @@ def test_a_deep_body_reads_as_json_reads_it_to_the_nesting_limit_then_as_text(de
     assert read_body(body) == json.dumps({"a": value})
 
 
+@pytest.mark.parametrize(
+    ("inner", "refusal"),
+    [
+        (b"{not json}", "the body is not valid JSON"),
+        (b"[1}", "the body is not valid JSON"),
+        (b"[1,]", "the body is not valid JSON"),
+        (b'"\x01"', "the body is not valid JSON"),
+        (b"NaN", "the body contains NaN, which is not JSON"),
+        (b'"\\ud800"', "the body has a lone UTF-16 surrogate, which is not Unicode text"),
+    ],
+)
+@pytest.mark.parametrize("depth", [5, 300, 600, 5000])
+def test_what_lies_deeper_than_the_limit_is_checked_as_json_by_the_same_rules(
+    inner: bytes, refusal: str, depth: int
+) -> None:
+    """Read as text past MAX_NESTING, but refused as a shallow body would be (review)."""
+    body = b'{"type": "user.updated", "data": {"a": ' + b"[" * depth + inner + b"]" * depth
+    assert read_body(body + b"}}") == f"InvalidPayload: {refusal}"
+    assert not read_body(body.replace(inner, b"[1]") + b"}}").startswith("InvalidPayload")
+
+
 def test_brackets_in_strings_and_escaped_quotes_do_not_count_as_levels() -> None:
     text = '"\\"[{' * 300  # a string's brackets, after an escaped backslash
     body = json.dumps({"type": "user.updated", "data": {"a": text, "b": [[1]]}}).encode()

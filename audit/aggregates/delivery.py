@@ -107,18 +107,22 @@ _STRUCTURE = re.compile(r'[\\"\[\]{}]')
 
 def read_envelope(text: str, **reading: Any) -> Any:
     """The value of a delivery's body, each array or object nested deeper than MAX_NESTING
-    levels read as a string of its own text (unchecked beyond being balanced: only what a
-    signature proves the sender wrote gets here)."""
+    levels read as a string of its own text."""
     if text.count("{") + text.count("[") > MAX_NESTING:  # else it cannot nest that deep
-        text = _deeper_levels_as_text(text, MAX_NESTING)
+        text = _levels_split(text, MAX_NESTING)[0]
     return loads(text, **reading)
 
 
-def _deeper_levels_as_text(text: str, limit: int) -> str:
+def _levels_split(text: str, limit: int) -> tuple[str, list[str]]:
     """`text` with each array or object that opens at level `limit + 1` replaced by a JSON
-    string holding its text (a loop over the brackets and quotes, not a parser: no recursion)."""
-    pieces: list[str] = []
-    depth, start, last, skip_to = 0, 0, 0, -1
+    string holding its text; and the text of each array or object opening at level `limit + 1`,
+    `2 * limit + 1` ... with those it holds at the next such level replaced by `0`, so that
+    `text` is valid JSON if and only if the first and every one of these are, each read once.
+    (A loop over the brackets and quotes, not a parser: no recursion, any depth.)"""
+    top: list[str] = []  # the first text
+    nested: list[list[str]] = []  # the pieces of each level's part being read
+    parts: list[str] = []
+    depth, opened, last, last_top, skip_to = 0, 0, 0, 0, -1
     in_string = False
     for found in _STRUCTURE.finditer(text):
         at = found.start()
@@ -134,15 +138,26 @@ def _deeper_levels_as_text(text: str, limit: int) -> str:
             in_string = True
         elif char in "[{":
             depth += 1
-            if depth == limit + 1:
-                start = at
+            if depth % limit == 1 and depth > limit:
+                if nested:
+                    nested[-1].append(text[last:at])
+                nested.append([])
+                last = at
+                if depth == limit + 1:
+                    opened = at
         elif char in "]}":
-            if depth == limit + 1:
-                pieces += [text[last:start], dumps(text[start : at + 1])]
+            if depth % limit == 1 and depth > limit and nested:
+                nested[-1].append(text[last : at + 1])
+                parts.append("".join(nested.pop()))
+                if nested:
+                    nested[-1].append("0")
                 last = at + 1
+                if depth == limit + 1:
+                    top += [text[last_top:opened], dumps(text[opened : at + 1])]
+                    last_top = at + 1
             depth -= 1
-    pieces.append(text[last:])
-    return "".join(pieces)
+    top.append(text[last_top:])
+    return "".join(top), parts
 
 
 def parse_delivery(
@@ -158,13 +173,18 @@ def parse_delivery(
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidPayload("the body is not valid UTF-8") from exc
+    read, deeper = text, []
+    if text.count("{") + text.count("[") > MAX_NESTING:  # else it cannot nest that deep
+        read, deeper = _levels_split(text, MAX_NESTING)
     try:
-        envelope = read_envelope(text, **_READING)
+        envelope = loads(read, **_READING)
+        # What lies deeper is read as text, but checked as JSON by the same rules.
+        values = [envelope, *(loads(part, **_READING) for part in deeper)]
     except InvalidPayload:
         raise
     except (ValueError, RecursionError) as exc:  # deep and unbalanced: no JSON either
         raise InvalidPayload("the body is not valid JSON") from exc
-    if _SURROGATE_ESCAPE.search(text) and _holds_lone_surrogate(envelope):
+    if _SURROGATE_ESCAPE.search(text) and any(map(_holds_lone_surrogate, values)):
         raise InvalidPayload("the body has a lone UTF-16 surrogate, which is not Unicode text")
     if not isinstance(envelope, dict):
         raise InvalidPayload("the body is not a JSON object")
