@@ -108,9 +108,15 @@ _STRUCTURE = re.compile(r'[\\"\[\]{}]')
 def read_envelope(text: str, **reading: Any) -> Any:
     """The value of a delivery's body, each array or object nested deeper than MAX_NESTING
     levels read as a string of its own text."""
-    if text.count("{") + text.count("[") > MAX_NESTING:  # else it cannot nest that deep
-        text = _levels_split(text, MAX_NESTING)[0]
-    return loads(text, **reading)
+    return loads(_split_deep(text)[0], **reading)
+
+
+def _split_deep(text: str) -> tuple[str, list[str]]:
+    """`_levels_split(text, MAX_NESTING)`; for a body with no more brackets than that (nearly
+    every one), which cannot nest that deep, `text` itself and no parts, without a scan."""
+    if text.count("{") + text.count("[") <= MAX_NESTING:
+        return text, []
+    return _levels_split(text, MAX_NESTING)
 
 
 def _levels_split(text: str, limit: int) -> tuple[str, list[str]]:
@@ -173,9 +179,7 @@ def parse_delivery(
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidPayload("the body is not valid UTF-8") from exc
-    read, deeper = text, []
-    if text.count("{") + text.count("[") > MAX_NESTING:  # else it cannot nest that deep
-        read, deeper = _levels_split(text, MAX_NESTING)
+    read, deeper = _split_deep(text)
     try:
         envelope = loads(read, **_READING)
         # What lies deeper is read as text, but checked as JSON by the same rules.
