@@ -124,6 +124,26 @@ def is_database_failure(exc: BaseException) -> bool:
     return wrapped
 
 
+# PostgreSQL shutting down, crashed, or still starting: no statement of any step can run.
+_SHUTDOWN_STATES = ("57P01", "57P02", "57P03")
+
+
+def is_store_down(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot be used by anyone now (a refused or lost
+    connection, a pool timeout, a shutdown), rather than failing one statement: a lock timeout
+    on one table, a statement timeout, an index that cannot be built. Every step would fail
+    alike, so a runner stops its round instead of trying each projection in turn."""
+    down = False  # unless a database error says which
+    for cause in _causes(exc):
+        if isinstance(cause, psycopg.Error):
+            state = cause.sqlstate
+            return state is None or state[:2] == "08" or state in _SHUTDOWN_STATES
+        if isinstance(cause, sqlite3.Error):
+            return False  # a file's errors, each quick to say so
+        down = down or isinstance(cause, (StoreUnavailable, OSError))
+    return down
+
+
 def unavailable_reason(exc: BaseException) -> str | None:
     """The first line of why the database could not be used, when that is what `exc` is, or
     was raised from or while handling; None for anything else (a bug keeps its traceback)."""

@@ -25,8 +25,10 @@ from audit import queries
 from audit.aggregates.delivery import Delivery, parse_delivery
 from audit.application import AuditLog
 from audit.config import Database, SqliteDatabase
+from audit.projections import runner
 from audit.projections.base import StoredDelivery, Tables
 from audit.projections.events import EventIndex
+from audit.projections.objects import ObjectsProjection
 from audit.projections.parallel import CatchUpFailed, catch_up_in_processes, groups
 from audit.projections.runner import (
     RETIRED,
@@ -37,6 +39,7 @@ from audit.projections.runner import (
     tracked_position,
     tracking_key,
 )
+from audit.projections.timelines import SessionTimelines
 from audit.storage import Cursor, Db, StoreUnavailable
 from tests.conftest import drop_postgres_schema, new_postgres_database
 from tests.test_domain_state import organization_histories, user_histories
@@ -790,6 +793,64 @@ def test_an_event_the_database_refuses_for_its_data_is_still_a_poison_event(
     assert "ProgramLimitExceeded" in errors[0]["error"]
 
 
+class UnindexableBuild(EventIndex):
+    """A build whose read indexes cannot be made (as `events` v5's on a store holding an id
+    too long for a B-tree entry): its switch fails every time, until `broken` is cleared."""
+
+    broken = True
+
+    def read_indexes(self, t: Tables) -> list[str]:
+        if not self.broken:
+            return super().read_indexes(t)
+        return [f"CREATE INDEX {t.index('unindexable')} ON {t['events']} (no_such_column)"]
+
+
+def test_a_projection_that_keeps_failing_does_not_stop_the_others(
+    log: AuditLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every round, the failing build is tried first: before, its error ended the round and
+    the read models after it stopped following the store."""
+    deliveries = sample_deliveries()
+    log.record(deliveries[:10])
+    Projector(log).run_once()
+    unindexable = UnindexableBuild()
+    others = [SessionTimelines(), ObjectsProjection()]
+    projector = Projector(log, [unindexable, *others], batch_size=8)
+    projector.rebuild("events")
+    monkeypatch.setattr(runner, "RETRY_FIRST_SECONDS", 0.0)  # due again at once, each time
+    log.record(deliveries[10:20])
+    with pytest.raises(Exception, match="no_such_column") as failed:
+        projector.run_once()
+    assert any(
+        "projection events, generation 2: set aside" in note for note in failed.value.__notes__
+    )
+
+    def lags() -> dict[str, tuple[str, int, int]]:
+        return {r["name"]: (r["state"], r["lag"], r["serving_lag"]) for r in projector.status()}
+
+    assert lags() == {
+        "events": ("rebuilding", 0, 0),  # built but not switched; the live one followed
+        "timelines": ("live", 0, 0),
+        "objects": ("live", 0, 0),
+    }
+    log.record(deliveries[20:])
+    with pytest.raises(Exception, match="no_such_column"):
+        projector.run_once()
+    assert lags()["objects"] == lags()["timelines"] == ("live", 0, 0)
+    # A failure sets it aside for its pause; meanwhile the others go on, and nothing is raised.
+    monkeypatch.setattr(runner, "RETRY_FIRST_SECONDS", 3600.0)
+    projector = Projector(log, [unindexable, *others], batch_size=8)  # none set aside yet
+    with pytest.raises(Exception, match="no_such_column"):
+        projector.run_once()
+    log.record([dataclasses.replace(d, svix_id=f"{d.svix_id}_again") for d in deliveries[:5]])
+    projector.run_once()
+    assert lags()["objects"] == lags()["timelines"] == ("live", 0, 0)
+    unindexable.broken = False
+    Projector(log, [unindexable, *others]).run_once()  # a new process tries it at once
+    assert lags()["events"] == ("live", 0, 0)
+    assert projector.registration("events").generation == 2
+
+
 def test_a_database_failure_mid_step_is_not_a_poison_event(
     log: AuditLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -803,6 +864,7 @@ def test_a_database_failure_mid_step_is_not_a_poison_event(
     more = [dataclasses.replace(d, svix_id=f"{d.svix_id}_again") for d in deliveries[:5]]
     log.record(more)
     monkeypatch.setenv("PGOPTIONS", "-c lock_timeout=200")  # as a DBA might set for a role
+    monkeypatch.setattr(runner, "RETRY_FIRST_SECONDS", 0.0)  # a failed step is due again at once
     timed = AuditLog(log.database)
     try:
         projector = Projector(timed)
@@ -811,6 +873,9 @@ def test_a_database_failure_mid_step_is_not_a_poison_event(
             holder.execute(f"LOCK TABLE {table} IN SHARE MODE")
             with pytest.raises(StoreUnavailable, match="lock timeout"):
                 projector.run_once()
+            # Only the locked table's projection waits: the others went on.
+            lags = {row["name"]: row["lag"] for row in projector.status()}
+            assert lags == {"events": len(more), "objects": 0, "timelines": 0}
         projector.run_once()
         errors = log.db.fetchall("SELECT error FROM " + log.db.table("projection_errors"))
         assert errors == []

@@ -37,6 +37,7 @@ from audit.storage import (
     Db,
     EventWaiter,
     is_database_failure,
+    is_store_down,
     setup_lock,
     unavailable_reason,
 )
@@ -59,6 +60,12 @@ COALESCE_SECONDS = 0.25
 # How often a follower steps its projections though nothing new was stored: a build that another
 # process registered or left part-way (an interrupted `audit rebuild`) is then carried on.
 RECHECK_SECONDS = 30.0
+# A generation whose step or switch failed, the database being up (a lock timeout on its tables,
+# an index its data cannot have), is set aside for a pause that doubles with each failure in a
+# row, while the others go on: one projection's trouble must not stop every read model, nor
+# rebuild a failing index twice a second.
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 60.0
 MARKER_TOPIC = DeliveryMarker.Created.TOPIC
 # A switched-away generation's tables are renamed with this prefix, then dropped.
 RETIRED = "retired_"
@@ -113,6 +120,8 @@ class Projector:
         # Every projection reads the same events: decode each once, not once per projection.
         self._decoded: OrderedDict[int, StoredDelivery] = OrderedDict()
         self._warned_newer: dict[str, int] = {}  # the newer store versions warned of
+        # (name, generation) -> when it may be tried again, and the pause that set it aside.
+        self._set_aside: dict[tuple[str, int], tuple[float, float]] = {}
         if register:
             with setup_lock(audit_log.database):
                 self.tracking = audit_log.factory.tracking_recorder()
@@ -427,27 +436,66 @@ class Projector:
         that the reads they serve do not fall behind the store until the last build switches
         (a build of `objects` takes minutes after those of `events` and `timelines`).
         `progress` hears of the builds' steps then, and of every step otherwise.
+
+        A generation whose step or switch fails is left out from then on (and from later
+        catch-ups for a while: `RETRY_FIRST_SECONDS`) while the others go on; its error is
+        raised at the end, or an ExceptionGroup of several. The database being down is raised
+        at once.
         """
-        draining = [target for p in projections for target in self._targets(p)]
+        draining = [
+            target for p in projections for target in self._targets(p) if self._due(*target[:2])
+        ]
         building = {projection.name for projection, _, build in draining if build}
+        failures: list[Exception] = []
         total = 0
         while draining:
             behind = []
             for projection, generation, build in draining:
-                count = self.step(projection, generation)
-                total += count
-                if progress and count and (build or not building):
-                    progress(projection.name, count)
+                try:
+                    count = self.step(projection, generation)
+                    total += count
+                    if progress and count and (build or not building):
+                        progress(projection.name, count)
+                    if count < self.batch_size and build:
+                        self._switch(projection, generation)
+                except Exception as exc:
+                    if is_store_down(exc):
+                        raise
+                    failures.append(self._set_aside_after(exc, projection, generation))
+                    building.discard(projection.name)  # else its followers would never stop
+                    continue
+                self._set_aside.pop((projection.name, generation), None)
                 if count >= self.batch_size:
                     behind.append((projection, generation, build))
                 elif build:
-                    self._switch(projection, generation)
                     building.discard(projection.name)
                     behind.append((projection, generation, False))  # live now: following
                 elif building:
                     behind.append((projection, generation, build))  # following, beside a build
             draining = behind
+        if len(failures) == 1:
+            raise failures[0]
+        if failures:
+            raise ExceptionGroup("projections failed; the others went on", failures)
         return total
+
+    def _due(self, projection: Projection, generation: int) -> bool:
+        aside = self._set_aside.get((projection.name, generation))
+        return aside is None or time.monotonic() >= aside[0]
+
+    def _set_aside_after(
+        self, exc: Exception, projection: Projection, generation: int
+    ) -> Exception:
+        key = (projection.name, generation)
+        previous = self._set_aside.get(key)
+        pause = RETRY_FIRST_SECONDS if previous is None else previous[1] * 2
+        pause = min(pause, RETRY_MAX_SECONDS)
+        self._set_aside[key] = (time.monotonic() + pause, pause)
+        exc.add_note(
+            f"projection {projection.name}, generation {generation}: set aside for {pause:g} s"
+            " while the others go on"
+        )
+        return exc
 
     def _targets(self, projection: Projection) -> list[tuple[Projection, int, bool]]:
         """The generations to bring up to date, each with whether it is a build: the build of
@@ -652,7 +700,9 @@ class Projector:
                         log.exception("projection runner: step failed; retrying")
                     else:  # a line a retry, not a hundred: an outage is not a bug
                         log.warning(
-                            "projection runner: database unavailable (%s); retrying", reason
+                            "projection runner: database unavailable (%s); retrying%s",
+                            reason,
+                            "".join(f"; {note}" for note in getattr(exc, "__notes__", ())),
                         )
                     stop.wait(poll_seconds)
                     continue
