@@ -1128,7 +1128,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/sessions/{session_id}/timeline",
         session_timeline,
         "A session's timeline",
-        "The session's events in occurred_at order, with status, actor and activity.",
+        "The session's events in occurred_at order, with status, actor and activity (an event"
+        " whose delivery had no timestamp: where it was received, with occurred_at null).",
         (SESSION_ID, SINCE, UNTIL, *PAGING),
         "TimelineEntry",
         is_list=True,

@@ -15,7 +15,7 @@ position: positions only grow). Each query is driven by one index:
 - histories through `history (object_id, position)` and `(owner_id, position)`, a page's changes
   through the `changes` primary key;
 - current-state lists through `(owner_id | user_id, listed_at, id)`;
-- timelines through the primary key `(session_id, occurred_at, position)`.
+- timelines through the primary key `(session_id, ordered_at, position)`.
 
 A keyset condition is written `k1 >= %s AND (k1, k2) > (%s, %s)`: the first half is an index
 bound on every backend and planner; the row comparison settles ties.
@@ -953,24 +953,23 @@ def session_timeline(
     since: int | None = None,
     until: int | None = None,
 ) -> Page:
-    """A session's events in occurred_at order (then store position)."""
+    """A session's events in occurred_at order (then store position); one without an
+    `occurred_at` where it was received (`ordered_at`)."""
 
     def query(t: Tables) -> Page:
         where, params = _time_where("occurred_at", since, until)
         rows = _select(
             db,
             source=t["session_events"],
-            columns="session_id, occurred_at, position, user_id, event_id, type, status, actor,"
-            " activity",
-            key=["occurred_at", "position"],
+            columns="session_id, ordered_at, occurred_at, position, user_id, event_id, type,"
+            " status, actor, activity",
+            key=["ordered_at", "position"],
             branches=[("session_id = %s", [session_id])],
             where=where,
             params=params,
             after=after,
             limit=limit + 1,
         )
-        return _page(
-            rows, limit, lambda row: (row["occurred_at"], row["position"]), _timeline_entry
-        )
+        return _page(rows, limit, lambda row: (row["ordered_at"], row["position"]), _timeline_entry)
 
     return _with_tables(db, "timelines", query)

@@ -497,6 +497,30 @@ def test_sessions_memberships_invitations_domains_timeline(world: World) -> None
         assert response.json()["error"]["code"] == "not_found"
 
 
+def test_a_session_event_without_a_timestamp_has_no_occurred_at_on_the_timeline(
+    world: World,
+) -> None:
+    """Null there as on `/v1/events` (timelines v1 showed its receipt time, which a reader takes
+    for when it happened). It is placed by its receipt time, and a time filter, which applies to
+    `occurred_at` (SPEC 4), selects it on neither."""
+    session = copy.deepcopy(payload("session.ended")["data"])
+    session.update(id=FRESH_SESSION, user_id=FRESH_USER, updated_at=T_UPDATED)
+    body = _envelope("session.ended", session, T_UPDATED, UPDATE_IP)
+    del body["timestamp"]
+    world.deliver(body)
+    world.projector.run_once()
+    path = f"/v1/sessions/{FRESH_SESSION}/timeline"
+    timeline = [(t["type"], t["occurred_at"]) for t in world.walk(path, limit=1)]
+    assert timeline == [("session.created", format_time(T_CREATED)), ("session.ended", None)]
+    events = world.walk("/v1/events", {"subject": FRESH_SESSION})
+    assert [(e["type"], e["occurred_at"]) for e in events] == timeline
+    for filters in ({"since": T_CREATED}, {"until": "2999-01-01T00:00:00Z"}):
+        assert [t["type"] for t in world.walk(path, filters)] == ["session.created"]
+        assert [
+            e["type"] for e in world.walk("/v1/events", {**filters, "subject": FRESH_SESSION})
+        ] == ["session.created"]
+
+
 def test_memberships_domains_invitations_are_current_while_their_organization_is(
     world: World,
 ) -> None:

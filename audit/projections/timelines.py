@@ -1,4 +1,8 @@
-"""Per-session timelines: every session event, ordered by when it occurred."""
+"""Per-session timelines: every session event, ordered by when it occurred.
+
+A delivery whose envelope has no `timestamp` has no `occurred_at` (null, as `/v1/events` shows
+it): it is placed by its receipt time instead (`ordered_at`), and no time filter selects it.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from audit.storage import Cursor, Db
 
 COLUMNS = (
     ("session_id", "text"),
+    ("ordered_at", "bigint"),
     ("occurred_at", "bigint"),
     ("position", "bigint"),
     ("user_id", "text"),
@@ -25,17 +30,18 @@ COLUMNS = (
 
 class SessionTimelines(Projection):
     name = "timelines"
-    version = 1
+    # 2: `occurred_at` null without an envelope timestamp (v1 showed the receipt time as it)
+    version = 2
     rebuild_seconds = 23.2
     table_names = ("session_events",)
 
     def schema(self, t: Tables, db: Db) -> list[str]:
         return [
             f"CREATE TABLE {t['session_events']} ("
-            " session_id TEXT NOT NULL, occurred_at BIGINT NOT NULL, position BIGINT NOT NULL,"
-            " user_id TEXT, event_id TEXT NOT NULL, type TEXT NOT NULL, status TEXT,"
-            " actor TEXT NOT NULL, activity TEXT,"
-            " PRIMARY KEY (session_id, occurred_at, position))",
+            " session_id TEXT NOT NULL, ordered_at BIGINT NOT NULL, occurred_at BIGINT,"
+            " position BIGINT NOT NULL, user_id TEXT, event_id TEXT NOT NULL, type TEXT NOT NULL,"
+            " status TEXT, actor TEXT NOT NULL, activity TEXT,"
+            " PRIMARY KEY (session_id, ordered_at, position))",
         ]
 
     def apply(self, cursor: Cursor, t: Tables, db: Db, events: Sequence[StoredDelivery]) -> None:
@@ -55,6 +61,7 @@ def _timeline_row(event: StoredDelivery) -> tuple[Any, ...] | None:
     return (
         delivery.subject_id,
         delivery.occurred_at if delivery.occurred_at is not None else delivery.received_at,
+        delivery.occurred_at,
         event.position,
         data.get("user_id") if isinstance(data.get("user_id"), str) else None,
         delivery.svix_id,
