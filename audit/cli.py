@@ -223,7 +223,8 @@ def _rebuild(log, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from audit.projections import parallel
-    from audit.projections.runner import NewerVersion, Projector
+    from audit.projections.runner import NewerVersion, Projector, failure_text
+    from audit.storage import is_store_down
 
     projector = Projector(log)
     names = list(projector.projections) if args.all else [args.name]
@@ -260,7 +261,17 @@ def _rebuild(log, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
                 _report_switches(log, generations)
                 return 1
         else:  # the builds step in turn, sharing each batch's decoding
-            projector.catch_up(*(projector.projections[name] for name in names), progress=progress)
+            try:
+                projector.catch_up(
+                    *(projector.projections[name] for name in names), progress=progress
+                )
+            except Exception as exc:
+                if is_store_down(exc):
+                    raise  # nothing more can be said of the builds: cmd_rebuild's one line
+                bar.close()  # one failed; the others went on, and may have switched
+                print(f"rebuild failed:\n{failure_text(exc)}", file=sys.stderr)
+                _report_switches(log, generations)
+                return 1
         progress.finish()
     return 0 if _report_switches(log, generations) else 1
 

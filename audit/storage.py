@@ -126,6 +126,9 @@ def is_database_failure(exc: BaseException) -> bool:
 
 # PostgreSQL shutting down, crashed, or still starting: no statement of any step can run.
 _SHUTDOWN_STATES = ("57P01", "57P02", "57P03")
+# SQLite's primary result codes for the file, not a statement: busy or locked (its one write
+# lock, waited for up to SQLITE_LOCK_TIMEOUT_SECONDS), read-only, I/O, full, cannot open.
+_SQLITE_FILE_CODES = frozenset({5, 6, 8, 10, 13, 14})
 
 
 def is_store_down(exc: BaseException) -> bool:
@@ -137,20 +140,31 @@ def is_store_down(exc: BaseException) -> bool:
     for cause in _causes(exc):
         if isinstance(cause, psycopg.Error):
             state = cause.sqlstate
-            return state is None or state[:2] == "08" or state in _SHUTDOWN_STATES
+            if state is None:  # no answer from the server, or psycopg refusing a parameter
+                return isinstance(cause, (psycopg.OperationalError, psycopg.InterfaceError))
+            return state[:2] == "08" or state in _SHUTDOWN_STATES
         if isinstance(cause, sqlite3.Error):
-            return False  # a file's errors, each quick to say so
+            code = getattr(cause, "sqlite_errorcode", None)
+            return code is not None and code & 0xFF in _SQLITE_FILE_CODES
         down = down or isinstance(cause, (StoreUnavailable, OSError))
     return down
 
 
 def unavailable_reason(exc: BaseException) -> str | None:
     """The first line of why the database could not be used, when that is what `exc` is, or
-    was raised from or while handling; None for anything else (a bug keeps its traceback)."""
+    was raised from or while handling, with what its notes say (which projection, say); None
+    for anything else (a bug keeps its traceback). A group: its members' reasons, if each
+    has one."""
+    if isinstance(exc, BaseExceptionGroup):
+        reasons = [unavailable_reason(member) for member in exc.exceptions]
+        if None in reasons:
+            return None
+        return "; ".join(dict.fromkeys(reason for reason in reasons if reason))
     for cause in _causes(exc):
         if isinstance(cause, (*UNAVAILABLE_ERRORS, StoreUnavailable, OSError, sqlite3.Error)):
             text = str(cause).strip()
-            return text.splitlines()[0] if text else type(cause).__name__
+            reason = text.splitlines()[0] if text else type(cause).__name__
+            return "".join([reason, *(f" ({note})" for note in getattr(exc, "__notes__", ()))])
     return None
 
 

@@ -23,17 +23,25 @@ from tqdm import tqdm
 
 from audit.aggregates.delivery import Delivery, parse_delivery
 from audit.application import AuditLog
-from audit.cli import RebuildProgress
+from audit.cli import RebuildProgress, main
 from audit.config import Database, PostgresDatabase, SqliteDatabase
+from audit.projections import runner
 from audit.projections.objects import ObjectsProjection
 from audit.projections.parallel import usable_cores
 from audit.projections.runner import Projector, Registration, active_tables
+from audit.projections.timelines import SessionTimelines
 from audit.samples import sample_bodies
 from audit.storage import held_exclusively, store_exists
 from tests.conftest import drop_postgres_schema, new_postgres_database, new_secret
 from tests.soak.scenario import free_port
 from tests.tcp_proxy import TcpProxy
-from tests.test_projections import ARRIVAL_COLUMNS, all_rows, sample_deliveries, wait_until
+from tests.test_projections import (
+    ARRIVAL_COLUMNS,
+    FailingOnce,
+    all_rows,
+    sample_deliveries,
+    wait_until,
+)
 from tests.webhook_helpers import payload
 
 AUDIT = [sys.executable, "-m", "audit.cli"]
@@ -709,3 +717,24 @@ def test_show_says_why_it_has_nothing_to_show(tmp_path: Path, log: AuditLog) -> 
         "audit show: 'sess_3nuW' is neither a user (user_...) nor an organization (org_...);"
         " the events about any id: /v1/events?subject=sess_3nuW"
     )
+
+
+def test_a_rebuild_says_its_build_switched_though_a_live_step_failed(
+    log: AuditLog, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`audit rebuild NAME` in this process, to make one step fail: the live generation's (a
+    full disk, a lock timeout). The build goes on and switches; it said that the database
+    could not be used and that the build was not yet switched (found by review)."""
+    log.record(sample_deliveries())
+    failing = FailingOnce()
+    projections = [failing, SessionTimelines(), ObjectsProjection()]
+    Projector(log, projections).run_once()
+    failing.fails = 1
+    monkeypatch.setattr(runner, "all_projections", lambda: projections)
+    monkeypatch.setenv("AUDIT_DATABASE_URL", url_of(log.database))
+    assert main(["rebuild", "events"]) == 1
+    out, err = capsys.readouterr()
+    assert "events: reads switched to generation 2" in out
+    assert "rebuild failed:\nthe database could not be used: disk I/O error" in err
+    assert "(in projection events, generation 1)" in err
+    assert active_tables(log.db, "events").generation == 2

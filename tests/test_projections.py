@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import random
+import sqlite3
 import threading
 import time
 import uuid
@@ -17,11 +18,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from audit import queries
+from audit import queries, storage
 from audit.aggregates.delivery import Delivery, parse_delivery
 from audit.application import AuditLog
 from audit.config import Database, SqliteDatabase
@@ -40,7 +42,7 @@ from audit.projections.runner import (
     tracking_key,
 )
 from audit.projections.timelines import SessionTimelines
-from audit.storage import Cursor, Db, StoreUnavailable
+from audit.storage import Cursor, Db, StoreUnavailable, is_store_down, unavailable_reason
 from tests.conftest import drop_postgres_schema, new_postgres_database
 from tests.test_domain_state import organization_histories, user_histories
 from tests.webhook_helpers import payload, payload_files
@@ -303,14 +305,14 @@ def test_a_version_bump_builds_beside_the_live_one_and_switches_atomically(log: 
 
 
 @contextlib.contextmanager
-def following(projector: Projector) -> Iterator[None]:
+def following(projector: Projector, recheck_seconds: float = 0.1) -> Iterator[None]:
     """`projector.run_forever` in a thread for the block, looking often: as the projections
     process of `audit serve` follows the store."""
     stop = threading.Event()
     thread = threading.Thread(
         target=projector.run_forever,
         args=(stop,),
-        kwargs={"poll_seconds": 0.05, "recheck_seconds": 0.1},
+        kwargs={"poll_seconds": 0.05, "recheck_seconds": recheck_seconds},
     )
     thread.start()
     try:
@@ -808,22 +810,20 @@ class UnindexableBuild(EventIndex):
 def test_a_projection_that_keeps_failing_does_not_stop_the_others(
     log: AuditLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every round, the failing build is tried first: before, its error ended the round and
-    the read models after it stopped following the store."""
+    """Every round, the failing build is tried before the other projections: before, its error
+    ended the round and the read models after it stopped following the store."""
     deliveries = sample_deliveries()
     log.record(deliveries[:10])
     Projector(log).run_once()
     unindexable = UnindexableBuild()
     others = [SessionTimelines(), ObjectsProjection()]
-    projector = Projector(log, [unindexable, *others], batch_size=8)
+    projector = first = Projector(log, [unindexable, *others], batch_size=8)
     projector.rebuild("events")
     monkeypatch.setattr(runner, "RETRY_FIRST_SECONDS", 0.0)  # due again at once, each time
     log.record(deliveries[10:20])
     with pytest.raises(Exception, match="no_such_column") as failed:
         projector.run_once()
-    assert any(
-        "projection events, generation 2: set aside" in note for note in failed.value.__notes__
-    )
+    assert failed.value.__notes__ == ["in projection events, generation 2"]
 
     def lags() -> dict[str, tuple[str, int, int]]:
         return {r["name"]: (r["state"], r["lag"], r["serving_lag"]) for r in projector.status()}
@@ -842,13 +842,122 @@ def test_a_projection_that_keeps_failing_does_not_stop_the_others(
     projector = Projector(log, [unindexable, *others], batch_size=8)  # none set aside yet
     with pytest.raises(Exception, match="no_such_column"):
         projector.run_once()
-    log.record([dataclasses.replace(d, svix_id=f"{d.svix_id}_again") for d in deliveries[:5]])
+    again = [dataclasses.replace(d, svix_id=f"{d.svix_id}_again") for d in deliveries[:5]]
+    log.record(again)
     projector.run_once()
     assert lags()["objects"] == lags()["timelines"] == ("live", 0, 0)
+    # While the build is set aside, the live generation serves reads, and follows the store.
+    assert lags()["events"] == ("rebuilding", len(again), 0)
     unindexable.broken = False
     Projector(log, [unindexable, *others]).run_once()  # a new process tries it at once
     assert lags()["events"] == ("live", 0, 0)
     assert projector.registration("events").generation == 2
+    # This process set that build aside for an hour; switched live since, it follows at once.
+    log.record([dataclasses.replace(d, svix_id=f"{d.svix_id}_later") for d in deliveries[:2]])
+    projector.run_once()
+    assert lags()["events"] == ("live", 0, 0)
+    # And the first process forgets the build it set aside: else it would be due for ever, and
+    # its follower would catch up without pause.
+    assert first.retry_due()
+    first.run_once()
+    assert not first.retry_due()
+
+
+class FailingOnce(EventIndex):
+    """The next step of generation `fails` fails, once, as a full disk or a lost lock would."""
+
+    fails: int | None = None
+
+    def apply(self, cursor: Cursor, t: Tables, db: Db, events: Sequence[StoredDelivery]) -> None:
+        if t.generation == self.fails:
+            self.fails = None
+            raise sqlite3.OperationalError("disk I/O error")
+        super().apply(cursor, t, db, events)
+
+
+def test_a_live_generation_failing_beside_a_build_does_not_end_the_others_following(
+    log: AuditLog,
+) -> None:
+    """Beside a build, live generations follow the store until it switches; one of them
+    failing took the build's name out of those under way, and the others stopped following
+    (found by review): a delivery arriving during the build was left behind."""
+    deliveries = sample_deliveries()
+    log.record(deliveries[:20])
+    failing = FailingOnce()
+    projector = Projector(log, [failing, SessionTimelines(), ObjectsProjection()], batch_size=4)
+    projector.run_once()
+    projector.rebuild("events")
+    failing.fails = 1  # the live generation, ahead of the build, is stepped in the first round
+    steps: list[int] = []
+
+    def progress(name: str, count: int) -> None:  # told of the build's steps
+        steps.append(count)
+        if len(steps) == 2:  # the followers have come back short once
+            log.record(deliveries[20:21])
+
+    with pytest.raises(StoreUnavailable, match="disk I/O error"):
+        projector.catch_up(*projector.projections.values(), progress=progress)
+    lags = {row["name"]: (row["state"], row["lag"]) for row in projector.status()}
+    assert lags == {"events": ("live", 0), "timelines": ("live", 0), "objects": ("live", 0)}
+
+
+def test_a_follower_tries_a_set_aside_projection_again_when_its_pause_ends(
+    log: AuditLog,
+) -> None:
+    """Not at the next delivery or recheck, which may be long in coming: the pause is 1 s."""
+    deliveries = sample_deliveries()
+    log.record(deliveries[:10])
+    failing = FailingOnce()
+    projector = Projector(log, [failing, SessionTimelines()])
+    projector.run_once()
+    failing.fails = 1
+    with following(projector, recheck_seconds=3600):
+        log.record(deliveries[10:11])
+        wait_until(
+            lambda: all(row["lag"] == 0 for row in projector.status()),
+            "the set-aside projection was not tried again",
+        )
+    assert failing.fails is None  # it did fail, and was tried again
+
+
+def test_a_busy_sqlite_file_ends_the_round_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's one write lock held elsewhere: each projection's step would wait it out in
+    turn (30 s each, and as long again for each build), so the first ends the round, as a
+    database that is down does, and nothing is set aside (found by review)."""
+    monkeypatch.setattr(storage, "SQLITE_LOCK_TIMEOUT_SECONDS", 1)
+    with fresh_log("sqlite", tmp_path, "busy") as log:
+        log.record(sample_deliveries()[:3])
+        projector = Projector(log)
+        assert isinstance(log.database, SqliteDatabase)
+        holder = sqlite3.connect(log.database.path, isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            with pytest.raises(Exception, match="locked") as raised:
+                projector.run_once()
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert is_store_down(raised.value)
+        assert not hasattr(raised.value, "__notes__")  # raised as it came: none set aside
+        projector.run_once()
+        assert all(row["lag"] == 0 for row in projector.status())
+
+
+def test_what_ends_a_round_and_what_sets_one_projection_aside() -> None:
+    assert is_store_down(psycopg.OperationalError("connection refused"))  # no SQLSTATE
+    # psycopg refusing a parameter, before any server: one statement's, not the database's.
+    assert not is_store_down(psycopg.ProgrammingError("only '%s', '%b', '%t' are allowed"))
+    assert not is_store_down(psycopg.DataError("text fields cannot contain NUL (0x00) bytes"))
+    # Several projections' failures: one line, if each is the database's.
+    timeouts = [StoreUnavailable("lock timeout"), StoreUnavailable("lock timeout")]
+    timeouts[0].add_note("in projection events, generation 1")
+    group = ExceptionGroup("projections failed; the others went on", timeouts)
+    assert unavailable_reason(group) == (
+        "lock timeout (in projection events, generation 1); lock timeout"
+    )
+    assert unavailable_reason(ExceptionGroup("x", [*timeouts, ValueError("a bug")])) is None
 
 
 def test_a_database_failure_mid_step_is_not_a_poison_event(

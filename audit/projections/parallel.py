@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -24,9 +23,8 @@ from multiprocessing.process import BaseProcess
 from audit.application import AuditLog
 from audit.config import Database, PostgresDatabase
 from audit.projections.base import Projection
-from audit.projections.runner import BATCH_SIZE, Projector
+from audit.projections.runner import BATCH_SIZE, Projector, failure_text
 from audit.runtime import collect_garbage_less_often
-from audit.storage import unavailable_reason
 
 
 def groups(projections: Sequence[Projection], cores: int) -> list[list[str]]:
@@ -150,7 +148,5 @@ def _catch_up(database: Database, names: list[str], batch_size: int, sender: Con
         finally:
             log.close()
     except BaseException as exc:
-        reason = unavailable_reason(exc)  # one line for an outage; a bug keeps its traceback
-        why = f"the database could not be used: {reason}" if reason else traceback.format_exc()
-        sender.send(("failed", ",".join(names), why))
+        sender.send(("failed", ",".join(names), failure_text(exc)))
         raise SystemExit(1) from None

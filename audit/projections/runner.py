@@ -120,8 +120,10 @@ class Projector:
         # Every projection reads the same events: decode each once, not once per projection.
         self._decoded: OrderedDict[int, StoredDelivery] = OrderedDict()
         self._warned_newer: dict[str, int] = {}  # the newer store versions warned of
-        # (name, generation) -> when it may be tried again, and the pause that set it aside.
-        self._set_aside: dict[tuple[str, int], tuple[float, float]] = {}
+        # (name, generation, whether the build) -> when it may be tried again, and the pause
+        # that set it aside. A build set aside here that another process switches is live: a
+        # target of its own, not set aside.
+        self._set_aside: dict[tuple[str, int, bool], tuple[float, float]] = {}
         if register:
             with setup_lock(audit_log.database):
                 self.tracking = audit_log.factory.tracking_recorder()
@@ -442,11 +444,22 @@ class Projector:
         raised at the end, or an ExceptionGroup of several. The database being down is raised
         at once.
         """
-        draining = [
-            target for p in projections for target in self._targets(p) if self._due(*target[:2])
-        ]
-        building = {projection.name for projection, _, build in draining if build}
         failures: list[Exception] = []
+        draining = []
+        for projection in projections:
+            try:
+                targets = self._targets(projection)
+            except Exception as exc:
+                self._raise_if_down(exc, failures)
+                exc.add_note(f"in projection {projection.name}")
+                failures.append(exc)
+                continue
+            known = {(target[0].name, *target[1:]) for target in targets}
+            for key in [key for key in self._set_aside if key[0] == projection.name]:
+                if key not in known:  # switched, replaced or dropped meanwhile
+                    del self._set_aside[key]
+            draining += [target for target in targets if self._due(*target)]
+        building = {projection.name for projection, _, build in draining if build}
         total = 0
         while draining:
             behind = []
@@ -459,12 +472,12 @@ class Projector:
                     if count < self.batch_size and build:
                         self._switch(projection, generation)
                 except Exception as exc:
-                    if is_store_down(exc):
-                        raise
-                    failures.append(self._set_aside_after(exc, projection, generation))
-                    building.discard(projection.name)  # else its followers would never stop
+                    self._raise_if_down(exc, failures)
+                    failures.append(self._set_aside_after(exc, projection, generation, build))
+                    if build:  # else the followers beside it would never stop
+                        building.discard(projection.name)
                     continue
-                self._set_aside.pop((projection.name, generation), None)
+                self._set_aside.pop((projection.name, generation, build), None)
                 if count >= self.batch_size:
                     behind.append((projection, generation, build))
                 elif build:
@@ -479,21 +492,41 @@ class Projector:
             raise ExceptionGroup("projections failed; the others went on", failures)
         return total
 
-    def _due(self, projection: Projection, generation: int) -> bool:
-        aside = self._set_aside.get((projection.name, generation))
+    def _due(self, projection: Projection, generation: int, build: bool) -> bool:
+        aside = self._set_aside.get((projection.name, generation, build))
         return aside is None or time.monotonic() >= aside[0]
 
+    def retry_due(self) -> bool:
+        """Whether a generation set aside after a failure may be tried again now."""
+        now = time.monotonic()
+        return any(due <= now for due, _ in self._set_aside.values())
+
+    @staticmethod
+    def _raise_if_down(exc: Exception, failures: list[Exception]) -> None:
+        """The database is down: every step would fail alike, so the round ends here (the
+        failures before it logged, not lost)."""
+        if is_store_down(exc):
+            for failure in failures:
+                log.error(
+                    "projection runner: a step failed before the database went down",
+                    exc_info=failure,
+                )
+            raise exc
+
     def _set_aside_after(
-        self, exc: Exception, projection: Projection, generation: int
+        self, exc: Exception, projection: Projection, generation: int, build: bool
     ) -> Exception:
-        key = (projection.name, generation)
+        key = (projection.name, generation, build)
         previous = self._set_aside.get(key)
         pause = RETRY_FIRST_SECONDS if previous is None else previous[1] * 2
         pause = min(pause, RETRY_MAX_SECONDS)
         self._set_aside[key] = (time.monotonic() + pause, pause)
-        exc.add_note(
-            f"projection {projection.name}, generation {generation}: set aside for {pause:g} s"
-            " while the others go on"
+        exc.add_note(f"in projection {projection.name}, generation {generation}")
+        log.warning(
+            "projection %s, generation %d: set aside for %g s after a failure; the others go on",
+            projection.name,
+            generation,
+            pause,
         )
         return exc
 
@@ -535,7 +568,9 @@ class Projector:
         with self.db.reader() as cursor:
             live_at = tracked_position(self.db, cursor, tracking_key(projection.name, live[1]))
             build_at = tracked_position(self.db, cursor, tracking_key(projection.name, build[1]))
-        return [live, build] if live_at > build_at else [build]
+        # Also while the build is set aside after a failure: reads use the live one meanwhile.
+        ahead = live_at > build_at or not self._due(*build)
+        return [live, build] if ahead else [build]
 
     def _warn_newer(self, projection: Projection, registration: Registration) -> None:
         """Once per store version: a release older than the store's projection leaves it be."""
@@ -598,7 +633,12 @@ class Projector:
                 [registration.building_version, generation, projection.name],
             )
         log.info("projection %s: reads switched to generation %d", projection.name, generation)
-        self._drop_retired(projection.name)
+        try:
+            self._drop_retired(projection.name)
+        except Exception:  # switched all the same: `run_forever` and `setup` drop them later
+            log.warning(
+                "projection %s: retired tables not dropped yet", projection.name, exc_info=True
+            )
 
     def _build_read_indexes(self, projection: Projection, generation: int) -> bool:
         """The build's read indexes, each in a transaction of its own; False if it is no longer
@@ -681,7 +721,11 @@ class Projector:
                         # in between: Ctrl-C on `audit rebuild`): this process runs for weeks.
                         self._drop_retired()
                         swept_at = now
-                    if head != caught_up_to or now - caught_up_at >= recheck_seconds:
+                    if (
+                        head != caught_up_to
+                        or now - caught_up_at >= recheck_seconds
+                        or self.retry_due()  # a generation set aside after a failure
+                    ):
                         pause = pace.wait_before_catching_up(now, head or 0)
                         if pause:
                             stop.wait(pause)
@@ -700,9 +744,7 @@ class Projector:
                         log.exception("projection runner: step failed; retrying")
                     else:  # a line a retry, not a hundred: an outage is not a bug
                         log.warning(
-                            "projection runner: database unavailable (%s); retrying%s",
-                            reason,
-                            "".join(f"; {note}" for note in getattr(exc, "__notes__", ())),
+                            "projection runner: database unavailable (%s); retrying", reason
                         )
                     stop.wait(poll_seconds)
                     continue
@@ -777,6 +819,15 @@ class Projector:
             [after, *([] if upto is None else [upto]), MARKER_TOPIC],
         )
         return cursor.fetchone()["deliveries"]
+
+
+def failure_text(exc: BaseException) -> str:
+    """What to tell a person of a catch-up that failed: one line for the database failing (a
+    retry may succeed), the whole traceback for anything else."""
+    reason = unavailable_reason(exc)
+    if reason is not None:
+        return f"the database could not be used: {reason}"
+    return "".join(traceback.format_exception(exc)).rstrip()
 
 
 def _needs_build(projection: Projection, registration: Registration) -> bool:
