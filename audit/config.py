@@ -122,6 +122,8 @@ def parse_database_url(value: str) -> Database:
         schema = parameters.get("schema", [DEFAULT_POSTGRES_SCHEMA])[0]
         if not _SCHEMA_NAME.match(schema):
             raise ConfigError(DATABASE_VARIABLE, f"schema {schema!r} is not a plain lowercase name")
+        if schema.startswith("pg_") or schema == "information_schema":
+            raise ConfigError(DATABASE_VARIABLE, f"schema {schema!r} is PostgreSQL's own")
         return PostgresDatabase(
             host=parts.hostname,
             port=port,

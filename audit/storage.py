@@ -335,11 +335,25 @@ def prepare_database(database: Database) -> None:
 
 
 def store_exists(database: Database) -> bool:
-    """Whether a store was ever opened there: the SQLite file, or the PostgreSQL schema."""
+    """Whether a store was ever opened there: its events table, in the SQLite file or the
+    PostgreSQL schema. Looked for without writing: a file or schema that holds something else
+    (`public`, another application's database) is no store, and is left as it was."""
     if isinstance(database, SqliteDatabase):
-        return database.path.exists()
+        if not database.path.exists():
+            return False
+        # Opened read-only: another application's file is not touched.
+        uri = f"{database.path.resolve().as_uri()}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                [events_table_name("sqlite")],
+            )
+            return found.fetchone() is not None
     with psycopg.connect(**postgres_connect_args(database), autocommit=True) as conn:
-        found = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", [database.schema])
+        found = conn.execute(
+            "SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = %s",
+            [database.schema, events_table_name("postgresql")],
+        )
         return found.fetchone() is not None
 
 

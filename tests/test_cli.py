@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from tqdm import tqdm
 
@@ -31,7 +32,7 @@ from audit.projections.parallel import usable_cores
 from audit.projections.runner import Projector, Registration, active_tables
 from audit.projections.timelines import SessionTimelines
 from audit.samples import sample_bodies
-from audit.storage import held_exclusively, store_exists
+from audit.storage import held_exclusively, postgres_connect_args, store_exists
 from tests.conftest import drop_postgres_schema, new_postgres_database, new_secret
 from tests.soak.scenario import free_port
 from tests.tcp_proxy import TcpProxy
@@ -73,6 +74,17 @@ def base_env(tmp_path: Path) -> dict[str, str]:
             "AUDIT_DATABASE_URL",
         ),
         ("AUDIT_DATABASE_URL", "postgresql://u@127.0.0.1/d?schema=", "AUDIT_DATABASE_URL"),
+        # PostgreSQL's own: a traceback (pg_catalog), or the store's tables made among its own.
+        (
+            "AUDIT_DATABASE_URL",
+            "postgresql://u@127.0.0.1/d?schema=pg_catalog",
+            "AUDIT_DATABASE_URL: schema 'pg_catalog' is PostgreSQL's own",
+        ),
+        (
+            "AUDIT_DATABASE_URL",
+            "postgresql://u@127.0.0.1/d?schema=information_schema",
+            "AUDIT_DATABASE_URL: schema 'information_schema' is PostgreSQL's own",
+        ),
         ("AUDIT_MAX_BODY_BYTES", "lots", "AUDIT_MAX_BODY_BYTES"),
     ],
 )
@@ -318,6 +330,47 @@ def test_reading_a_store_never_opened_is_one_line_and_creates_nothing(
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("AUDIT_DATABASE_URL: no store at ")
     assert not store_exists(database)
+
+
+@pytest.mark.parametrize("command", [["projections"], ["show", "user_x"], ["verify"]])
+def test_a_database_of_something_else_is_no_store_and_is_left_as_it_was(
+    tmp_path, database: Database, command: list[str]
+) -> None:
+    """An existing SQLite file or PostgreSQL schema (`public`, another application's) passed
+    for a store: the store's tables were created in it, and `verify` sealed it as an empty
+    store that was "ok" (found by review)."""
+    theirs = "CREATE TABLE invoices (id INTEGER PRIMARY KEY)"
+    if isinstance(database, SqliteDatabase):
+        with contextlib.closing(sqlite3.connect(database.path)) as conn:
+            conn.execute(theirs)
+            conn.commit()
+
+        def tables() -> list[str]:
+            with contextlib.closing(sqlite3.connect(database.path)) as conn:
+                return [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+    else:
+        assert isinstance(database, PostgresDatabase)
+        with psycopg.connect(**postgres_connect_args(database), autocommit=True) as conn:
+            conn.execute(f'CREATE SCHEMA "{database.schema}"')
+            conn.execute(theirs.replace("invoices", f'"{database.schema}".invoices'))
+
+        def tables() -> list[str]:
+            with psycopg.connect(**postgres_connect_args(database), autocommit=True) as conn:
+                found = conn.execute(
+                    "SELECT c.relname FROM pg_class c JOIN pg_namespace n"
+                    " ON n.oid = c.relnamespace WHERE n.nspname = %s",
+                    [database.schema],
+                )
+                return [r[0] for r in found]
+
+    before = tables()
+    assert "invoices" in before
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(database)}
+    result = run_audit(*command, env=env)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("AUDIT_DATABASE_URL: no store at ")
+    assert tables() == before
 
 
 def test_a_rebuild_while_another_runs_is_refused_and_changes_nothing(
