@@ -1025,8 +1025,14 @@ def list_projections(request: Request, args: Args) -> Response:
             "This process does not run projections, so it cannot report on them.",
             {"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
-    # Shaped as every list is, for clients that walk lists alike: all on one page.
-    return JSONResponse({"data": projector.status(), "next_cursor": None})
+    # A list as every list is, for clients that walk lists alike: by name.
+    rows = sorted(projector.status(), key=lambda row: row["name"])
+    after = args.cursor("projections", (str,))
+    rows = [row for row in rows if after is None or row["name"] > after[0]]
+    limit = args.limit()
+    more = len(rows) > limit
+    page = queries.Page(rows[:limit], (rows[limit - 1]["name"],) if more else None)
+    return list_response(page, args, "projections", dict)
 
 
 # -- the route table ----------------------------------------------------------------------------
@@ -1204,8 +1210,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         list_projections,
         "Projection status",
         "Each projection: name, schema version, position, lag (events behind the store), state "
-        "(`live` or `rebuilding`) and the count of events it failed on.",
-        (),
+        "(`live` or `rebuilding`) and the count of events it failed on, by name.",
+        PAGING,
         "Projection",
         is_list=True,
     ),

@@ -977,6 +977,10 @@ def test_a_late_update_after_a_deletion_is_stale_and_does_not_resurrect(world: W
 
 def test_projections_status(world: World, settings: Settings, log: AuditLog) -> None:
     listed = world.ok("/v1/projections")
+    # A list as every list is: walked with `limit` and `cursor` too, by name.
+    walked = world.walk("/v1/projections", limit=1)
+    assert walked == sorted(listed["data"], key=lambda row: row["name"])
+    assert [row["name"] for row in walked] == ["events", "objects", "timelines"]
     assert listed["next_cursor"] is None  # a list like the others, on one page
     status = listed["data"]
     assert {p["name"] for p in status} == {"events", "objects", "timelines"}
