@@ -243,14 +243,8 @@ def _parameter(param: Param) -> dict[str, Any]:
 
 def _read_operation(endpoint: Endpoint) -> dict[str, Any]:
     item = {"$ref": f"#/components/schemas/{endpoint.schema}"}
-    if endpoint.schema == "Projection":
-        body: dict[str, Any] = _object(
-            {
-                "data": {"type": "array", "items": item},
-                "next_cursor": {"type": "null", "description": "Every projection is on one page."},
-            }
-        )
-    elif endpoint.is_list:
+    body: dict[str, Any]
+    if endpoint.is_list:
         body = _object(
             {
                 "data": {"type": "array", "items": item},
