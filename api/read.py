@@ -1026,12 +1026,13 @@ def list_projections(request: Request, args: Args) -> Response:
             {"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
     # A list as every list is, for clients that walk lists alike: by name.
-    rows = sorted(projector.status(), key=lambda row: row["name"])
-    after = args.cursor("projections", (str,))
-    rows = [row for row in rows if after is None or row["name"] > after[0]]
-    limit = args.limit()
-    more = len(rows) > limit
-    page = queries.Page(rows[:limit], (rows[limit - 1]["name"],) if more else None)
+    by_name = sorted(projector.status(), key=lambda row: row["name"])
+    page = queries.sorted_page(
+        by_name,
+        lambda row: (row["name"],),
+        after=args.cursor("projections", (str,)),
+        limit=args.limit(),
+    )
     return list_response(page, args, "projections", dict)
 
 

@@ -252,14 +252,12 @@ def _rebuild(log, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
     # The log's lines (a switch, a poison event) are written above the bar, not through it.
     with logging_redirect_tqdm(), tqdm(desc=desc, unit=" records") as bar:
         progress = RebuildProgress(bar, projector.db.stored_records, builds=len(names))
+        failed: str | None = None  # why, when one failed; the others went on, and may switch
         if len(groups) > 1:
             try:
                 parallel.catch_up_in_processes(log.database, groups, progress)
             except parallel.CatchUpFailed as exc:
-                bar.close()
-                print(f"rebuild failed:\n{exc}", file=sys.stderr)
-                _report_switches(log, generations)
-                return 1
+                failed = str(exc)
         else:  # the builds step in turn, sharing each batch's decoding
             try:
                 projector.catch_up(
@@ -268,10 +266,12 @@ def _rebuild(log, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
             except Exception as exc:
                 if is_store_down(exc):
                     raise  # nothing more can be said of the builds: cmd_rebuild's one line
-                bar.close()  # one failed; the others went on, and may have switched
-                print(f"rebuild failed:\n{failure_text(exc)}", file=sys.stderr)
-                _report_switches(log, generations)
-                return 1
+                failed = failure_text(exc)
+        if failed is not None:
+            bar.close()
+            print(f"rebuild failed:\n{failed}", file=sys.stderr)
+            _report_switches(log, generations)
+            return 1
         progress.finish()
     return 0 if _report_switches(log, generations) else 1
 
