@@ -891,11 +891,15 @@ def _memberships_of_user_as_of(request: Request, user_id: str, as_of: int) -> li
     if user is not None and user["deleted"]:
         return []
     rows = []
+    member_by_then = False  # of any organization, though removed or its organization deleted
+    log = log_of(request)
     for organization_id in queries.membership_organizations(db_of(request), user_id):
         try:
-            organization = _view_as_of(request, "organization", organization_id, as_of)
-        except ApiError:
+            state = log.organization_state(organization_id, as_of=as_of)
+        except AggregateNotFoundError:
             continue  # nothing of it had happened by then
+        member_by_then = member_by_then or state.names_member(user_id)
+        organization = state.view()
         if organization["deleted"]:
             continue
         rows += [
@@ -903,7 +907,7 @@ def _memberships_of_user_as_of(request: Request, user_id: str, as_of: int) -> li
             for member in organization["members"]
             if member.get("user_id") == user_id and not member.get("deleted")
         ]
-    if not rows and (user is None or user["first_seen_at"] is None):
+    if not member_by_then and (user is None or user["first_seen_at"] is None):
         raise _no_state("user", user_id, known=False, as_of=as_of)  # nothing of them by then
     # In creation order across organizations, as one organization's members are.
     return sorted(rows, key=lambda row: created_sort_key(row["view"]))

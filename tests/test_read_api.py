@@ -2441,6 +2441,21 @@ def test_a_users_organizations_as_of_a_time_are_rebuilt_from_each_organization(
     assert roles(9) == []
     assert member_id not in [item["id"] for item in world.walk(organizations)]
     assert world.get(organizations, {"as_of": T_CREATED - 1}).status_code == 404
+    # A user known from memberships only, once removed, or once the organization is deleted,
+    # was a member of none as of then, as the current list says: not an unknown user (QA).
+    gone.update(id=only_member[0])
+    world.deliver(_envelope("organizationMembership.deleted", gone, T_CREATED + 7_000, UPDATE_IP))
+    in_other = ("orgmem_4usersOrganizationsAsOf", other_org, "user_2onlyKnownAsAMember02")
+    membership("organizationMembership.created", 4, "org:member", in_other)
+    org_gone = {"object": "organization", "id": other_org, "deleted": True}
+    world.deliver(_envelope("organization.deleted", org_gone, T_CREATED + 11_000, UPDATE_IP))
+    world.projector.run_once()
+    for user_id, was, removed in ((only_member[2], 2, 7), (in_other[2], 4, 11)):
+        assert [item["id"] for item in _walk_as_of(world, user_id, was)] != []
+        assert _walk_as_of(world, user_id, removed) == []
+        assert world.walk(f"/v1/users/{user_id}/organizations") == []
+        before = world.get(f"/v1/users/{user_id}/organizations", {"as_of": T_CREATED})
+        assert before.status_code == 404, before.text
 
 
 def _walk_as_of(world: World, user_id: str, second: int) -> list[dict[str, Any]]:

@@ -411,6 +411,13 @@ class OrganizationState:
             "last_event_at": self._stream.last_event_at,
         }
 
+    def names_member(self, user_id: str) -> bool:
+        """Whether any of its memberships so far is the user's, removed ones included."""
+        return any(
+            membership_view(membership_id, versions)["user_id"] == user_id
+            for membership_id, versions in self.memberships.items()
+        )
+
     def to_snapshot(self) -> dict[str, Any]:
         return {
             "snapshot_version": SNAPSHOT_VERSION,
