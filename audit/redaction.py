@@ -14,15 +14,19 @@
 
 Secrets are recognised by key and by the kind of object holding them (`data.object`, and the event
 type at the top level), so an unrelated `url` or `message` elsewhere is left alone. The event
-store keeps what was signed; only what leaves through the API is redacted.
+store keeps what was signed; only what leaves through the API is redacted. A recorded change is
+redacted in two steps: by the snapshots it was taken between, when the read model records it
+(`redact_recorded_changes`: the kinds their own `object` members name), and by its path and
+type when it is read (`redact_change`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
-from audit.aggregates.changes import field_keys
+from audit.aggregates.changes import Change, field_keys
 
 REDACTED = "[redacted]"
 
@@ -38,6 +42,9 @@ SECRET_BY_OBJECT: dict[str, frozenset[str]] = {
     "organization_invitation": frozenset({"url"}),
     "invitation": frozenset({"url"}),
 }
+
+# Those keys, of any kind: a change to a path holding one may need its snapshots to tell.
+_KEYS_BY_OBJECT = frozenset().union(*SECRET_BY_OBJECT.values())
 
 # How event types and history object types name those kinds.
 _KIND_ALIASES = {
@@ -82,6 +89,69 @@ def redact_change(object_type: str | None, field: str, value: Any) -> Any:
     under = _under_secret(object_type, field)
     if under is None:
         return redact(value) if isinstance(value, dict | list) else value
+    return _hidden(value, under)
+
+
+def redact_recorded_changes(
+    event_type: str,
+    old: Mapping[str, Any] | None,
+    new: Mapping[str, Any] | None,
+    changes: list[Change],
+) -> list[Change]:
+    """`changes` from snapshot `old` to `new` of an object (`event_type`'s), with what only the
+    snapshots' own `object` members make secret hidden: an e-mail's `body` in a payload whose
+    `object` says "email" though its type does not, or nested in metadata. `redact_change`,
+    which has only a change's path and its object's type, cannot tell those."""
+    hidden: list[Change] | None = None
+    for index, change in enumerate(changes):
+        field = change["field"]
+        if not any(key in field for key in _KEYS_BY_OBJECT):  # nearly every change
+            continue
+        keys = field_keys(field)
+        depths = [_depth_secret_by_object(event_type, snapshot, keys) for snapshot in (old, new)]
+        found = [depth for depth in depths if depth is not None]
+        if not found:
+            continue
+        under = min(found) < len(keys) - 1
+        hidden = list(changes) if hidden is None else hidden
+        hidden[index] = {
+            "field": field,
+            "from": _hidden(change["from"], under),
+            "to": _hidden(change["to"], under),
+        }
+    return changes if hidden is None else hidden
+
+
+def _depth_secret_by_object(
+    event_type: str, snapshot: Mapping[str, Any] | None, keys: list[str]
+) -> int | None:
+    """The depth along `keys` of the first key that the object holding it in `snapshot` keeps
+    secret by its kind (at the top, the event type's kind too), or None. Elements of
+    identified lists are found by their id, as change paths name them."""
+    holder: Any = snapshot
+    depth = 0
+    while depth < len(keys) and isinstance(holder, Mapping):
+        key = keys[depth]
+        own = holder.get("object")
+        kinds = {_KIND_ALIASES.get(own, own) if isinstance(own, str) else None}
+        if depth == 0:
+            kinds.add(kind_of(event_type))
+        if any(key in _secret_keys_of(kind) for kind in kinds):
+            return depth
+        holder = holder.get(key)
+        if isinstance(holder, list) and depth + 1 < len(keys):
+            element_id = keys[depth + 1]
+            holder = next(
+                (e for e in holder if isinstance(e, Mapping) and e.get("id") == element_id), None
+            )
+            depth += 1
+        depth += 1
+    return None
+
+
+def _hidden(value: Any, under: bool) -> Any:
+    """A value at a secret key (`under` it: part of the secret, whatever it is), hidden unless
+    there is none."""
     return REDACTED if under or value is not None else value
 
 

@@ -1591,6 +1591,46 @@ def test_a_payload_naming_another_kind_keeps_the_secrets_of_both(world: World) -
         assert b"_secret_" not in body, body
 
 
+def test_a_change_keeps_the_secrets_its_snapshots_own_kind_names(world: World) -> None:
+    """A versioned object whose `object` names another kind than its type (an invitation
+    saying "email"), or a secret kind nested in metadata: its changes showed what
+    `/v1/events` hid, since a change's path and type alone do not tell (found by review).
+    The change itself is still listed."""
+    org_id, user_id = "org_ownKindSecrets", "user_ownKindSecrets"
+    invitation = {"id": "orginv_ownKind", "object": "email", "organization_id": org_id}
+    invitation.update(body="own_secret_1", body_plain="own_secret_2", email_address="a@b.c")
+    user = {"id": user_id, "object": "sms_message", "message": "own_secret_3", "first_name": "A"}
+    user["unsafe_metadata"] = {"x": {"object": "email", "body": "own_secret_4", "url": "u"}}
+    updated = {**user, "message": "own_secret_5", "first_name": "B", "updated_at": T_UPDATED}
+    updated["unsafe_metadata"] = {"x": {"object": "email", "body": "own_secret_6", "url": "v"}}
+    for event_type, data, at in (
+        ("organizationInvitation.created", invitation, T_CREATED),
+        ("user.updated", updated, T_UPDATED),
+        ("user.created", user, T_CREATED),  # late: the update's changes are taken again
+    ):
+        world.deliver({"type": event_type, "timestamp": at, "data": data})
+    world.projector.run_once()
+    changes = world.walk("/v1/changes", {"subject": user_id}) + world.walk(
+        "/v1/changes", {"subject": org_id}
+    )
+    shown = {(change["field"], change["to"]) for change in changes}
+    assert {
+        ("body", REDACTED),
+        ("body_plain", REDACTED),
+        ("message", REDACTED),
+        ("unsafe_metadata.x.body", REDACTED),
+        ("unsafe_metadata.x.url", "v"),  # not secret for an e-mail
+        ("first_name", "B"),
+    } <= shown
+    bodies = [world.get("/v1/changes", {"format": fmt}).content for fmt in ("json", "csv")]
+    bodies += [
+        world.get(f"/v1/users/{user_id}/history").content,
+        world.get(f"/v1/organizations/{org_id}/history").content,
+    ]
+    for body in bodies:
+        assert b"own_secret_" not in body, body
+
+
 def test_redaction_rules() -> None:
     email = payload("email.created")["data"]
     redacted = redact(email, "email.created")

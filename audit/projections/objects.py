@@ -35,6 +35,7 @@ from audit.projections.base import (
     time_marks_schema,
     to_json,
 )
+from audit.redaction import redact_recorded_changes
 from audit.storage import Cursor, Db
 from audit.timeparse import epoch_ms
 
@@ -148,8 +149,9 @@ VIEW_OF_TABLE = {
 
 class ObjectsProjection(Projection):
     name = "objects"
-    # 11: current rows keep the position that listed them (`listed_at`); 12: roles, permissions
-    version = 12
+    # 11: current rows keep the position that listed them (`listed_at`); 12: roles, permissions;
+    # 13: changes hide what the snapshots' own `object` members make secret
+    version = 13
     time_marks_from = 5
     rebuild_seconds = 233.5
     table_names = ("versions", "history", "changes", "time_marks", *VIEW_OF_TABLE)
@@ -273,9 +275,15 @@ class ObjectsProjection(Projection):
             "actor_ip": actor["ip"],
             "stale": int(placement.stale),
         }
-        batch.add_history(row, placement.changes)
+        before = predecessor.data if predecessor is not None else None
+        batch.add_history(
+            row, redact_recorded_changes(delivery.type, before, new.data, placement.changes)
+        )
         if successor is not None and placement.successor_changes is not None:
-            self._rewrite_successor(batch, object_id, successor, placement.successor_changes)
+            changes = redact_recorded_changes(
+                successor.type, new.data, successor.data, placement.successor_changes
+            )
+            self._rewrite_successor(batch, object_id, successor, changes)
         if placement.repeats_deletion:
             pass  # the deleted object's row keeps its last known data
         elif placement.becomes_current:
