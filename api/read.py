@@ -13,6 +13,7 @@ import csv
 import functools
 import hashlib
 import io
+import ipaddress
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -134,7 +135,11 @@ FIELD = Param(
     repeatable=True,
     example=["first_name"],
 )
-ACTOR_IP = Param("actor_ip", "Only changes made from this client IP.", {"type": "string"})
+ACTOR_IP = Param(
+    "actor_ip",
+    "Only changes made from this client IP address (v4 or v6, in any notation).",
+    {"type": "string"},
+)
 FORMAT = Param(
     "format",
     "`csv` or `ndjson` streams the whole filtered result as an export (from `cursor` when given; "
@@ -250,6 +255,21 @@ class Args:
             raise bad_request(
                 "invalid_time", f"{name!r}: {exc} (use ISO 8601 or epoch milliseconds)."
             ) from None
+
+    def ip_address(self, name: str) -> tuple[str, ...]:
+        """One IP address, as typed and in its canonical text (`2001:DB8:0::1` is
+        `2001:db8::1`, as Clerk writes it): a filter matches either. None given: ()."""
+        raw = self.query.get(name)
+        if raw is None:
+            return ()
+        try:
+            address = ipaddress.ip_address(raw)
+        except ValueError:
+            raise bad_request(
+                "invalid_parameter",
+                f"{name!r} must be one IP address, v4 or v6 (not a range such as 10.0.0.0/8).",
+            ) from None
+        return tuple(dict.fromkeys((raw, address.compressed)))
 
     def cursor(self, kind: str, types: tuple[Any, ...]) -> tuple[Any, ...] | None:
         raw = self.query.get("cursor")
@@ -994,7 +1014,7 @@ def list_changes(request: Request, args: Args) -> Response:
         subject=args.one("subject"),
         fields=tuple(dict.fromkeys(args.many("field"))),
         types=TypeFilter.parse(args.many("type")),
-        actor_ip=args.one("actor_ip"),
+        actor_ips=args.ip_address("actor_ip"),
         since=args.time("since"),
         until=args.time("until"),
     )

@@ -91,7 +91,8 @@ class ChangeFilters:
     subject: str | None = None
     fields: tuple[str, ...] = ()
     types: TypeFilter = field(default_factory=TypeFilter)
-    actor_ip: str | None = None
+    # One client IP, in each text it may be stored in (as typed, canonical).
+    actor_ips: tuple[str, ...] = ()
     since: int | None = None
     until: int | None = None
 
@@ -751,8 +752,8 @@ def changes_page(
             # `email_addresses.idn_x.email_address` too.
             paths = dict.fromkeys(path for name in filters.fields for path in with_enclosing(name))
             candidates.append(([("field = %s", [path]) for path in paths], changes))
-        if filters.actor_ip is not None:
-            candidates.append(([("actor_ip = %s", [filters.actor_ip])], facts))
+        if filters.actor_ips:
+            candidates.append(([("actor_ip = %s", [ip]) for ip in filters.actor_ips], facts))
         if types:
             candidates.append(([("type = %s", [name]) for name in types], facts))
         # The first filter that can drive drives; the others filter what it finds. Without
@@ -762,7 +763,7 @@ def changes_page(
         )
         for candidate, side in candidates:
             if candidate is not driving:
-                side.add(f"({' OR '.join(sql for sql, _ in candidate)})", _values(candidate))
+                side.add(*_any_condition(db, candidate))
         if upto is not None:
             driver.add("position <= %s", [upto])
         if after is None and filters.since is not None:
@@ -789,7 +790,7 @@ def changes_page(
             since_alone = (
                 filters.since is not None
                 and filters.until is None
-                and filters.actor_ip is None
+                and not filters.actor_ips
                 and not types
             )
             per_row = since_alone and facts is history and db.dialect == "postgresql"
@@ -839,6 +840,17 @@ def _start_since(db: Db, t: Tables, table: str, since: int) -> int | None:
 
 def _values(candidate: list[tuple[str, list[Any]]]) -> list[Any]:
     return [value for _, values in candidate for value in values]
+
+
+def _any_condition(db: Db, candidate: list[tuple[str, list[Any]]]) -> tuple[str, list[Any]]:
+    """One condition for a filter's alternatives: `column IN (...)` when each is an equality of
+    one column. (A hundred deep `field`s are a thousand or more enclosing paths: as ORs, more
+    than SQLite's parser takes.)"""
+    columns = {sql.removesuffix(" = %s") for sql, _ in candidate}
+    if len(columns) == 1 and all(sql.endswith(" = %s") for sql, _ in candidate):
+        condition, params = db.any_of(_values(candidate))
+        return f"{columns.pop()} {condition}", params
+    return f"({' OR '.join(sql for sql, _ in candidate)})", _values(candidate)
 
 
 def _walk_from_history(

@@ -140,6 +140,7 @@ def test_documented_parameters_are_the_accepted_ones(client: TestClient) -> None
         "until": "2030-01-01",
         "as_of": "0",
         "format": "json",
+        "actor_ip": "203.0.113.7",
     }
     for path, operations in document["paths"].items():
         if not path.startswith("/v1/"):
