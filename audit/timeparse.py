@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
@@ -13,6 +14,9 @@ class TimeParseError(ValueError):
 _EPOCH = datetime(1970, 1, 1)  # naive UTC: its isoformat has no offset to strip
 _EPOCH_UTC = _EPOCH.replace(tzinfo=UTC)
 _ONE_MILLISECOND = timedelta(milliseconds=1)
+
+# An offset's `+` sent unencoded in a query string arrives as a space (`…T10:00:00 02:00`).
+_OFFSET_PLUS_DECODED = re.compile(r"(\S+T\S+) (\d\d(?::?\d\d)?)")
 
 # Epoch milliseconds of 10000-01-01: later (or negative, or boolean) "times" are not times.
 MAX_EPOCH_MS = 253_402_300_800_000
@@ -40,6 +44,8 @@ def parse_time(value: str, *, round_up: bool = False) -> int:
     Only times `format_time` can write (years 1 to 9999): an `as_of` past them was answered
     as of the end of the stream, its time written back as null, as a current state is."""
     text = value.strip()
+    if (decoded := _OFFSET_PLUS_DECODED.fullmatch(text)) is not None:
+        text = f"{decoded[1]}+{decoded[2]}"
     millis: int | None
     if text.isascii() and text.removeprefix("-").isdigit():  # "²".isdigit(), yet int("²") fails
         # Twenty digits are out of range already; int() of thousands is slow, or refused.

@@ -264,6 +264,9 @@ def test_event_filters(world: World) -> None:
         "/v1/events", {"since": format_time(T_UPDATED), "until": format_time(T_UPDATED + 1)}
     )
     assert iso == at_update
+    # An offset typed in the URL as it is written: its `+` arrives as a space.
+    typed = "/v1/events?since=2024-05-28T14:50:00+02:00&until=2024-05-28T14:50:00.001+02:00"
+    assert world.ok(typed)["data"] == at_update
     before = world.walk("/v1/events", {"until": str(T_UPDATED)})
     after = world.walk("/v1/events", {"since": str(T_UPDATED)})
     assert len(before) + len(after) == len(everything)
@@ -1976,6 +1979,12 @@ def test_time_parameters_use_the_one_parser() -> None:
     assert parse_time("2024-05-28T12:50:00Z") == T_UPDATED
     assert format_time(T_UPDATED) == "2024-05-28T12:50:00.000Z"
     assert parse_time(str(T_UPDATED)) == T_UPDATED
+    # An offset's `+` typed unencoded in a URL arrives as a space; a `-` arrives as it is.
+    for typed in ("2024-05-28T14:50:00 02:00", "2024-05-28T14:50:00 0200"):
+        assert parse_time(typed) == T_UPDATED, typed
+    assert parse_time("2024-05-28T10:50:00-02:00") == T_UPDATED
+    with pytest.raises(TimeParseError, match="neither ISO 8601"):
+        parse_time("2024-05-28 14:50:00 02:00 extra")
     # Exactly the times `format_time` can write back.
     assert format_time(parse_time(str(MAX_EPOCH_MS - 1))) == "9999-12-31T23:59:59.999Z"
     assert format_time(parse_time(str(MIN_EPOCH_MS))) == "0001-01-01T00:00:00.000Z"
