@@ -31,6 +31,7 @@ from starlette.testclient import TestClient
 from api import read
 from api.app import READ_THREADS, create_app
 from audit import application, queries
+from audit.aggregates.changes import diff
 from audit.application import AuditLog
 from audit.config import Settings, parse_tokens
 from audit.cursors import CursorError, decode_cursor, encode_cursor
@@ -38,7 +39,14 @@ from audit.projections import base
 from audit.projections.base import Tables
 from audit.projections.objects import ObjectsProjection
 from audit.projections.runner import Projector, active_tables, reads_behind
-from audit.redaction import REDACTED, SECRET_BY_OBJECT, kind_of, redact, redact_change
+from audit.redaction import (
+    REDACTED,
+    SECRET_BY_OBJECT,
+    kind_of,
+    redact,
+    redact_change,
+    redact_recorded_changes,
+)
 from audit.timeparse import MAX_EPOCH_MS, MIN_EPOCH_MS, TimeParseError, format_time, parse_time
 from tests.conftest import API_TOKEN
 from tests.webhook_helpers import new_svix_id, payload, payload_files, post
@@ -1650,6 +1658,22 @@ def test_a_change_keeps_the_secrets_its_snapshots_own_kind_names(world: World) -
     ]
     for body in bodies:
         assert b"own_secret_" not in body, body
+
+
+def test_recorded_changes_hide_what_their_snapshots_kinds_make_secret() -> None:
+    """By each holder's own `object`, along the path (identified lists' elements by id);
+    keys that only look alike are left alone."""
+    old = {"object": "user", "image_url": "a", "u": {"a.url": "x"}, "list": [{"id": "e1"}]}
+    new = {"object": "user", "image_url": "b", "u": {"a.url": "y"}}
+    new["list"] = [{"id": "e1", "object": "sms_message", "message": "m", "url": "v"}]
+    changes = diff(old, new)
+    assert redact_recorded_changes("user.updated", old, new, changes) == [
+        {"field": "image_url", "from": "a", "to": "b"},
+        {"field": "list.e1.message", "from": None, "to": REDACTED},
+        {"field": "list.e1.url", "from": None, "to": "v"},  # not an SMS's secret
+        {"field": "u.a\\.url", "from": "x", "to": "y"},  # the key `a.url`
+    ]
+    assert redact_recorded_changes("user.updated", old, old, []) == []
 
 
 def test_redaction_rules() -> None:
