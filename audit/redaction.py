@@ -111,31 +111,39 @@ def redact_recorded_changes(
     if not any(line in keys_as_lines for line in _KEY_LINES):  # nearly every version
         return changes
     hidden: list[Change] | None = None
+    # Identified lists by id, each indexed once: a list of a thousand links in metadata has a
+    # thousand changes whose paths hold `url`.
+    elements: dict[int, dict[Any, Any]] = {}
     for index, change in enumerate(changes):
         field = change["field"]
         keys = field_keys(field)
         if _KEYS_BY_OBJECT.isdisjoint(keys):
             continue
-        depths = [_depth_secret_by_object(event_type, snapshot, keys) for snapshot in (old, new)]
-        found = [depth for depth in depths if depth is not None]
-        if not found:
-            continue
-        under = min(found) < len(keys) - 1
-        hidden = list(changes) if hidden is None else hidden
-        hidden[index] = {
-            "field": field,
-            "from": _hidden(change["from"], under),
-            "to": _hidden(change["to"], under),
+        # Each side by its own snapshot: an object that is no longer an e-mail shows its body.
+        sides = {
+            side: _depth_secret_by_object(event_type, snapshot, keys, elements)
+            for side, snapshot in (("from", old), ("to", new))
         }
+        if sides == {"from": None, "to": None}:
+            continue
+        hidden = list(changes) if hidden is None else hidden
+        hidden[index] = {"field": field, "from": change["from"], "to": change["to"]}
+        for side, depth in sides.items():
+            if depth is not None:
+                hidden[index][side] = _hidden(change[side], depth < len(keys) - 1)
     return changes if hidden is None else hidden
 
 
 def _depth_secret_by_object(
-    event_type: str, snapshot: Mapping[str, Any] | None, keys: list[str]
+    event_type: str,
+    snapshot: Mapping[str, Any] | None,
+    keys: list[str],
+    elements: dict[int, dict[Any, Any]],
 ) -> int | None:
     """The depth along `keys` of the first key that the object holding it in `snapshot` keeps
     secret by its kind (at the top, the event type's kind too), or None. Elements of
-    identified lists are found by their id, as change paths name them."""
+    identified lists are found by their id, as change paths name them (`elements`: the lists
+    indexed so far)."""
     holder: Any = snapshot
     depth = 0
     while depth < len(keys) and isinstance(holder, Mapping):
@@ -148,10 +156,13 @@ def _depth_secret_by_object(
             return depth
         holder = holder.get(key)
         if isinstance(holder, list) and depth + 1 < len(keys):
-            element_id = keys[depth + 1]
-            holder = next(
-                (e for e in holder if isinstance(e, Mapping) and e.get("id") == element_id), None
-            )
+            by_id = elements.get(id(holder))
+            if by_id is None:
+                by_id = elements[id(holder)] = {}
+                for element in holder:
+                    if isinstance(element, Mapping) and isinstance(element.get("id"), str):
+                        by_id.setdefault(element["id"], element)
+            holder = by_id.get(keys[depth + 1])
             depth += 1
         depth += 1
     return None

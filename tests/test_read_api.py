@@ -1674,6 +1674,19 @@ def test_recorded_changes_hide_what_their_snapshots_kinds_make_secret() -> None:
         {"field": "u.a\\.url", "from": "x", "to": "y"},  # the key `a.url`
     ]
     assert redact_recorded_changes("user.updated", old, old, []) == []
+    # Each side by its own snapshot: what is no longer an e-mail shows its body (review).
+    was_email = {"x": {"object": "email", "body": "secret"}, "l": [{"id": ["no"], "url": 1}]}
+    now_note = {"x": {"object": "note", "body": "hello"}, "l": [{"id": ["no"], "url": 2}]}
+    assert redact_recorded_changes(
+        "user.updated", was_email, now_note, diff(was_email, now_note)
+    ) == [
+        {"field": "l", "from": [{"id": ["no"], "url": 1}], "to": [{"id": ["no"], "url": 2}]},
+        {"field": "x.body", "from": REDACTED, "to": "hello"},
+    ]
+    # A long identified list: each list is indexed once, not searched for each change.
+    links = {"l": [{"id": f"n{i}", "url": f"https://x/{i}"} for i in range(3000)]}
+    recorded = redact_recorded_changes("user.created", None, links, diff(None, links))
+    assert len(recorded) == 3000 and recorded[-1]["to"].startswith("https://x/")
 
 
 def test_redaction_rules() -> None:
