@@ -138,7 +138,9 @@ FIELD = Param(
 )
 ACTOR_IP = Param(
     "actor_ip",
-    "Only changes made from this client IP address (v4 or v6, in any notation).",
+    "Only changes made from this client IP, as `actor.ip` shows it; an address is also"
+    " found in its other usual notations (upper or lower case, compressed or expanded, IPv4"
+    " mapped into IPv6).",
     {"type": "string"},
 )
 FORMAT = Param(
@@ -258,19 +260,31 @@ class Args:
             ) from None
 
     def ip_address(self, name: str) -> tuple[str, ...]:
-        """One IP address, as typed and in its canonical text (`2001:DB8:0::1` is
-        `2001:db8::1`, as Clerk writes it): a filter matches either. None given: ()."""
-        raw = self.query.get(name)
+        """A client IP as stored (Clerk's text, shown as `actor.ip`, whatever it is), and, for
+        an address, its usual notations too (`2001:DB8:0::1`, `2001:db8::1`; IPv4 and the same
+        mapped into IPv6): a filter matches any. A range is refused. None given: ()."""
+        raw = self.one(name)
         if raw is None:
             return ()
+        typed = raw.strip()
+        if not typed:
+            raise bad_request("invalid_parameter", f"{name!r} is empty.")
         try:
-            address = ipaddress.ip_address(raw)
+            address = ipaddress.ip_address(typed)
         except ValueError:
-            raise bad_request(
-                "invalid_parameter",
-                f"{name!r} must be one IP address, v4 or v6 (not a range such as 10.0.0.0/8).",
-            ) from None
-        return tuple(dict.fromkeys((raw, address.compressed)))
+            if "/" in typed:
+                raise bad_request(
+                    "invalid_parameter", f"{name!r} takes one address, not a range."
+                ) from None
+            return tuple(dict.fromkeys((raw, typed)))
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        forms = [raw, typed, address.compressed, address.exploded]
+        if isinstance(address, ipaddress.IPv4Address):
+            forms += [f"::ffff:{address}", f"::FFFF:{address}"]
+        else:
+            forms += [address.compressed.upper(), address.exploded.upper()]
+        return tuple(dict.fromkeys(forms))
 
     def cursor(self, kind: str, types: tuple[Any, ...]) -> tuple[Any, ...] | None:
         raw = self.query.get("cursor")

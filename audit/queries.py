@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from audit.aggregates.actor import actor_of
-from audit.aggregates.changes import with_enclosing
+from audit.aggregates.changes import MAX_FIELD_LENGTH, with_enclosing
 from audit.application import AuditLog
 from audit.projections.base import Tables, from_json, marked_start
 from audit.projections.runner import UnknownProjection, active_tables, all_projections
@@ -750,7 +750,16 @@ def changes_page(
         if filters.fields:
             # An address removed is one change at `email_addresses.idn_x`: it is a change of
             # `email_addresses.idn_x.email_address` too.
-            paths = dict.fromkeys(path for name in filters.fields for path in with_enclosing(name))
+            # No change is recorded at a path longer than MAX_FIELD_LENGTH (one deeper is at
+            # an enclosing path that fits): a hundred long fields were 24,000 parameters.
+            paths = dict.fromkeys(
+                path
+                for name in filters.fields
+                for path in with_enclosing(name)
+                if len(path) <= MAX_FIELD_LENGTH
+            )
+            if not paths:
+                return Page([], None)
             candidates.append(([("field = %s", [path]) for path in paths], changes))
         if filters.actor_ips:
             candidates.append(([("actor_ip = %s", [ip]) for ip in filters.actor_ips], facts))

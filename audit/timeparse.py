@@ -16,7 +16,10 @@ _EPOCH_UTC = _EPOCH.replace(tzinfo=UTC)
 _ONE_MILLISECOND = timedelta(milliseconds=1)
 
 # An offset's `+` sent unencoded in a query string arrives as a space (`…T10:00:00 02:00`).
-_OFFSET_PLUS_DECODED = re.compile(r"(\S+T\S+) (\d\d(?::?\d\d)?)")
+# Only a whole offset (`HH:MM`, `HHMM`) after a whole time: `…T14 05` is not read as one.
+_OFFSET_PLUS_DECODED = re.compile(
+    r"(\d{4}-?\d\d-?\d\dT\d\d:?\d\d(?::?\d\d(?:[.,]\d+)?)?) (\d\d:?\d\d)"
+)
 
 # Epoch milliseconds of 10000-01-01: later (or negative, or boolean) "times" are not times.
 MAX_EPOCH_MS = 253_402_300_800_000
