@@ -98,15 +98,12 @@ def redact_change(object_type: str | None, field: str, value: Any) -> Any:
 
 
 def redact_recorded_changes(
-    event_type: str,
-    old: Mapping[str, Any] | None,
-    new: Mapping[str, Any] | None,
-    changes: list[Change],
+    old: Mapping[str, Any] | None, new: Mapping[str, Any] | None, changes: list[Change]
 ) -> list[Change]:
-    """`changes` from snapshot `old` to `new` of an object (`event_type`'s), with what only the
-    snapshots' own `object` members make secret hidden: an e-mail's `body` in a payload whose
-    `object` says "email" though its type does not, or nested in metadata. `redact_change`,
-    which has only a change's path and its object's type, cannot tell those."""
+    """`changes` from snapshot `old` to `new` of an object, with what only the snapshots' own
+    `object` members make secret hidden: an e-mail's `body` in a payload whose `object` says
+    "email" though its type does not, or nested in metadata. What the object's type makes
+    secret is `redact_change`'s to hide, which has only a change's path and that type."""
     keys_as_lines = "\n" + "\n".join(map(_FIELD, changes)).replace(".", "\n") + "\n"
     if not any(line in keys_as_lines for line in _KEY_LINES):  # nearly every version
         return changes
@@ -121,7 +118,7 @@ def redact_recorded_changes(
             continue
         # Each side by its own snapshot: an object that is no longer an e-mail shows its body.
         sides = {
-            side: _depth_secret_by_object(event_type, snapshot, keys, elements)
+            side: _depth_secret_by_object(snapshot, keys, elements)
             for side, snapshot in (("from", old), ("to", new))
         }
         if sides == {"from": None, "to": None}:
@@ -135,24 +132,16 @@ def redact_recorded_changes(
 
 
 def _depth_secret_by_object(
-    event_type: str,
-    snapshot: Mapping[str, Any] | None,
-    keys: list[str],
-    elements: dict[int, dict[Any, Any]],
+    snapshot: Mapping[str, Any] | None, keys: list[str], elements: dict[int, dict[Any, Any]]
 ) -> int | None:
     """The depth along `keys` of the first key that the object holding it in `snapshot` keeps
-    secret by its kind (at the top, the event type's kind too), or None. Elements of
-    identified lists are found by their id, as change paths name them (`elements`: the lists
-    indexed so far)."""
+    secret by its own kind, or None. Elements of identified lists are found by their id, as
+    change paths name them (`elements`: the lists indexed so far)."""
     holder: Any = snapshot
     depth = 0
     while depth < len(keys) and isinstance(holder, Mapping):
         key = keys[depth]
-        own = holder.get("object")
-        kinds = {_KIND_ALIASES.get(own, own) if isinstance(own, str) else None}
-        if depth == 0:
-            kinds.add(kind_of(event_type))
-        if any(key in _secret_keys_of(kind) for kind in kinds):
+        if key in _secret_keys_of(_own_kind(holder)):
             return depth
         holder = holder.get(key)
         if isinstance(holder, list) and depth + 1 < len(keys):
@@ -187,8 +176,7 @@ def _under_secret(object_type: str | None, field: str) -> bool | None:
 
 def _redact(value: Any, kind: str | None, codes: set[str]) -> Any:
     if isinstance(value, dict):
-        own = value.get("object")
-        own_kind = _KIND_ALIASES.get(own, own) if isinstance(own, str) else None
+        own_kind = _own_kind(value)
         # Both the object's own kind and the event type's: a payload whose `object` names
         # another kind than its type (an `sms.created` saying "email") keeps neither's secrets.
         secret = _secret_keys_of(own_kind)
@@ -206,6 +194,12 @@ def _redact(value: Any, kind: str | None, codes: set[str]) -> Any:
     if isinstance(value, list):
         return [_redact(item, None, codes) for item in value]
     return value
+
+
+def _own_kind(value: Mapping[str, Any]) -> str | None:
+    """The kind an object's own `object` member names."""
+    own = value.get("object")
+    return _KIND_ALIASES.get(own, own) if isinstance(own, str) else None
 
 
 def _secret_keys_of(kind: str | None) -> frozenset[str]:

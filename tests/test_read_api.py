@@ -1685,25 +1685,23 @@ def test_recorded_changes_hide_what_their_snapshots_kinds_make_secret() -> None:
     new = {"object": "user", "image_url": "b", "u": {"a.url": "y"}}
     new["list"] = [{"id": "e1", "object": "sms_message", "message": "m", "url": "v"}]
     changes = diff(old, new)
-    assert redact_recorded_changes("user.updated", old, new, changes) == [
+    assert redact_recorded_changes(old, new, changes) == [
         {"field": "image_url", "from": "a", "to": "b"},
         {"field": "list.e1.message", "from": None, "to": REDACTED},
         {"field": "list.e1.url", "from": None, "to": "v"},  # not an SMS's secret
         {"field": "u.a\\.url", "from": "x", "to": "y"},  # the key `a.url`
     ]
-    assert redact_recorded_changes("user.updated", old, old, []) == []
+    assert redact_recorded_changes(old, old, []) == []
     # Each side by its own snapshot: what is no longer an e-mail shows its body (review).
     was_email = {"x": {"object": "email", "body": "secret"}, "l": [{"id": ["no"], "url": 1}]}
     now_note = {"x": {"object": "note", "body": "hello"}, "l": [{"id": ["no"], "url": 2}]}
-    assert redact_recorded_changes(
-        "user.updated", was_email, now_note, diff(was_email, now_note)
-    ) == [
+    assert redact_recorded_changes(was_email, now_note, diff(was_email, now_note)) == [
         {"field": "l", "from": [{"id": ["no"], "url": 1}], "to": [{"id": ["no"], "url": 2}]},
         {"field": "x.body", "from": REDACTED, "to": "hello"},
     ]
     # A long identified list: each list is indexed once, not searched for each change.
     links = {"l": [{"id": f"n{i}", "url": f"https://x/{i}"} for i in range(3000)]}
-    recorded = redact_recorded_changes("user.created", None, links, diff(None, links))
+    recorded = redact_recorded_changes(None, links, diff(None, links))
     assert len(recorded) == 3000 and recorded[-1]["to"].startswith("https://x/")
 
 

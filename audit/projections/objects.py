@@ -276,13 +276,9 @@ class ObjectsProjection(Projection):
             "stale": int(placement.stale),
         }
         before = predecessor.data if predecessor is not None else None
-        batch.add_history(
-            row, redact_recorded_changes(delivery.type, before, new.data, placement.changes)
-        )
+        batch.add_history(row, redact_recorded_changes(before, new.data, placement.changes))
         if successor is not None and placement.successor_changes is not None:
-            changes = redact_recorded_changes(
-                successor.type, new.data, successor.data, placement.successor_changes
-            )
+            changes = redact_recorded_changes(new.data, successor.data, placement.successor_changes)
             self._rewrite_successor(batch, object_id, successor, changes)
         if placement.repeats_deletion:
             pass  # the deleted object's row keeps its last known data
