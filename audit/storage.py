@@ -124,6 +124,25 @@ def is_database_failure(exc: BaseException) -> bool:
     return wrapped
 
 
+_SQLITE_ERROR = 1  # a statement's SQL: a syntax error, a missing table, a limit of the engine
+
+
+def is_statement_refused(exc: BaseException) -> bool:
+    """Whether the database refused one statement for itself, not for being unavailable: past
+    one of its limits (too many variables, an expression too deep; SQLite's generic SQL error,
+    PostgreSQL's class 54). The same statement fails again alike, so it is a fault to report,
+    not a 503 a client retries for ever. (SQLite's "no such table" is SQL errors' one
+    exception: a generation switched away under a read, which looks it up again.)"""
+    for cause in _causes(exc):
+        if isinstance(cause, psycopg.Error):
+            return cause.sqlstate is not None and cause.sqlstate.startswith("54")
+        if isinstance(cause, sqlite3.Error):
+            code = getattr(cause, "sqlite_errorcode", None)
+            refused = code is not None and code & 0xFF == _SQLITE_ERROR
+            return refused and "no such table" not in str(cause)
+    return False
+
+
 # PostgreSQL shutting down, crashed, or still starting: no statement of any step can run.
 _SHUTDOWN_STATES = ("57P01", "57P02", "57P03")
 # SQLite's primary result codes for the file, not a statement: busy or locked (its one write
@@ -660,6 +679,8 @@ class Db:
         try:
             yield
         except UNAVAILABLE_ERRORS as exc:
+            if is_statement_refused(exc):
+                raise
             self.heal()
             raise StoreUnavailable(str(exc)) from exc
 

@@ -12,6 +12,7 @@ from starlette.testclient import TestClient
 from audit.aggregates.routing import stream_id
 from audit.application import AuditLog
 from audit.projections.runner import MARKER_TOPIC
+from audit.storage import StoreUnavailable, is_statement_refused
 from tests.test_projections import sample_deliveries
 from tests.webhook_helpers import new_svix_id, payload, post
 
@@ -181,3 +182,24 @@ def test_opening_the_store_puts_back_what_keeps_events_immutable(log: AuditLog) 
     assert log.db._events_protected()
     with pytest.raises(Exception, match="immutable"), log.db.transaction() as cursor:
         cursor.execute(f"UPDATE {table} SET topic = 'x'")
+
+
+def test_a_statement_past_the_databases_limits_is_a_fault_not_an_outage(log: AuditLog) -> None:
+    """A statement the database refuses for itself fails again alike: raised as it came (a
+    500, logged with its traceback), never as the store unavailable (a 503 with Retry-After,
+    which a client retries for ever). A missing table still reads as unavailable on SQLite:
+    a generation switched away under a read, looked up again."""
+    db = log.db
+    if db.dialect == "sqlite":  # past SQLite's expression depth of 1,000
+        statement = f"SELECT {' OR '.join(['1 = %s'] * 2000)}"
+    else:  # past PostgreSQL's 100 arguments of a function (54023)
+        statement = f"SELECT concat({', '.join(['%s'] * 101)})"
+    with pytest.raises(Exception) as raised:
+        db.fetchone(statement, [1] * statement.count("%s"))
+    assert not isinstance(raised.value, StoreUnavailable)
+    assert is_statement_refused(raised.value)
+    assert db.fetchone("SELECT 1 AS one")["one"] == 1  # the connection is still good
+
+    if db.dialect == "sqlite":
+        with pytest.raises(StoreUnavailable, match="no such table"):
+            db.fetchone("SELECT 1 FROM no_such_table")
