@@ -1014,7 +1014,7 @@ def session_timeline(request: Request, args: Args) -> Response:
     page = queries.session_timeline(
         db,
         session_id,
-        after=args.cursor("timeline", (int, int)),
+        after=args.cursor("timeline", (int, int, int, int)),
         limit=args.limit(),
         since=args.time("since"),
         until=args.time("until"),
@@ -1175,7 +1175,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         session_timeline,
         "A session's timeline",
         "The session's events in occurred_at order, with status, actor and activity (an event"
-        " whose delivery had no timestamp: where it was received, with occurred_at null).",
+        " whose delivery had no timestamp: where it was received, with occurred_at null). A"
+        " walk takes the events stored when it began in that order, then those stored since"
+        " (a late delivery of an earlier event, say) in the order they were stored.",
         (SESSION_ID, SINCE, UNTIL, *PAGING),
         "TimelineEntry",
         is_list=True,

@@ -965,32 +965,82 @@ def _timeline_entry(row: Any) -> dict[str, Any]:
     }
 
 
+# A timeline cursor: (walk_upto, arrived, ordered_at, position). `walk_upto` is the last store
+# position of the session's events when the walk began; `arrived` is 1 once the walk has gone
+# past them, to the events stored since, in store order (`ordered_at` is then 0).
+TimelineKey = tuple[int, int, int, int]
+_TIMELINE_COLUMNS = (
+    "session_id, ordered_at, occurred_at, position, user_id, event_id, type, status, actor,"
+    " activity"
+)
+
+
 def session_timeline(
     db: Db,
     session_id: str,
     *,
-    after: tuple[int, int] | None,
+    after: TimelineKey | None,
     limit: int,
     since: int | None = None,
     until: int | None = None,
 ) -> Page:
     """A session's events in occurred_at order (then store position); one without an
-    `occurred_at` where it was received (`ordered_at`)."""
+    `occurred_at` where it was received (`ordered_at`).
+
+    An event stored while a walk is under way may be older than the walk's cursor (a late
+    delivery, a Svix retry), and would sort behind it, never seen (SPEC 4: a walk visits every
+    item once, even while new events arrive). So a walk takes the events that were stored when
+    it began in time order, then those stored since in store order, which always land ahead."""
 
     def query(t: Tables) -> Page:
         where, params = _time_where("occurred_at", since, until)
-        rows = _select(
-            db,
-            source=t["session_events"],
-            columns="session_id, ordered_at, occurred_at, position, user_id, event_id, type,"
-            " status, actor, activity",
-            key=["ordered_at", "position"],
-            branches=[("session_id = %s", [session_id])],
-            where=where,
-            params=params,
-            after=after,
-            limit=limit + 1,
+        if after is None:
+            last = db.fetchone(
+                f"SELECT MAX(position) AS last FROM {t['session_events']} WHERE session_id = %s",
+                [session_id],
+            )
+            upto, arrived, in_order_after, arrived_after = last["last"] or 0, 0, None, None
+        else:
+            upto, arrived, ordered_at, position = after
+            in_order_after, arrived_after = (ordered_at, position), (position,)
+
+        def rows_of(
+            key: list[str], bound: str, after_key: tuple[int, ...] | None, count: int
+        ) -> list[Any]:
+            return _select(
+                db,
+                source=t["session_events"],
+                columns=_TIMELINE_COLUMNS,
+                key=key,
+                branches=[("session_id = %s", [session_id])],
+                where=[*where, bound],
+                params=[*params, upto],
+                after=after_key,
+                limit=count,
+            )
+
+        rows: list[tuple[int, Any]] = []
+        if not arrived:
+            found = rows_of(["ordered_at", "position"], "position <= %s", in_order_after, limit + 1)
+            rows += [(0, row) for row in found]
+        if len(rows) <= limit:
+            since_began = rows_of(
+                ["position"],
+                "position > %s",
+                arrived_after if arrived else None,
+                limit + 1 - len(rows),
+            )
+            rows += [(1, row) for row in since_began]
+        return _page(
+            rows,
+            limit,
+            lambda tagged: (
+                upto,
+                tagged[0],
+                0 if tagged[0] else tagged[1]["ordered_at"],
+                tagged[1]["position"],
+            ),
+            lambda tagged: _timeline_entry(tagged[1]),
         )
-        return _page(rows, limit, lambda row: (row["ordered_at"], row["position"]), _timeline_entry)
 
     return _with_tables(db, "timelines", query)

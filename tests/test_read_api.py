@@ -508,6 +508,64 @@ def test_sessions_memberships_invitations_domains_timeline(world: World) -> None
         assert response.json()["error"]["code"] == "not_found"
 
 
+def test_a_timeline_walk_sees_each_event_once_that_arrives_during_it(world: World) -> None:
+    """A session's events at 10 s steps, walked two a page. Between pages one older than the
+    cursor arrives late (a Svix retry): by time it sorted behind the cursor and the walk never
+    saw it (SPEC 4: every item once, even while new events arrive). The walk takes the events
+    stored before it began in time order, then those stored since in store order."""
+    path = f"/v1/sessions/{FRESH_SESSION}/timeline"
+
+    def session_event(event_type: str, second: int) -> dict[str, Any]:
+        session = copy.deepcopy(payload(event_type)["data"])
+        at = T_CREATED + second * 1000
+        session.update(id=FRESH_SESSION, user_id=FRESH_USER, updated_at=at)
+        return _envelope(event_type, session, at, UPDATE_IP)
+
+    for second in (20, 40, 60):
+        world.deliver(session_event("session.pending", second))
+    world.projector.run_once()
+    walked: list[tuple[str, int]] = []
+
+    def page(cursor: str | None) -> str | None:
+        answer = world.ok(path, {"limit": 2, **({"cursor": cursor} if cursor else {})})
+        walked.extend((t["occurred_at"], t["position"]) for t in answer["data"])
+        return answer["next_cursor"]
+
+    cursor = page(None)  # created (0 s), 20 s
+    for event_type, second in (("session.revoked", 10), ("session.removed", 50)):
+        world.deliver(session_event(event_type, second))  # behind the cursor, and ahead of it
+    world.deliver(session_event("session.pending", 5))
+    world.projector.run_once()
+    cursor = page(cursor)  # 40, 60 s
+    cursor = page(cursor)  # what arrived: 10, 50 s
+    world.deliver(session_event("session.ended", 30))  # arrives on the walk's last stretch
+    world.projector.run_once()
+    while cursor:
+        cursor = page(cursor)  # 5, 30 s
+    at = [format_time(T_CREATED + second * 1000) for second in (0, 20, 40, 60, 10, 50, 5, 30)]
+    assert [occurred for occurred, _ in walked] == at
+    positions = [position for _, position in walked]
+    assert len(set(positions)) == len(positions)
+    assert positions[4:] == sorted(positions[4:])  # those that arrived, in store order
+    # A walk begun now has them all, in time order.
+    assert [t["occurred_at"] for t in world.walk(path, limit=2)] == sorted(at)
+    # A time filter holds on both stretches of a walk.
+    walked.clear()
+    window = {"since": T_CREATED + 15_000, "until": T_CREATED + 55_000}
+    answer = world.ok(path, {**window, "limit": 1})
+    walked.extend((t["occurred_at"], t["position"]) for t in answer["data"])
+    world.deliver(session_event("session.pending", 35))  # in the window
+    world.deliver(session_event("session.pending", 3))  # before it
+    world.projector.run_once()
+    cursor = answer["next_cursor"]
+    while cursor:
+        answer = world.ok(path, {**window, "limit": 1, "cursor": cursor})
+        walked.extend((t["occurred_at"], t["position"]) for t in answer["data"])
+        cursor = answer["next_cursor"]
+    expected = [T_CREATED + second * 1000 for second in (20, 30, 40, 50, 35)]
+    assert [occurred for occurred, _ in walked] == [format_time(e) for e in expected]
+
+
 def test_a_session_event_without_a_timestamp_has_no_occurred_at_on_the_timeline(
     world: World,
 ) -> None:
