@@ -77,18 +77,35 @@ PATH_LABELS = {
     "session_id": "session",
     "svix_id": "event",
 }
-# Clerk's id prefixes: an id of one kind under another's route (`/v1/users/org_.../history`)
-# was answered with that object's history, or an empty list, instead of a 404.
+# Clerk's id prefixes. An id of another kind under a route (`/v1/users/org_.../history`, or a
+# role's, a membership's) was answered with that object's history, or an empty list, instead of
+# a 404: every Clerk id of a kind starts with its prefix, so any other id is no such object.
 ID_PREFIXES = {"user_id": "user_", "org_id": "org_", "session_id": "sess_"}
-ID_KINDS = {"user_": "a user", "org_": "an organization", "sess_": "a session"}
+ID_KINDS = {
+    "user_": "a user",
+    "org_": "an organization",
+    "sess_": "a session",
+    "orgmem_": "an organization membership",
+    "orginv_": "an organization invitation",
+    "orgdmn_": "an organization domain",
+    "role_": "a role",
+    "perm_": "a permission",
+    "idn_": "an e-mail address, phone number or other identification",
+    "ema_": "an e-mail",
+    "sms_": "an SMS message",
+    "inv_": "an invitation",
+    "client_": "a client",
+}
 
 
-def _other_kind_of_id(name: str, value: str) -> str | None:
-    """What `value` is the id of, when it is plainly another kind than `name` takes."""
+def _wrong_kind_of_id(name: str, value: str) -> str | None:
+    """Why `value` cannot be the id of what `name` takes (None: it may be): what it is the id
+    of, when its prefix says, or what that kind's ids start with."""
     expected = ID_PREFIXES.get(name)
     if expected is None or value.startswith(expected):
         return None
-    return next((kind for prefix, kind in ID_KINDS.items() if value.startswith(prefix)), None)
+    other = next((kind for prefix, kind in ID_KINDS.items() if value.startswith(prefix)), None)
+    return f"that is the id of {other}" if other else f"{PATH_LABELS[name]} ids start {expected}"
 
 
 LIMIT = Param(
@@ -212,11 +229,9 @@ class Args:
                 value = request.path_params[param.name]
                 if "\x00" in value or len(value) > MAX_VALUE_LENGTH:
                     raise not_found(f"No {PATH_LABELS[param.name]} {value[:40]!r}.")
-                other = _other_kind_of_id(param.name, value)
-                if other is not None:
-                    raise not_found(
-                        f"No {PATH_LABELS[param.name]} {value[:80]!r}: that is the id of {other}."
-                    )
+                wrong = _wrong_kind_of_id(param.name, value)
+                if wrong is not None:
+                    raise not_found(f"No {PATH_LABELS[param.name]} {value[:80]!r}: {wrong}.")
 
     def path(self, name: str) -> str:
         return self.request.path_params[name]

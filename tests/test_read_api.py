@@ -457,6 +457,39 @@ def test_histories(world: World) -> None:
     assert world.get("/v1/organizations/org_nobody/history").status_code == 404
 
 
+def test_ids_of_every_other_kind_are_404_under_user_organization_and_session_routes(
+    world: World,
+) -> None:
+    """Objects the store knows, of other kinds: `/v1/users/role_.../history` answered the
+    role's own history as a user's, and `/v1/users/ema_.../sessions` an empty list (review).
+    SPEC 4: an unknown id is a 404. Every Clerk id of a kind starts with its prefix."""
+    ids = {
+        "role": payload("role.created")["data"]["id"],
+        "permission": payload("permission.created")["data"]["id"],
+        "membership": payload("organizationMembership.created")["data"]["id"],
+        "e-mail": payload("email.created")["data"]["id"],
+    }
+    assert world.walk("/v1/changes", {"subject": ids["role"]})  # known, with a history
+    for path, said in (
+        (f"/v1/users/{ids['role']}/history", f"No user '{ids['role']}': that is the id of a role."),
+        (
+            f"/v1/organizations/{ids['permission']}/history",
+            f"No organization '{ids['permission']}': that is the id of a permission.",
+        ),
+        (
+            f"/v1/users/{ids['membership']}",
+            f"No user '{ids['membership']}': that is the id of an organization membership.",
+        ),
+        (
+            f"/v1/users/{ids['e-mail']}/sessions",
+            f"No user '{ids['e-mail']}': that is the id of an e-mail.",
+        ),
+        ("/v1/sessions/qathing_1/timeline", "No session 'qathing_1': session ids start sess_."),
+    ):
+        response = world.get(path)
+        assert (response.status_code, response.json()["error"]["message"]) == (404, said), path
+
+
 def test_sessions_memberships_invitations_domains_timeline(world: World) -> None:
     sessions = world.walk(f"/v1/users/{FRESH_USER}/sessions")
     assert _ids(sessions) == [FRESH_SESSION]
