@@ -99,8 +99,17 @@ def parse_database_url(value: str) -> Database:
         path = url.removeprefix("sqlite:///")
         if not path:
             raise ConfigError(DATABASE_VARIABLE, "a sqlite:/// URL needs a file path")
+        # Else a file or directory of that odd name, made and used as a new, empty store.
+        if "://" in path:
+            raise ConfigError(DATABASE_VARIABLE, "one database URL, not several")
+        if "?" in path or "#" in path:
+            raise ConfigError(
+                DATABASE_VARIABLE, "a sqlite:/// URL takes a file path only: no ? or # part"
+            )
         return SqliteDatabase(path=Path(path))
     if url.startswith(("postgresql://", "postgres://")):
+        if "://" in url.split("://", 1)[1]:
+            raise ConfigError(DATABASE_VARIABLE, "one database URL, not several")
         parts = urlsplit(url)
         dbname = unquote(parts.path.lstrip("/"))
         if not parts.hostname or not dbname:
@@ -108,10 +117,16 @@ def parse_database_url(value: str) -> Database:
                 DATABASE_VARIABLE, "expected postgresql://user:password@host:port/dbname"
             )
         try:
-            port = parts.port or 5432
+            port = 5432 if parts.port is None else parts.port
         except ValueError:
-            raise ConfigError(DATABASE_VARIABLE, "the port is not a number")
+            port = 0
+        if not 0 < port < 65536:
+            raise ConfigError(DATABASE_VARIABLE, "the port is not a number from 1 to 65535")
+        if parts.fragment:
+            raise ConfigError(DATABASE_VARIABLE, "the URL's # part is not read")
         parameters = parse_qs(parts.query, keep_blank_values=True)
+        if len(parameters.get("schema", ())) > 1:
+            raise ConfigError(DATABASE_VARIABLE, "the URL names a schema more than once")
         unread = sorted(set(parameters) - {"schema"})
         if unread:  # `sslmode=verify-full` quietly dropped would connect in clear text
             raise ConfigError(
@@ -155,7 +170,8 @@ def parse_max_body(value: str) -> int:
 
 def database_from_env(environ: Mapping[str, str] | None = None) -> Database:
     env = os.environ if environ is None else environ
-    return parse_database_url(env.get(DATABASE_VARIABLE) or DEFAULT_DATABASE_URL)
+    # Blank is unset, as `make run` takes it (not an unknown scheme '').
+    return parse_database_url(env.get(DATABASE_VARIABLE, "").strip() or DEFAULT_DATABASE_URL)
 
 
 def load_settings(
