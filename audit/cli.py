@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eventsourcing.application import AggregateNotFoundError
 
@@ -24,6 +24,9 @@ from audit.config import (
 from audit.redaction import redact
 from audit.runtime import collect_garbage_less_often, configure_logging
 from audit.timeparse import TimeParseError, format_time, parse_time
+
+if TYPE_CHECKING:  # imported where used: `audit show` need not load the runner
+    from audit.projections.runner import Projector
 
 EXIT_CONFIG = 2
 EXIT_USAGE = 2  # as argparse's own usage errors
@@ -109,16 +112,18 @@ def cmd_project(args: argparse.Namespace) -> int:
 
     log = open_log(configured_database())
     try:
-        projector = Projector(log, batch_size=FOLLOWING_BATCH_SIZES[log.db.dialect])
         if args.once:
-            before = {row["name"]: row["position"] for row in projector.status()}
-            projector.run_once()
-            for row in projector.status():
-                start = before.get(row["name"], 0)
-                applied = projector.deliveries_between(start, row["position"])
-                events = "event" if applied == 1 else "events"
-                print(f"{row['name']}: applied {applied} {events}, at position {row['position']}")
+            try:
+                _project_once(Projector(log, batch_size=FOLLOWING_BATCH_SIZES[log.db.dialect]))
+            except KeyboardInterrupt:  # each step commits whole, or not at all
+                print(
+                    "audit project: interrupted; what was applied is kept, and the rest is"
+                    " applied by the next run",
+                    file=sys.stderr,
+                )
+                return EXIT_INTERRUPTED
             return 0
+        projector = Projector(log, batch_size=FOLLOWING_BATCH_SIZES[log.db.dialect])
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
@@ -130,6 +135,16 @@ def cmd_project(args: argparse.Namespace) -> int:
         return 0
     finally:
         log.close()
+
+
+def _project_once(projector: Projector) -> None:
+    before = {row["name"]: row["position"] for row in projector.status()}
+    projector.run_once()
+    for row in projector.status():
+        start = before.get(row["name"], 0)
+        applied = projector.deliveries_between(start, row["position"])
+        events = "event" if applied == 1 else "events"
+        print(f"{row['name']}: applied {applied} {events}, at position {row['position']}")
 
 
 def cmd_projections(args: argparse.Namespace) -> int:
@@ -348,7 +363,7 @@ def _bounded(low: int, high: int) -> Callable[[str], int]:
 
 def cmd_show(args: argparse.Namespace) -> int:
     as_of = None
-    if args.as_of:
+    if args.as_of is not None:  # an empty one too: refused, as the API refuses `as_of=`
         try:
             as_of = parse_time(args.as_of)
         except TimeParseError as exc:

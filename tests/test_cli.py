@@ -25,7 +25,7 @@ from tqdm import tqdm
 from audit.aggregates.delivery import Delivery, parse_delivery
 from audit.application import AuditLog
 from audit.cli import RebuildProgress, main
-from audit.config import Database, PostgresDatabase, SqliteDatabase
+from audit.config import Database, PostgresDatabase, SqliteDatabase, database_from_env
 from audit.projections import runner
 from audit.projections.objects import ObjectsProjection
 from audit.projections.parallel import usable_cores
@@ -86,16 +86,47 @@ def base_env(tmp_path: Path) -> dict[str, str]:
             "AUDIT_DATABASE_URL: schema 'information_schema' is PostgreSQL's own",
         ),
         ("AUDIT_MAX_BODY_BYTES", "lots", "AUDIT_MAX_BODY_BYTES"),
+        # Each was a file or directory of that odd name, used as a new, empty store (QA).
+        (
+            "AUDIT_DATABASE_URL",
+            "sqlite:///{tmp}/a.db sqlite:///{tmp}/b.db",
+            "AUDIT_DATABASE_URL: one database URL, not several",
+        ),
+        (
+            "AUDIT_DATABASE_URL",
+            "sqlite:///{tmp}/c.db?mode=ro",
+            "AUDIT_DATABASE_URL: a sqlite:/// URL takes a file path only",
+        ),
+        # Quietly read as the first schema, or without the fragment (QA).
+        (
+            "AUDIT_DATABASE_URL",
+            "postgresql://u@127.0.0.1/d?schema=a&schema=b",
+            "AUDIT_DATABASE_URL: the URL names a schema more than once",
+        ),
+        ("AUDIT_DATABASE_URL", "postgresql://u@127.0.0.1/d#x", "AUDIT_DATABASE_URL: the URL's #"),
+        (
+            "AUDIT_DATABASE_URL",
+            "postgresql://u@127.0.0.1:99999/d",
+            "AUDIT_DATABASE_URL: the port is not a number from 1 to 65535",
+        ),
     ],
 )
 def test_bad_configuration_stops_with_one_line(tmp_path, variable, value, needle) -> None:
     env = base_env(tmp_path)
     env["CLERK_WEBHOOK_SIGNING_SECRET"] = new_secret()
-    env[variable] = value
+    env[variable] = value.replace("{tmp}", str(tmp_path))
     result = run_audit("serve", "--port", "1", env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(needle), result.stderr
+    assert not any(tmp_path.iterdir())  # no store made
+
+
+def test_a_blank_database_url_is_unset_as_make_run_takes_it() -> None:
+    """'' was the default and ' ' an unknown scheme '' (QA)."""
+    default = database_from_env({})
+    assert database_from_env({"AUDIT_DATABASE_URL": " \t"}) == default
+    assert database_from_env({"AUDIT_DATABASE_URL": ""}) == default
 
 
 def test_serve_then_send_samples_twice_records_then_duplicates(tmp_path) -> None:
@@ -246,6 +277,10 @@ def test_show_as_of_any_later_time_is_show_now(tmp_path, database: Database) -> 
         assert later.returncode == 0, later.stderr
         assert json.loads(later.stdout) == json.loads(now.stdout)
         assert json.loads(now.stdout)["data"] is None  # no version of the object itself
+        # Empty is refused, as the API refuses `as_of=`: it was taken as no --as-of (QA).
+        empty = run_audit("show", clerk_id, "--as-of", "", env=env)
+        assert (empty.returncode, empty.stdout) == (2, "")
+        assert empty.stderr.startswith("--as-of: '' is neither ISO 8601 nor epoch milliseconds")
         before = run_audit("show", clerk_id, "--as-of", "1900-01-01", env=env)
         assert before.returncode == 1
         assert before.stderr.strip().endswith(
@@ -510,6 +545,60 @@ def test_ctrl_c_stops_a_rebuild_with_one_line(tmp_path: Path, log: AuditLog) -> 
     assert "Traceback" not in rest
     last = rest.strip().splitlines()[-1]
     assert last.startswith("audit rebuild: interrupted. A build not yet switched is carried on")
+
+
+def test_a_rebuild_killed_alone_leaves_its_processes_quiet(tmp_path: Path, log: AuditLog) -> None:
+    """SIGTERM to `audit rebuild --all` alone (not its process group): on PostgreSQL its
+    processes, finding their pipe to it broken, each printed two chained tracebacks (QA).
+    They end without a word, as the build is carried on by the next run."""
+    log.record(many_users(10_000))
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(log.database)}
+    rebuild = subprocess.Popen(
+        [*AUDIT, "rebuild", "--all"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    first_step_of(rebuild)
+    rebuild.send_signal(signal.SIGTERM)
+    assert rebuild.wait(timeout=60) == -signal.SIGTERM
+    assert rebuild.stderr is not None
+    rest = rebuild.stderr.read()  # to its end: every process that could write to it has ended
+    assert "Traceback" not in rest, rest
+    again = run_audit("project", "--once", env=env)
+    assert again.returncode == 0, again.stderr
+    status = Projector(log).status()
+    assert all(row["lag"] == 0 and row["state"] == "live" for row in status), status
+
+
+def test_ctrl_c_stops_project_once_with_one_line(tmp_path: Path, log: AuditLog) -> None:
+    """It printed KeyboardInterrupt's traceback and died by the signal (QA). Each step commits
+    whole or not at all, so a run after it applies the rest."""
+    log.record(many_users(6000))
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(log.database)}
+    project = subprocess.Popen(
+        [*AUDIT, "project", "--once"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    tracking = log.db.table(log.db.tracking_table)
+
+    def stepped() -> bool:
+        with contextlib.suppress(Exception):  # not made yet by the child
+            row = log.db.fetchone(
+                f"SELECT MAX(notification_id) AS last FROM {tracking}"
+                " WHERE application_name LIKE %s",
+                ["projection:%"],
+            )
+            return bool(row and row["last"])
+        return False
+
+    wait_until(stepped, "audit project --once made no step")
+    project.send_signal(signal.SIGINT)
+    assert project.stderr is not None
+    said = project.stderr.read()
+    assert project.wait(timeout=60) == 128 + signal.SIGINT, said
+    assert "Traceback" not in said
+    assert said.strip().splitlines()[-1].startswith("audit project: interrupted;")
+    again = run_audit("project", "--once", env=env)
+    assert again.returncode == 0, again.stderr
+    status = Projector(log).status()
+    assert status and all(row["lag"] == 0 for row in status), status
 
 
 @pytest.mark.postgres

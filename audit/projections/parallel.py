@@ -13,6 +13,7 @@ one process, 329.4 s so.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
@@ -148,5 +149,7 @@ def _catch_up(database: Database, names: list[str], batch_size: int, sender: Con
         finally:
             log.close()
     except BaseException as exc:
-        sender.send(("failed", ",".join(names), failure_text(exc)))
+        # A pipe broken under `progress` or here: the parent is gone (killed), nobody to tell.
+        with contextlib.suppress(BrokenPipeError):
+            sender.send(("failed", ",".join(names), failure_text(exc)))
         raise SystemExit(1) from None
