@@ -37,7 +37,13 @@ from audit.aggregates.actor import actor_of
 from audit.aggregates.changes import MAX_FIELD_LENGTH, with_enclosing
 from audit.application import AuditLog
 from audit.projections.base import Tables, from_json, marked_start
-from audit.projections.runner import UnknownProjection, active_tables, all_projections
+from audit.projections.runner import (
+    UnknownProjection,
+    active_tables,
+    all_projections,
+    tracked_position,
+    tracking_key,
+)
 from audit.storage import Db, StoreUnavailable
 
 T = TypeVar("T")
@@ -965,9 +971,9 @@ def _timeline_entry(row: Any) -> dict[str, Any]:
     }
 
 
-# A timeline cursor: (walk_upto, arrived, ordered_at, position). `walk_upto` is the last store
-# position of the session's events when the walk began; `arrived` is 1 once the walk has gone
-# past them, to the events stored since, in store order (`ordered_at` is then 0).
+# A timeline cursor: (walk_upto, arrived, ordered_at, position). `walk_upto` is the store
+# position the timelines had applied when the walk began; `arrived` is 1 once the walk has gone
+# past the session's events up to it, to those stored since, in store order (`ordered_at` 0).
 TimelineKey = tuple[int, int, int, int]
 _TIMELINE_COLUMNS = (
     "session_id, ordered_at, occurred_at, position, user_id, event_id, type, status, actor,"
@@ -995,11 +1001,11 @@ def session_timeline(
     def query(t: Tables) -> Page:
         where, params = _time_where("occurred_at", since, until)
         if after is None:
-            last = db.fetchone(
-                f"SELECT MAX(position) AS last FROM {t['session_events']} WHERE session_id = %s",
-                [session_id],
-            )
-            upto, arrived, in_order_after, arrived_after = last["last"] or 0, 0, None, None
+            # One row, however long the session: its events' highest position took reading
+            # them all (11 ms a first page at 30,000 events; found by review).
+            with db.reader() as cursor:
+                upto = tracked_position(db, cursor, tracking_key(t.projection, t.generation))
+            arrived, in_order_after, arrived_after = 0, None, None
         else:
             upto, arrived, ordered_at, position = after
             in_order_after, arrived_after = (ordered_at, position), (position,)
