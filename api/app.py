@@ -90,6 +90,9 @@ def create_app(
         lifespan=lifespan,
         middleware=[Middleware(AccessLog)],
     )
+    # Not Starlette's bare 307 to the path without its trailing slash: Svix follows no
+    # redirect, so a webhook URL set up with one failed every delivery with an empty answer.
+    app.router.redirect_slashes = False
     app.state.log = log
     app.state.read_threads = read_threads
     app.state.projector = projector

@@ -71,6 +71,9 @@ async def http_exception(request: Request, exc: Exception) -> Response:
         404: "No such resource.",
         405: "This method is not allowed here.",
     }.get(exc.status_code, str(exc.detail))
+    path = request.url.path
+    if exc.status_code == 404 and len(path) > 1 and path.endswith("/"):
+        message = f"No such resource (paths take no trailing slash: {path.rstrip('/')[:200]})."
     return error_response(exc.status_code, code, message, dict(exc.headers or {}))
 
 

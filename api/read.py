@@ -1300,7 +1300,8 @@ def read_router() -> Router:
         routes=[
             Route(endpoint.route_path, endpoint_view(endpoint), methods=["GET"])
             for endpoint in ENDPOINTS
-        ]
+        ],
+        redirect_slashes=False,  # as the app's own router (api.app)
     )
 
 

@@ -571,7 +571,7 @@ def test_a_rebuild_killed_alone_leaves_its_processes_quiet(tmp_path: Path, log: 
 def test_ctrl_c_stops_project_once_with_one_line(tmp_path: Path, log: AuditLog) -> None:
     """It printed KeyboardInterrupt's traceback and died by the signal (QA). Each step commits
     whole or not at all, so a run after it applies the rest."""
-    log.record(many_users(6000))
+    log.record(many_users(20_000))  # steps enough that the signal lands before the end
     env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(log.database)}
     project = subprocess.Popen(
         [*AUDIT, "project", "--once"], env=env, stderr=subprocess.PIPE, text=True
