@@ -530,18 +530,32 @@ def test_a_rebuild_through_another_path_to_the_file_takes_the_same_lock(
     assert refused.returncode == 3, refused.stdout
 
 
-def test_ctrl_c_stops_a_rebuild_with_one_line(tmp_path: Path, log: AuditLog) -> None:
-    """It printed KeyboardInterrupt's traceback (found by review)."""
-    log.record(many_users(3000))
-    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(log.database)}
+def signalled_rebuild(env: dict[str, str], signum: signal.Signals) -> tuple[int, str]:
+    """`audit rebuild --all` sent `signum` at its bar's first step: its exit status, and what
+    was written to its stderr to the end (every process that could write to it has ended)."""
     rebuild = subprocess.Popen(
         [*AUDIT, "rebuild", "--all"], env=env, stderr=subprocess.PIPE, text=True
     )
     first_step_of(rebuild)
-    rebuild.send_signal(signal.SIGINT)
+    rebuild.send_signal(signum)
     assert rebuild.stderr is not None
     rest = rebuild.stderr.read()
-    assert rebuild.wait(timeout=60) == 128 + signal.SIGINT
+    return rebuild.wait(timeout=60), rest
+
+
+def assert_a_run_applies_the_rest(env: dict[str, str], log: AuditLog) -> None:
+    again = run_audit("project", "--once", env=env)
+    assert again.returncode == 0, again.stderr
+    status = Projector(log).status()
+    assert status and all(row["lag"] == 0 and row["state"] == "live" for row in status), status
+
+
+def test_ctrl_c_stops_a_rebuild_with_one_line(tmp_path: Path, log: AuditLog) -> None:
+    """It printed KeyboardInterrupt's traceback (found by review)."""
+    log.record(many_users(3000))
+    env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(log.database)}
+    status, rest = signalled_rebuild(env, signal.SIGINT)
+    assert status == 128 + signal.SIGINT
     assert "Traceback" not in rest
     last = rest.strip().splitlines()[-1]
     assert last.startswith("audit rebuild: interrupted. A build not yet switched is carried on")
@@ -553,19 +567,10 @@ def test_a_rebuild_killed_alone_leaves_its_processes_quiet(tmp_path: Path, log: 
     They end without a word, as the build is carried on by the next run."""
     log.record(many_users(10_000))
     env = {**base_env(tmp_path), "AUDIT_DATABASE_URL": url_of(log.database)}
-    rebuild = subprocess.Popen(
-        [*AUDIT, "rebuild", "--all"], env=env, stderr=subprocess.PIPE, text=True
-    )
-    first_step_of(rebuild)
-    rebuild.send_signal(signal.SIGTERM)
-    assert rebuild.wait(timeout=60) == -signal.SIGTERM
-    assert rebuild.stderr is not None
-    rest = rebuild.stderr.read()  # to its end: every process that could write to it has ended
+    status, rest = signalled_rebuild(env, signal.SIGTERM)
+    assert status == -signal.SIGTERM
     assert "Traceback" not in rest, rest
-    again = run_audit("project", "--once", env=env)
-    assert again.returncode == 0, again.stderr
-    status = Projector(log).status()
-    assert all(row["lag"] == 0 and row["state"] == "live" for row in status), status
+    assert_a_run_applies_the_rest(env, log)
 
 
 def test_ctrl_c_stops_project_once_with_one_line(tmp_path: Path, log: AuditLog) -> None:
@@ -595,10 +600,7 @@ def test_ctrl_c_stops_project_once_with_one_line(tmp_path: Path, log: AuditLog) 
     assert project.wait(timeout=60) == 128 + signal.SIGINT, said
     assert "Traceback" not in said
     assert said.strip().splitlines()[-1].startswith("audit project: interrupted;")
-    again = run_audit("project", "--once", env=env)
-    assert again.returncode == 0, again.stderr
-    status = Projector(log).status()
-    assert status and all(row["lag"] == 0 for row in status), status
+    assert_a_run_applies_the_rest(env, log)
 
 
 @pytest.mark.postgres
