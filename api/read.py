@@ -30,6 +30,7 @@ from api.errors import RETRY_AFTER_SECONDS, ApiError
 from api.responses import ExportResponse, JSONResponse
 from audit import queries
 from audit.aggregates.state import created_sort_key, has_versions
+from audit.aggregates.versions import OrderKey
 from audit.application import AuditLog
 from audit.cursors import CursorError, decode_cursor, encode_cursor
 from audit.jsontext import dumps
@@ -941,7 +942,9 @@ def _memberships_of_user_as_of(request: Request, user_id: str, as_of: int) -> li
         user = None  # known from memberships only (a store begun after its creation, say)
     if user is not None and user["deleted"]:
         return []
-    rows = []
+    # Each membership once, as its newest version across organizations has it (a membership
+    # re-sent under another organization, never by Clerk, was listed from each one's fold).
+    newest: dict[str, tuple[OrderKey, dict[str, Any]]] = {}
     member_by_then = False  # of any organization, though removed or its organization deleted
     log = log_of(request)
     for organization_id in queries.membership_organizations(db_of(request), user_id):
@@ -953,13 +956,18 @@ def _memberships_of_user_as_of(request: Request, user_id: str, as_of: int) -> li
         organization = state.view()
         if organization["deleted"]:
             continue
-        rows += [
-            {"id": member["id"], "organization_id": organization_id, "view": member}
-            for member in organization["members"]
-            if member.get("user_id") == user_id and not member.get("deleted")
-        ]
+        for member in organization["members"]:
+            key, held = state.membership_order(member["id"]), newest.get(member["id"])
+            if key is not None and (held is None or key > held[0]):
+                row = {"id": member["id"], "organization_id": organization_id, "view": member}
+                newest[member["id"]] = (key, row)
     if not member_by_then and (user is None or user["first_seen_at"] is None):
         raise _no_state("user", user_id, known=False, as_of=as_of)  # nothing of them by then
+    rows = [
+        row
+        for _, row in newest.values()
+        if row["view"].get("user_id") == user_id and not row["view"].get("deleted")
+    ]
     # In creation order across organizations, as one organization's members are.
     return sorted(rows, key=lambda row: created_sort_key(row["view"]))
 

@@ -2669,6 +2669,40 @@ def test_a_users_organizations_as_of_a_time_are_rebuilt_from_each_organization(
         assert before.status_code == 404, before.text
 
 
+def test_a_membership_re_sent_under_another_organization_is_one_of_the_users_organizations(
+    world: World,
+) -> None:
+    """A membership's newer version under another organization (never sent by Clerk): the
+    first organization's fold still has it, and `as_of` listed it twice when the user had
+    another membership there, once from each fold (QA). It is listed once, where its newest
+    version is, as in the current list."""
+    user_id = "user_2reSentUnderAnotherOrg1"
+    moved, stays = "orgmem_2reSentUnderAnotherOrg", "orgmem_3reSentUnderAnotherOrg"
+    first, second = "org_2reSentUnderAnotherOrgA", "org_2reSentUnderAnotherOrgB"
+    for event_type, member_id, org_id, created, at in (
+        ("organizationMembership.created", moved, first, T_CREATED, T_CREATED),
+        ("organizationMembership.updated", moved, second, T_CREATED, T_UPDATED),
+        ("organizationMembership.created", stays, first, T_CREATED + 1000, T_CREATED + 1000),
+    ):
+        data = copy.deepcopy(payload("organizationMembership.created")["data"])
+        data.update(id=member_id, created_at=created, updated_at=at)
+        data["organization"]["id"] = org_id
+        data["public_user_data"]["user_id"] = user_id
+        world.deliver(_envelope(event_type, data, at, UPDATE_IP))
+    world.projector.run_once()
+    organizations = f"/v1/users/{user_id}/organizations"
+    listed = [(item["id"], item["organization_id"]) for item in world.walk(organizations)]
+    assert listed == [(moved, second), (stays, first)]
+    for as_of in (T_UPDATED, MAX_EPOCH_MS - 1):
+        walked = world.walk(organizations, {"as_of": as_of}, limit=1)
+        assert [(item["id"], item["organization_id"]) for item in walked] == listed
+    walked = world.walk(organizations, {"as_of": T_UPDATED - 1}, limit=1)
+    assert [(item["id"], item["organization_id"]) for item in walked] == [
+        (moved, first),
+        (stays, first),
+    ]
+
+
 def _walk_as_of(world: World, user_id: str, second: int) -> list[dict[str, Any]]:
     """A user's organizations as of a second after T_CREATED, a page of one at a time."""
     path = f"/v1/users/{user_id}/organizations"

@@ -17,7 +17,7 @@ from audit.aggregates.changes import Change
 from audit.aggregates.delivery import Delivery
 from audit.aggregates.fields import nonempty_str
 from audit.aggregates.routing import organization_id_of, user_id_of
-from audit.aggregates.versions import ObjectVersions, Placement, Version
+from audit.aggregates.versions import ObjectVersions, OrderKey, Placement, Version
 from audit.timeparse import epoch_ms
 
 SNAPSHOT_VERSION = 1
@@ -410,6 +410,14 @@ class OrganizationState:
             "first_seen_at": self._stream.first_seen_at,
             "last_event_at": self._stream.last_event_at,
         }
+
+    def membership_order(self, membership_id: str) -> OrderKey | None:
+        """Where the membership's current version stands in SPEC 3's order (None: it has
+        none), comparable across organizations: one re-sent under another organization (never
+        by Clerk) has versions in each one's stream."""
+        versions = self.memberships.get(membership_id)
+        current = None if versions is None else versions.current
+        return None if current is None else current.key
 
     def names_member(self, user_id: str) -> bool:
         """Whether any of its memberships so far is the user's, removed ones included."""
