@@ -988,16 +988,20 @@ def _first_timeline_page(
     session in it lies at or before that position, and none stored since is missed by a walk
     that ends here. (The session's highest position instead took reading every one of its
     events: 11 ms a first page at 30,000; a statement of its own cost a page half again.)"""
-    conditions = " AND ".join(["session_id = %s", "position <= walk.upto", *where])
-    found = db.fetchall(
-        f"SELECT {_TIMELINE_COLUMNS}, walk.upto AS walk_upto FROM {t['session_events']},"
-        f" (SELECT notification_id AS upto FROM {db.table(db.tracking_table)}"
-        " WHERE application_name = %s) walk"
-        f" WHERE {conditions} ORDER BY ordered_at, position LIMIT %s",
-        [tracking_key(t.projection, t.generation), session_id, *params, limit + 1],
+    # A scalar subquery (run once), not a join: joined, PostgreSQL estimating few rows for a
+    # session took the tracking row first and sorted all of the session's (16.5 ms at 20,000).
+    applied = (
+        f"(SELECT notification_id FROM {db.table(db.tracking_table)} WHERE application_name = %s)"
     )
-    upto = found[0]["walk_upto"] if found else 0
-    return _timeline_page([(0, row) for row in found], limit, upto)
+    key = tracking_key(t.projection, t.generation)
+    conditions = " AND ".join(["session_id = %s", f"position <= {applied}", *where])
+    found = db.fetchall(
+        f"SELECT {_TIMELINE_COLUMNS}, {applied} AS walk_upto FROM {t['session_events']}"
+        f" WHERE {conditions} ORDER BY ordered_at, position LIMIT %s",
+        [key, session_id, key, *params, limit + 1],
+    )
+    start = found[0]["walk_upto"] if found else 0
+    return _timeline_page([(0, row) for row in found], limit, start)
 
 
 def _timeline_page(rows: list[tuple[int, Any]], limit: int, upto: int) -> Page:
