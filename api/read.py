@@ -943,8 +943,9 @@ def _memberships_of_user_as_of(request: Request, user_id: str, as_of: int) -> li
     if user is not None and user["deleted"]:
         return []
     # Each membership once, as its newest version across organizations has it (a membership
-    # re-sent under another organization, never by Clerk, was listed from each one's fold).
-    newest: dict[str, tuple[OrderKey, dict[str, Any]]] = {}
+    # re-sent under another organization, never by Clerk, was listed from each one's fold):
+    # its version's order, whether it or its organization is deleted, and the row.
+    newest: dict[str, tuple[OrderKey, bool, dict[str, Any]]] = {}
     member_by_then = False  # of any organization, though removed or its organization deleted
     log = log_of(request)
     for organization_id in queries.membership_organizations(db_of(request), user_id):
@@ -953,20 +954,20 @@ def _memberships_of_user_as_of(request: Request, user_id: str, as_of: int) -> li
         except AggregateNotFoundError:
             continue  # nothing of it had happened by then
         member_by_then = member_by_then or state.names_member(user_id)
-        organization = state.view()
-        if organization["deleted"]:
-            continue
-        for member in organization["members"]:
-            key, held = state.membership_order(member["id"]), newest.get(member["id"])
-            if key is not None and (held is None or key > held[0]):
+        organization_deleted = state.view()["deleted"]
+        for key, member in state.memberships_in_order():
+            held = newest.get(member["id"])
+            if held is None or key > held[0]:
                 row = {"id": member["id"], "organization_id": organization_id, "view": member}
-                newest[member["id"]] = (key, row)
+                newest[member["id"]] = (key, organization_deleted or member["deleted"], row)
     if not member_by_then and (user is None or user["first_seen_at"] is None):
         raise _no_state("user", user_id, known=False, as_of=as_of)  # nothing of them by then
+    # Removed ones, and those of a deleted organization, weighed all the same: a newest version
+    # removed, or in an organization deleted since, left it listed where it had been (review).
     rows = [
         row
-        for _, row in newest.values()
-        if row["view"].get("user_id") == user_id and not row["view"].get("deleted")
+        for _, gone, row in newest.values()
+        if not gone and row["view"].get("user_id") == user_id
     ]
     # In creation order across organizations, as one organization's members are.
     return sorted(rows, key=lambda row: created_sort_key(row["view"]))

@@ -2701,6 +2701,32 @@ def test_a_membership_re_sent_under_another_organization_is_one_of_the_users_org
         (moved, first),
         (stays, first),
     ]
+    # The organization it moved to deleted: not listed in the one it left either (review).
+    gone = {"object": "organization", "id": second, "deleted": True}
+    world.deliver(_envelope("organization.deleted", gone, T_UPDATED + 1000, UPDATE_IP))
+    world.projector.run_once()
+    listed = [(item["id"], item["organization_id"]) for item in world.walk(organizations)]
+    assert listed == [(stays, first)]
+    walked = world.walk(organizations, {"as_of": MAX_EPOCH_MS - 1}, limit=1)
+    assert [(item["id"], item["organization_id"]) for item in walked] == listed
+    # Another moved to a third organization and removed there: listed nowhere.
+    third, removed = "org_2reSentUnderAnotherOrgC", "orgmem_4reSentUnderAnotherOrg"
+    for event_type, org_id, at in (
+        ("organizationMembership.created", first, T_CREATED + 2000),
+        ("organizationMembership.updated", third, T_UPDATED),
+    ):
+        data = copy.deepcopy(payload("organizationMembership.created")["data"])
+        data.update(id=removed, created_at=T_CREATED + 2000, updated_at=at)
+        data["organization"]["id"] = org_id
+        data["public_user_data"]["user_id"] = user_id
+        world.deliver(_envelope(event_type, data, at, UPDATE_IP))
+    stub = {"object": "organization_membership", "id": removed, "deleted": True}
+    stub["organization"] = {"id": third}
+    world.deliver(_envelope("organizationMembership.deleted", stub, T_UPDATED + 2000, UPDATE_IP))
+    world.projector.run_once()
+    assert [(item["id"], item["organization_id"]) for item in world.walk(organizations)] == listed
+    walked = world.walk(organizations, {"as_of": MAX_EPOCH_MS - 1}, limit=1)
+    assert [(item["id"], item["organization_id"]) for item in walked] == listed
 
 
 def _walk_as_of(world: World, user_id: str, second: int) -> list[dict[str, Any]]:

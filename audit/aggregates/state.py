@@ -411,13 +411,15 @@ class OrganizationState:
             "last_event_at": self._stream.last_event_at,
         }
 
-    def membership_order(self, membership_id: str) -> OrderKey | None:
-        """Where the membership's current version stands in SPEC 3's order (None: it has
-        none), comparable across organizations: one re-sent under another organization (never
-        by Clerk) has versions in each one's stream."""
-        versions = self.memberships.get(membership_id)
-        current = None if versions is None else versions.current
-        return None if current is None else current.key
+    def memberships_in_order(self) -> list[tuple[OrderKey, dict[str, Any]]]:
+        """Each membership's view, removed ones included, with where its current version
+        stands in SPEC 3's order: comparable across organizations, as one re-sent under another
+        organization (never by Clerk) has versions in each one's stream."""
+        return [
+            (versions.current.key, membership_view(membership_id, versions))
+            for membership_id, versions in self.memberships.items()
+            if versions.current is not None
+        ]
 
     def names_member(self, user_id: str) -> bool:
         """Whether any of its memberships so far is the user's, removed ones included."""
