@@ -953,9 +953,9 @@ def _memberships_of_user_as_of(request: Request, user_id: str, as_of: int) -> li
             state = log.organization_state(organization_id, as_of=as_of)
         except AggregateNotFoundError:
             continue  # nothing of it had happened by then
-        member_by_then = member_by_then or state.names_member(user_id)
-        organization_deleted = state.view()["deleted"]
+        organization_deleted = state.organization.deleted
         for key, member in state.memberships_in_order():
+            member_by_then = member_by_then or member["user_id"] == user_id
             held = newest.get(member["id"])
             if held is None or key > held[0]:
                 row = {"id": member["id"], "organization_id": organization_id, "view": member}

@@ -41,6 +41,7 @@ from audit.projections.runner import (
     UnknownProjection,
     active_tables,
     all_projections,
+    tracked_position_query,
     tracking_key,
 )
 from audit.storage import Db, StoreUnavailable
@@ -990,9 +991,7 @@ def _first_timeline_page(
     events: 11 ms a first page at 30,000; a statement of its own cost a page half again.)"""
     # A scalar subquery (run once), not a join: joined, PostgreSQL estimating few rows for a
     # session took the tracking row first and sorted all of the session's (16.5 ms at 20,000).
-    applied = (
-        f"(SELECT notification_id FROM {db.table(db.tracking_table)} WHERE application_name = %s)"
-    )
+    applied = f"({tracked_position_query(db)})"
     key = tracking_key(t.projection, t.generation)
     conditions = " AND ".join(["session_id = %s", f"position <= {applied}", *where])
     found = db.fetchall(

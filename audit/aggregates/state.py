@@ -421,13 +421,6 @@ class OrganizationState:
             if versions.current is not None
         ]
 
-    def names_member(self, user_id: str) -> bool:
-        """Whether any of its memberships so far is the user's, removed ones included."""
-        return any(
-            membership_view(membership_id, versions)["user_id"] == user_id
-            for membership_id, versions in self.memberships.items()
-        )
-
     def to_snapshot(self) -> dict[str, Any]:
         return {
             "snapshot_version": SNAPSHOT_VERSION,

@@ -283,14 +283,7 @@ class Projector:
         key = tracking_key(projection.name, generation)
         # A step's rows commit with its position: a step lost in a crash is applied again.
         with self._stepping(wait_for_flush=False) as cursor:
-            suffix = " FOR UPDATE" if self.db.dialect == "postgresql" else ""
-            cursor.execute(
-                self.db.sql(
-                    f"SELECT notification_id FROM {self._tracking()}"
-                    f" WHERE application_name = %s{suffix}"
-                ),
-                [key],
-            )
+            cursor.execute(self.db.sql(tracked_position_query(self.db, lock=True)), [key])
             found = cursor.fetchone()
             if found is None:
                 return 0  # this generation was switched away or dropped meanwhile
@@ -891,15 +884,18 @@ def reads_behind(db: Db, name: str) -> Behind | None:
     return Behind(applied, stored, row["building_version"]) if applied < stored else None
 
 
+def tracked_position_query(db: Db, *, lock: bool = False) -> str:
+    """The SELECT of the last store position a generation (`tracking_key`, the one parameter)
+    has applied; `lock` holds its row (PostgreSQL) until the transaction ends."""
+    suffix = " FOR UPDATE" if lock and db.dialect == "postgresql" else ""
+    return (
+        f"SELECT notification_id FROM {db.table(db.tracking_table)}"
+        f" WHERE application_name = %s{suffix}"
+    )
+
+
 def tracked_position(db: Db, cursor: Cursor, key: str, *, lock: bool = False) -> int:
     """The last store position a projection's generation (`tracking_key`) has applied."""
-    suffix = " FOR UPDATE" if lock and db.dialect == "postgresql" else ""
-    cursor.execute(
-        db.sql(
-            f"SELECT notification_id FROM {db.table(db.tracking_table)}"
-            f" WHERE application_name = %s{suffix}"
-        ),
-        [key],
-    )
+    cursor.execute(db.sql(tracked_position_query(db, lock=lock)), [key])
     row = cursor.fetchone()
     return row["notification_id"] if row else 0
