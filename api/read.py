@@ -149,8 +149,8 @@ FIELD = Param(
     "Dotted field path (`first_name`, `email_addresses.idn_x.email_address`); a key's own `.`"
     " and `\\` are escaped with `\\` (`unsafe_metadata.a\\.b`); repeatable. A change listed"
     " at an enclosing path (`email_addresses.idn_x`: the element added or removed whole) is"
-    " one of the field's too; one at a path inside it is not (`public_metadata` finds the"
-    " metadata set or cleared whole, `public_metadata.department` that key's changes).",
+    " one of the field's too, and so is one at any path under it (`public_metadata` finds"
+    " the changes of each of its keys, `email_addresses` those of every address).",
     {"type": "array", "items": {"type": "string"}, "maxItems": MAX_REPEATS},
     repeatable=True,
     example=["first_name"],

@@ -25,6 +25,7 @@ Functions return plain dicts with epoch-millisecond times and parsed JSON; the A
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import weakref
 from collections.abc import Callable, Sequence
@@ -34,9 +35,10 @@ from typing import Any, TypeVar
 import psycopg
 
 from audit.aggregates.actor import actor_of
-from audit.aggregates.changes import MAX_FIELD_LENGTH, with_enclosing
+from audit.aggregates.changes import MAX_FIELD_LENGTH, field_keys, field_path, with_enclosing
 from audit.application import AuditLog
 from audit.projections.base import Tables, from_json, marked_start
+from audit.projections.objects import FIELD_ORDER_FROM
 from audit.projections.runner import (
     UnknownProjection,
     active_tables,
@@ -747,6 +749,7 @@ def changes_page(
             return Page([], None)
         # Each candidate: its alternative conditions, and the side they are on.
         candidates: list[tuple[list[tuple[str, list[Any]]], _Side]] = []
+        field_filter: _FieldFilter | None = None
         if filters.subject is not None:
             subject = [("object_id = %s", [filters.subject]), ("owner_id = %s", [filters.subject])]
             # A membership is its organization's, and concerns its user too (SPEC 3): a
@@ -766,7 +769,8 @@ def changes_page(
             )
             if not paths:
                 return Page([], None)
-            candidates.append(([("field = %s", [path]) for path in paths], changes))
+            field_filter = _FieldFilter(db, t, filters.fields, list(paths))
+            candidates.append((field_filter.branches, changes))
         if filters.actor_ips:
             candidates.append(([("actor_ip = %s", [ip]) for ip in filters.actor_ips], facts))
         if types:
@@ -774,7 +778,13 @@ def changes_page(
         # The first filter that can drive drives; the others filter what it finds. Without
         # one, the side with the time drives, by position (history: a tenth the size).
         driving, driver = next(
-            ((c, side) for c, side in candidates if len(c) <= MAX_BRANCHES), ([], facts)
+            (
+                (c, side)
+                for c, side in candidates
+                if len(c) <= MAX_BRANCHES
+                and (field_filter is None or side is not changes or field_filter.can_drive)
+            ),
+            ([], facts),
         )
         for candidate, side in candidates:
             if candidate is not driving:
@@ -812,11 +822,122 @@ def changes_page(
             rows = _walk_from_changes(
                 db, t, driving, history, changes, after, limit + 1, per_row=per_row
             )
+        if field_filter is not None:
+            field_filter.learn_from(rows)
         return _page(
             rows, limit, lambda row: (row["position"], row["object_id"], row["field"]), _change
         )
 
     return _with_tables(db, "objects", query)
+
+
+# The paths under a `field=` name that a page reads each through the field's index: with more,
+# the name's whole range filters what another index finds.
+MAX_PATHS_UNDER = 8
+# Per database and generation, the paths known under each name looked under (None: more than
+# MAX_PATHS_UNDER), so that a page does not look again. A hint, never the answer (`_FieldFilter`).
+_paths_under_known: weakref.WeakKeyDictionary[Db, dict[tuple[str, str], tuple[str, ...] | None]] = (
+    weakref.WeakKeyDictionary()
+)
+_PATHS_UNDER_KNOWN_MOST = 4096
+
+
+class _FieldFilter:
+    """What `field=` of `names` finds: changes at `paths` (the names and the paths enclosing
+    them), and at every path under a name (`name.` and longer): a change to a key of
+    `public_metadata` is a change of `public_metadata`.
+
+    Paths compare byte by byte (FIELD_ORDER), so those under a name are the range from `name.`
+    up to `name/`. Read as one range of the field's index, its rows come in field order, and
+    a page sorts them all (SQLite always; PostgreSQL, when it does not walk the whole table by
+    position instead): so the known paths under a name are each a branch, in position order,
+    and so is each gap between them, which holds nothing unless a path appeared since they
+    were looked up (`learn_from` then forgets them). A page is one statement, so it is right
+    whatever is known; what is known only makes it fast. A name with more than
+    MAX_PATHS_UNDER paths under it filters by its range (`can_drive` is False). A live
+    generation older than FIELD_ORDER_FROM keeps paths in the database's own order: it finds
+    none under the names, as before that version.
+    """
+
+    def __init__(self, db: Db, t: Tables, names: Sequence[str], paths: list[str]) -> None:
+        self.db, self.t = db, t
+        self.can_drive = True
+        self.prefixes: list[str] = []
+        if t.version is None or t.version >= FIELD_ORDER_FROM:
+            # Only a well-formed path has paths under it (`a\` would look under `a\.`).
+            looked = [f"{n}." for n in dict.fromkeys(names) if field_path(field_keys(n)) == n]
+            looked = [p for p in looked if len(p) <= MAX_FIELD_LENGTH]
+            # The outermost: `a.b.` is in `a.`'s range.
+            self.prefixes = [
+                p for p in looked if not any(o != p and p.startswith(o) for o in looked)
+            ]
+        exact = [p for p in paths if not any(p.startswith(prefix) for prefix in self.prefixes)]
+        self.branches: list[tuple[str, list[Any]]] = [("field = %s", [p]) for p in exact]
+        known = self._known(self.prefixes)
+        for prefix in self.prefixes:
+            end = prefix[:-1] + "/"  # the least text after every one that starts with `prefix`
+            under = known[prefix]
+            if under is None:
+                self.can_drive = False
+                self.branches.append(("(field >= %s AND field < %s)", [prefix, end]))
+                continue
+            self.branches += [("field = %s", [path]) for path in under]
+            bounds = [prefix, *under, end]
+            for number, (low, high) in enumerate(itertools.pairwise(bounds)):
+                above = ">" if number else ">="  # a known path is its own branch's
+                self.branches.append((f"(field {above} %s AND field < %s)", [low, high]))
+
+    def _known(self, prefixes: list[str]) -> dict[str, tuple[str, ...] | None]:
+        cache = _paths_under_known.setdefault(self.db, {})
+        found = {p: cache[key] for p in prefixes if (key := (self.t.prefix, p)) in cache}
+        missing = [p for p in prefixes if p not in found]
+        if missing:
+            looked = self._look_under(missing)
+            if len(cache) + len(looked) > _PATHS_UNDER_KNOWN_MOST:
+                cache.clear()
+            for prefix, under in looked.items():
+                cache[(self.t.prefix, prefix)] = under
+            found.update(looked)
+        return found
+
+    def _look_under(self, prefixes: list[str]) -> dict[str, tuple[str, ...] | None]:
+        """The distinct paths under each prefix, by a skip scan of the field's index, in one
+        statement (None for a prefix with more than MAX_PATHS_UNDER)."""
+        table = self.t["changes"]
+        scans, selects, params = [], [], []
+        for number, prefix in enumerate(prefixes):
+            end = prefix[:-1] + "/"
+            scans.append(
+                f"u{number}(field, n) AS ("
+                f" SELECT (SELECT MIN(field) FROM {table} WHERE field >= %s AND field < %s), 1"
+                f" UNION ALL SELECT (SELECT MIN(field) FROM {table}"
+                f" WHERE field > u{number}.field AND field < %s), n + 1"
+                f" FROM u{number} WHERE u{number}.field IS NOT NULL AND n <= %s)"
+            )
+            params += [prefix, end, end, MAX_PATHS_UNDER]
+            selects.append(f"SELECT {number} AS k, field FROM u{number} WHERE field IS NOT NULL")
+        rows = self.db.fetchall(
+            f"WITH RECURSIVE {', '.join(scans)} {' UNION ALL '.join(selects)}", params
+        )
+        under: dict[str, list[str]] = {prefix: [] for prefix in prefixes}
+        for row in rows:
+            under[prefixes[row["k"]]].append(row["field"])
+        return {
+            prefix: None if len(paths) > MAX_PATHS_UNDER else tuple(sorted(paths))
+            for prefix, paths in under.items()
+        }
+
+    def learn_from(self, rows: Sequence[Any]) -> None:
+        """Forget the paths known under a name when a page found one more (in a gap)."""
+        cache = _paths_under_known.get(self.db)
+        if not cache:
+            return
+        for row in rows:
+            field = row["field"]
+            for prefix in self.prefixes:
+                under = cache.get((self.t.prefix, prefix))
+                if under is not None and field.startswith(prefix) and field not in under:
+                    cache.pop((self.t.prefix, prefix), None)
 
 
 def _is_membership_of(db: Db, t: Tables) -> str:
@@ -858,14 +979,17 @@ def _values(candidate: list[tuple[str, list[Any]]]) -> list[Any]:
 
 
 def _any_condition(db: Db, candidate: list[tuple[str, list[Any]]]) -> tuple[str, list[Any]]:
-    """One condition for a filter's alternatives: `column IN (...)` when each is an equality of
-    one column. (A hundred deep `field`s are a thousand or more enclosing paths: as ORs, more
-    than SQLite's parser takes.)"""
-    columns = {sql.removesuffix(" = %s") for sql, _ in candidate}
-    if len(columns) == 1 and all(sql.endswith(" = %s") for sql, _ in candidate):
-        condition, params = db.any_of(_values(candidate))
-        return f"{columns.pop()} {condition}", params
-    return f"({' OR '.join(sql for sql, _ in candidate)})", _values(candidate)
+    """One condition for a filter's alternatives, its equalities of one column as one
+    `column IN (...)`. (A hundred deep `field`s are a thousand or more enclosing paths: as
+    ORs, more than SQLite's parser takes.)"""
+    equalities = [(sql, params) for sql, params in candidate if sql.endswith(" = %s")]
+    columns = {sql.removesuffix(" = %s") for sql, _ in equalities}
+    if len(columns) != 1:
+        return f"({' OR '.join(sql for sql, _ in candidate)})", _values(candidate)
+    condition, params = db.any_of(_values(equalities))
+    others = [(sql, values) for sql, values in candidate if not sql.endswith(" = %s")]
+    sql = " OR ".join([f"{columns.pop()} {condition}", *(sql for sql, _ in others)])
+    return (f"({sql})" if others else sql), [*params, *_values(others)]
 
 
 def _walk_from_history(

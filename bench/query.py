@@ -100,6 +100,14 @@ ROUTES: tuple[RouteSpec, ...] = (
         target=True,
     ),
     RouteSpec("/v1/changes?field=first_name", lambda r, i: "/v1/changes?field=first_name", True),
+    # The paths under a field (`objects` v14): a few (`public_metadata.department`), each a
+    # branch of the field's index; and many (each address's), one range of it.
+    RouteSpec(
+        "/v1/changes?field=public_metadata", lambda r, i: "/v1/changes?field=public_metadata"
+    ),
+    RouteSpec(
+        "/v1/changes?field=email_addresses", lambda r, i: "/v1/changes?field=email_addresses"
+    ),
     RouteSpec(
         "/v1/changes?subject={user}", lambda r, i: f"/v1/changes?subject={_pick(r, i.users)}"
     ),

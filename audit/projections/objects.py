@@ -60,6 +60,14 @@ ACTIVITY_KEY = "latest_activity_key"
 
 SELF_OWNED = ("user", "organization", "role", "permission")
 
+# A change path's collation: byte order, in which the paths under `a.b` are exactly those from
+# `a.b.` up to `a.b/` (`/` follows `.`), so `field=` finds them by a range of the field's index.
+# A database's own collation may not be (en_US ignores punctuation at first). SQLite's default
+# is byte order.
+FIELD_ORDER = {"postgresql": ' COLLATE "C"', "sqlite": ""}
+# The first version whose paths are in that order.
+FIELD_ORDER_FROM = 14
+
 _VERSION_FIELDS = "event_id, type, k1, k2, k3, occurred_at, deletion, data"
 VERSION_COLUMNS = (
     ("object_id", "text"),
@@ -150,8 +158,9 @@ VIEW_OF_TABLE = {
 class ObjectsProjection(Projection):
     name = "objects"
     # 11: current rows keep the position that listed them (`listed_at`); 12: roles, permissions;
-    # 13: changes hide what the snapshots' own `object` members make secret
-    version = 13
+    # 13: changes hide what the snapshots' own `object` members make secret; 14: change paths
+    # compare byte by byte on PostgreSQL too (FIELD_ORDER), so the paths under one are a range
+    version = 14
     time_marks_from = 5
     rebuild_seconds = 233.5
     table_names = ("versions", "history", "changes", "time_marks", *VIEW_OF_TABLE)
@@ -176,7 +185,8 @@ class ObjectsProjection(Projection):
             " PRIMARY KEY (position))",
             f"CREATE INDEX {t.index('history_object')} ON {t['history']} (object_id, position)",
             f"CREATE TABLE {t['changes']} ("
-            " position BIGINT NOT NULL, object_id TEXT NOT NULL, field TEXT NOT NULL,"
+            " position BIGINT NOT NULL, object_id TEXT NOT NULL,"
+            f" field TEXT{FIELD_ORDER[db.dialect]} NOT NULL,"
             " from_value TEXT, to_value TEXT,"
             " PRIMARY KEY (position, object_id, field))",
             time_marks_schema(t),
