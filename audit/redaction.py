@@ -1,7 +1,8 @@
 """Secrets out (SPEC 3), in one place: what no API response or export may contain.
 
 - `otp_code`, wherever it appears (Clerk puts it in `email.data.data.otp_code`), and every other
-  occurrence of that code inside the same item (the sample e-mail's `subject` repeats it);
+  occurrence of that code inside the same item (the sample e-mail's `subject` repeats it), a
+  code of digits where no other digit touches it (not inside a phone number);
 - likewise `magic_link` and `action_url`, which Clerk's e-mail templates carry in the same place:
   a sign-in link, or an invitation's or verification's link with its ticket, as good as a code;
 - likewise an OAuth verification's `external_verification_redirect_url` (in a user's external
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,7 +83,7 @@ def redact(value: Any, kind: str | None = None) -> Any:
     codes: set[str] = set()
     copied = _redact(value, kind_of(kind), codes)
     codes = {code for code in codes if len(code) >= MIN_SCRUBBED_CODE}
-    return _scrub(copied, codes) if codes else copied
+    return _scrub(copied, _code_pattern(codes)) if codes else copied
 
 
 def redact_change(object_type: str | None, field: str, value: Any) -> Any:
@@ -211,11 +213,23 @@ def _collect_codes(value: Any, codes: set[str]) -> None:
         codes.add(str(value))
 
 
-def _scrub(value: Any, codes: set[str]) -> Any:
+def _code_pattern(codes: set[str]) -> re.Pattern[str]:
+    """Each code wherever it stands as itself. A code of digits (a one-time code) is not one
+    inside a longer run of digits: the SMS's own `+12345678901` held the code `123456`, and
+    showed as `+[redacted]78901`. Longer codes first, where one holds another."""
+    return re.compile(
+        "|".join(
+            rf"(?<![0-9]){re.escape(code)}(?![0-9])"
+            if code.isascii() and code.isdigit()
+            else re.escape(code)
+            for code in sorted(codes, key=len, reverse=True)
+        )
+    )
+
+
+def _scrub(value: Any, codes: re.Pattern[str]) -> Any:
     if isinstance(value, str):
-        for code in codes:
-            value = value.replace(code, REDACTED)
-        return value
+        return codes.sub(REDACTED, value)
     if isinstance(value, dict):
         return {key: _scrub(item, codes) for key, item in value.items()}
     if isinstance(value, list):

@@ -1938,6 +1938,19 @@ def test_redaction_rules() -> None:
     assert email["body"] != REDACTED  # a copy: the input is untouched
     sms = redact(payload("sms.created")["data"])
     assert sms["message"] == REDACTED and sms["to_phone_number"] == "+19876543210"
+    # A code is scrubbed out of other strings where it stands as itself, not out of a longer
+    # run of digits that happens to hold it (found by QA: `+[redacted]78901`).
+    coded = dict(payload("sms.created")["data"], data={"otp_code": "123456"})
+    coded.update(from_phone_number="+12345678901", message="Code 123456.", slug="x123456y")
+    scrubbed = redact(coded, "sms.created")
+    assert scrubbed["from_phone_number"] == "+12345678901"
+    assert scrubbed["slug"] == f"x{REDACTED}y" and scrubbed["message"] == REDACTED
+    assert redact({"otp_code": "1234", "s": "1234 and 12345"}) == {
+        "otp_code": REDACTED,
+        "s": f"{REDACTED} and 12345",
+    }
+    link = "https://x.test/v?token=1"
+    assert redact({"magic_link": link, "s": f"go {link}2"})["s"] == f"go {REDACTED}2"
     invitation = redact(payload("organizationInvitation.created")["data"])
     assert invitation["url"] == REDACTED and invitation["email_address"] == "jane.doe@acme.com"
     stub = redact({"id": "orginv_1", "url": "https://x/?token=1"}, "organizationInvitation.revoked")
