@@ -20,7 +20,12 @@ from typing import Any
 import orjson
 from eventsourcing.persistence import JSONTranscoder, Transcoding
 
-from audit.aggregates.state import OrganizationState, UserState
+from audit.aggregates.state import (
+    SNAPSHOT_VERSION,
+    OrganizationState,
+    OutdatedSnapshot,
+    UserState,
+)
 from audit.jsontext import loads
 
 # Deeper than a record's own nesting: a payload's attributes nested deeper are read and
@@ -129,4 +134,7 @@ class StateAsJson(Transcoding):
         return json.dumps(obj.to_snapshot(), separators=(",", ":"))
 
     def decode(self, data: str) -> UserState | OrganizationState:
-        return self.type.from_snapshot(loads(data))
+        snapshot = loads(data)
+        if snapshot.get("snapshot_version") != SNAPSHOT_VERSION:
+            raise OutdatedSnapshot(snapshot.get("snapshot_version"))
+        return self.type.from_snapshot(snapshot)

@@ -495,6 +495,33 @@ def test_messages_are_counted_not_versioned() -> None:
     assert view["sms"] == {"count": 1, "first_at": 1716883200018, "last_at": 1716883200018}
 
 
+def test_a_type_outside_the_folded_ones_folds_into_nothing_even_in_a_known_family() -> None:
+    """SPEC 2: an unknown type affects no aggregate, though its prefix is a family's."""
+    user = UserState()
+    user.apply(sample("user.created"), 1)
+    user.apply(sample("email.created"), 2)
+    before = user.view()
+    for seq, (event_type, known) in enumerate(
+        (("email.delivered", "email.created"), ("session.tokenCreated", "session.created")),
+        start=3,
+    ):
+        body = envelope(known, id=f"x_{seq}")
+        body["type"] = event_type
+        folded = user.apply(delivery(body, svix_id=f"msg_{seq}"), seq)
+        assert folded.placement is None
+    body = envelope("user.updated", first_name="Changed")
+    body["type"] = "user.renamedByRule"
+    user.apply(delivery(body, svix_id="msg_9"), 9)
+    assert user.view() == before
+    organization = OrganizationState()
+    organization.apply(sample("organization.created"), 1)
+    view = organization.view()
+    body = envelope("organizationMembership.created", role="org:owner")
+    body["type"] = "organizationMembership.synced"
+    assert organization.apply(delivery(body, svix_id="msg_m"), 2).placement is None
+    assert organization.view() == view
+
+
 def test_an_ended_impersonated_session() -> None:
     created = sample("session.created", actor=IMPERSONATOR)
     ended = sample(

@@ -590,6 +590,56 @@ def test_histories(world: World) -> None:
     assert world.get("/v1/organizations/org_nobody/history").status_code == 404
 
 
+def test_a_type_clerk_may_add_to_a_known_family_is_stored_and_folds_into_nothing(
+    world: World,
+) -> None:
+    """SPEC 2: unknown types are stored and searchable and affect no aggregate. Taken by their
+    prefix, a `session.*` type about another kind of object made a session of it (listed, with
+    a timeline), a `user.*` one a user, and an `email.*` one counted an e-mail (found by QA)."""
+    reads = [
+        f"/v1/users/{FRESH_USER}",
+        f"/v1/users/{FRESH_USER}/sessions",
+        f"/v1/users/{FRESH_USER}/organizations",
+        f"/v1/users/{FRESH_USER}/history",
+        f"/v1/sessions/{FRESH_SESSION}/timeline",
+        "/v1/changes",
+    ]
+    far = {"as_of": T_UPDATED + 10**9}
+    before = [
+        world.walk(path, limit=500) if path == "/v1/changes" else world.ok(path) for path in reads
+    ]
+    state_before = world.ok(f"/v1/users/{FRESH_USER}", far)
+    sessions_before = world.ok(f"/v1/users/{FRESH_USER}/sessions", far)
+    token = {"object": "session_token", "id": "stkn_2unknownType", "session_id": FRESH_SESSION}
+    attempt = {"object": "sign_in_attempt", "id": "sia_2unknownType", "status": "failed"}
+    membership = dict(payload("organizationMembership.created")["data"], id=FRESH_MEMBERSHIP)
+    membership.update(role="org:member", updated_at=T_UPDATED + 5)
+    email = dict(payload("email.created")["data"], user_id=FRESH_USER)
+    unknown = [
+        ("session.tokenCreated", dict(token, user_id=FRESH_USER, updated_at=T_UPDATED)),
+        ("user.signInAttempted", dict(attempt, user_id=FRESH_USER, updated_at=T_UPDATED)),
+        ("organizationMembership.roleSynced", membership),
+        ("email.delivered", email),
+    ]
+    for event_type, data in unknown:
+        body = _envelope("organizationMembership.created", data, T_UPDATED + 5, UPDATE_IP)
+        world.deliver(dict(body, type=event_type))
+    world.projector.run_once()
+    after = [
+        world.walk(path, limit=500) if path == "/v1/changes" else world.ok(path) for path in reads
+    ]
+    assert after == before
+    assert world.ok(f"/v1/users/{FRESH_USER}", far) == state_before
+    assert world.ok(f"/v1/users/{FRESH_USER}/sessions", far) == sessions_before
+    assert world.get("/v1/users/sia_2unknownType").status_code == 404
+    # An id an event mentions: its sub-collections are empty, not a 404.
+    assert world.ok("/v1/sessions/stkn_2unknownType/timeline")["data"] == []
+    for event_type, data in unknown:  # stored and searchable
+        found = world.ok("/v1/events", {"type": event_type})["data"]
+        assert [e["subject"]["id"] for e in found] == [data["id"]]
+    assert len(world.ok("/v1/events", {"subject": "stkn_2unknownType"})["data"]) == 1
+
+
 def test_ids_of_every_other_kind_are_404_under_user_organization_and_session_routes(
     world: World,
 ) -> None:

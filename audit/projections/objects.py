@@ -16,6 +16,7 @@ from audit.aggregates.actor import actor_of
 from audit.aggregates.changes import Change
 from audit.aggregates.routing import organization_id_of
 from audit.aggregates.state import (
+    FOLDED_TYPES,
     activity_of,
     domain_view,
     invitation_view,
@@ -159,8 +160,9 @@ class ObjectsProjection(Projection):
     name = "objects"
     # 11: current rows keep the position that listed them (`listed_at`); 12: roles, permissions;
     # 13: changes hide what the snapshots' own `object` members make secret; 14: change paths
-    # compare byte by byte on PostgreSQL too (FIELD_ORDER), so the paths under one are a range
-    version = 14
+    # compare byte by byte on PostgreSQL too (FIELD_ORDER), so the paths under one are a range;
+    # 15: only the types the aggregates fold are versioned (FOLDED_TYPES), not all of a family's
+    version = 15
     time_marks_from = 5
     rebuild_seconds = 233.5
     table_names = ("versions", "history", "changes", "time_marks", *VIEW_OF_TABLE)
@@ -232,8 +234,12 @@ class ObjectsProjection(Projection):
         for event in events:
             family = event.delivery.type.split(".", 1)[0]
             table = TABLE_OF_FAMILY.get(family)
-            # Not versioned objects: email, sms, billing, unknown types.
-            if table is not None and event.delivery.subject_id is not None:
+            # Not versioned objects: email, sms, billing, unknown types (of these families too).
+            if (
+                table is not None
+                and event.delivery.subject_id is not None
+                and event.delivery.type in FOLDED_TYPES
+            ):
                 versioned.append((event, family, table, event.delivery.subject_id))
         if not versioned:
             return

@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from audit.aggregates.actor import actor_of
-from audit.aggregates.state import ACTIVITY_FIELDS
+from audit.aggregates.state import ACTIVITY_FIELDS, FOLDED_TYPES
 from audit.projections.base import Projection, StoredDelivery, Tables, to_json
 from audit.storage import Cursor, Db
 
+SESSION_TYPES = frozenset(name for name in FOLDED_TYPES if name.startswith("session."))
 COLUMNS = (
     ("session_id", "text"),
     ("ordered_at", "bigint"),
@@ -30,8 +31,10 @@ COLUMNS = (
 
 class SessionTimelines(Projection):
     name = "timelines"
-    # 2: `occurred_at` null without an envelope timestamp (v1 showed the receipt time as it)
-    version = 2
+    # 2: `occurred_at` null without an envelope timestamp (v1 showed the receipt time as it);
+    # 3: only the session types the aggregates fold (a `session.*` type Clerk adds later may be
+    # about another kind of object)
+    version = 3
     rebuild_seconds = 23.2
     table_names = ("session_events",)
 
@@ -51,7 +54,7 @@ class SessionTimelines(Projection):
 
 def _timeline_row(event: StoredDelivery) -> tuple[Any, ...] | None:
     delivery = event.delivery
-    if not delivery.type.startswith("session.") or delivery.subject_id is None:
+    if delivery.type not in SESSION_TYPES or delivery.subject_id is None:
         return None
     data = delivery.data
     activity = data.get("latest_activity")
