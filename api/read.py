@@ -32,7 +32,7 @@ from audit import queries
 from audit.aggregates.state import created_sort_key, has_versions
 from audit.aggregates.versions import OrderKey
 from audit.application import AuditLog
-from audit.cursors import CursorError, decode_cursor, encode_cursor
+from audit.cursors import MAX_CURSOR_LENGTH, CursorError, decode_cursor, encode_cursor
 from audit.jsontext import dumps
 from audit.projections.runner import Behind, reads_behind
 from audit.queries import ChangeFilters, EventFilters, Page, ProjectionNotReady, TypeFilter
@@ -223,7 +223,7 @@ class Args:
                     "invalid_parameter", f"{name!r} may be given at most {MAX_REPEATS} times."
                 )
             for value in values:
-                limit = 1024 if name == "cursor" else MAX_VALUE_LENGTH
+                limit = MAX_CURSOR_LENGTH if name == "cursor" else MAX_VALUE_LENGTH
                 if "\x00" in value or len(value) > limit:
                     raise bad_request("invalid_parameter", f"{name!r} is malformed or too long.")
         for param in endpoint.params:

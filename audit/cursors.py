@@ -14,7 +14,11 @@ from typing import Any
 
 from audit.jsontext import is_unicode
 
-MAX_CURSOR_LENGTH = 1024
+# Room for the longest key a list issues: a change's path of 256 characters (each of up to four
+# bytes in UTF-8, or six as a JSON escape of a control character) with its object's id.
+# (At 1,024, a path of 117 CJK characters, escaped as `\uXXXX`, made a cursor the service then
+# refused: found by QA.)
+MAX_CURSOR_LENGTH = 4096
 
 
 class CursorError(ValueError):
@@ -22,7 +26,11 @@ class CursorError(ValueError):
 
 
 def encode_cursor(kind: str, keyset: tuple[Any, ...] | list[Any]) -> str:
-    raw = json.dumps({"k": kind, "v": list(keyset)}, separators=(",", ":")).encode()
+    document = {"k": kind, "v": list(keyset)}
+    try:  # UTF-8: a quarter to half the size of `\uXXXX` escapes
+        raw = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate: escaped, as before (and refused back)
+        raw = json.dumps(document, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 

@@ -1747,6 +1747,25 @@ def cursor_contents(cursor: str) -> tuple[str, list[Any]]:
     return envelope["k"], envelope["v"]
 
 
+def test_every_cursor_the_service_issues_it_takes_back(world: World) -> None:
+    """A change's path may be 256 characters of any script: escaped as `\\uXXXX`, 117 CJK
+    characters made a cursor past the 1,024 the service took, so a walk stopped at the first
+    page that ended inside such an event (found by QA)."""
+    user_id = "user_2longPathsAuditReadApi001"
+    keys = ["設" * 120, "定" * 120, "🙂" * 240, "\x01" * 240, "é" * 240]
+    for step in range(2):
+        user = dict(payload("user.updated")["data"], id=user_id, updated_at=T_CREATED + step)
+        user["unsafe_metadata"] = {key: step for key in keys}
+        world.deliver(_envelope("user.updated", user, T_CREATED + step, UPDATE_IP))
+    world.projector.run_once()
+    everything = world.walk("/v1/changes", {"subject": user_id}, limit=500)
+    assert {c["field"] for c in everything} >= {f"unsafe_metadata.{key}" for key in keys}
+    assert world.walk("/v1/changes", {"subject": user_id}, limit=1) == everything
+    assert world.walk(f"/v1/users/{user_id}/history", limit=1) == world.walk(
+        f"/v1/users/{user_id}/history", limit=500
+    )
+
+
 def test_a_tampered_cursor_is_400_not_500(world: World) -> None:
     """Values a database cannot bind (a lone surrogate) or that overflow a BIGINT when
     stepped past, inside a cursor of the right list (found by review). (A NUL is bound as the
