@@ -16,10 +16,14 @@ _EPOCH_UTC = _EPOCH.replace(tzinfo=UTC)
 _ONE_MILLISECOND = timedelta(milliseconds=1)
 
 # An offset's `+` sent unencoded in a query string arrives as a space (`…T10:00:00 02:00`).
-# Only a whole offset (`HH:MM`, `HHMM`) after a whole time: `…T14 05` is not read as one.
+# Only a whole offset (`HH:MM`, `HHMM`, `HH`) after a time with its minutes: `…T14 05` is not
+# read as one.
 _OFFSET_PLUS_DECODED = re.compile(
-    r"(\d{4}-?\d\d-?\d\dT\d\d:?\d\d(?::?\d\d(?:[.,]\d+)?)?) (\d\d:?\d\d)"
+    r"(\d{4}-?\d\d-?\d\dT\d\d:?\d\d(?::?\d\d(?:[.,]\d+)?)?) (\d\d(?::?\d\d)?)"
 )
+# The digits of a fraction of a second past the microsecond, which `fromisoformat` drops: a
+# time with any of them not zero is after the microsecond it is read as.
+_BELOW_MICROSECOND = re.compile(r"[.,]\d{6}\d*[1-9]")
 
 # Epoch milliseconds of 10000-01-01: later (or negative, or boolean) "times" are not times.
 MAX_EPOCH_MS = 253_402_300_800_000
@@ -66,7 +70,7 @@ def parse_time(value: str, *, round_up: bool = False) -> int:
         # which put some times a millisecond early (…55.695 read as …55.694).
         elapsed = moment - _EPOCH_UTC
         millis = elapsed // _ONE_MILLISECOND
-        if round_up and elapsed % _ONE_MILLISECOND:
+        if round_up and (elapsed % _ONE_MILLISECOND or _BELOW_MICROSECOND.search(text)):
             millis += 1
     if millis is None or not MIN_EPOCH_MS <= millis < MAX_EPOCH_MS:
         raise TimeParseError(f"{value[:40]!r} is out of range (years 1 to 9999)")
