@@ -264,6 +264,15 @@ def test_event_filters(world: World) -> None:
     ]
     items = world.walk("/v1/events", {"subject": SUBSCRIPTION, "type": "subscriptionItem.*"})
     assert len(items) == 10
+    # ... and the payment and the subscription items they name (found by QA).
+    payment = "cpa_3nkaIOtMu6ZTceoQT233zdrjeJo"  # of the sample payment attempts
+    paid = {e["type"] for e in world.walk("/v1/events", {"subject": payment})}
+    assert {"paymentAttempt.created", "subscription.created"} <= paid
+    item = "csub_item_3Jl5LNP9kC6EEBHwaamShyvBEYb"
+    naming_item = {e["type"] for e in world.walk("/v1/events", {"subject": item})}
+    assert {"paymentAttempt.created", "subscription.created", "subscriptionItem.active"} <= (
+        naming_item
+    )
 
     # since inclusive, until exclusive, ISO or epoch ms
     at_update = world.walk("/v1/events", {"since": str(T_UPDATED), "until": T_UPDATED + 1})

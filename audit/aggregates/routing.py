@@ -137,4 +137,16 @@ def related_ids(event_type: str, data: dict[str, Any]) -> list[str]:
         add(payer.get("id"))
     add(data.get("subscription_id"))
     add(data.get("plan_id"))
+    # ... and the payment and the subscription's items it names (found by QA: a payment's
+    # `cpa_` id found nothing, an item's only its own events).
+    add(data.get("payment_id"))
+    add(data.get("latest_payment_id"))
+    add(data.get("payer_id"))
+    for key in ("items", "subscription_items"):
+        items = data.get(key)
+        if isinstance(items, list):
+            for item in items:
+                if isinstance(item, dict):
+                    add(item.get("id"))
+                    add(item.get("plan_id"))
     return ids

@@ -50,8 +50,9 @@ ORPHAN_COLUMNS = (("object_id", "text"), ("position", "bigint"))
 
 class EventIndex(Projection):
     name = "events"
-    # 5: billing events concern their payer (its user or organization), subscription and plan
-    version = 5
+    # 5: billing events concern their payer (its user or organization), subscription and plan;
+    # 6: and the payment and subscription items they name
+    version = 6
     time_marks_from = 3
     rebuild_seconds = 125.8
     table_names = ("events", "event_subjects", "time_marks", "owners", "orphan_stubs")
