@@ -620,7 +620,7 @@ def export(
             if key is None:
                 return
             # As a handler's first query (endpoint_view): once more after a lost connection.
-            page = db.read(functools.partial(fetch, key, EXPORT_PAGE_ROWS))
+            page = db.once_more_if_lost(functools.partial(fetch, key, EXPORT_PAGE_ROWS))
 
     rest = chunks()
     # The first page rendered here, in the handler's read thread: it needs no other, so it
@@ -1289,7 +1289,7 @@ def endpoint_view(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]
     def respond(request: Request) -> Response:
         args = Args(request, endpoint)
         try:
-            response = db_of(request).read(lambda: endpoint.handler(request, args))
+            response = db_of(request).once_more_if_lost(lambda: endpoint.handler(request, args))
         except ProjectionNotReady as exc:
             raise not_ready(exc) from None
         if endpoint.exportable:  # JSON, CSV or NDJSON by `Accept`: caches must key on it

@@ -101,7 +101,7 @@ def record_each(log: AuditLog, deliveries: Sequence[Delivery]) -> list[Outcome |
     delivery's: the batch is then recorded one delivery at a time, so that only its own fails.
     """
     try:
-        return list(log.record(deliveries))
+        return list(log.db.once_more_if_lost(lambda: log.record(deliveries)))
     except StoreUnavailable as exc:  # the same for each: retry later
         return [exc] * len(deliveries)
     except Exception as exc:

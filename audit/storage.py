@@ -187,14 +187,29 @@ def unavailable_reason(exc: BaseException) -> str | None:
     return None
 
 
+# SQLSTATEs of a session the server itself ended, or a connection failure it reported: the
+# connection is gone, not the statement refused. A restart (`pg_ctl restart -m fast`), a failover
+# or `pg_terminate_backend` ends every idle pooled session with 57P01; the next statement on one
+# failed, so the first read, `/readyz` and webhook after every restart answered 503 (found by QA).
+_SESSION_ENDED = ("57P01", "57P02")  # admin_shutdown, crash_shutdown
+_CONNECTION_EXCEPTION_CLASS = "08"
+
+
 def lost_connection(exc: BaseException) -> bool:
     """Whether `exc` comes from a PostgreSQL connection that broke under the statement (the
-    server or the network closed it), rather than from the server refusing the statement (an
-    error with an SQLSTATE) or from waiting for a connection that never came (a pool timeout:
-    the database is down, or busy)."""
+    server or the network closed it, or the server ended the session), rather than from the
+    server refusing the statement (any other SQLSTATE) or from waiting for a connection that
+    never came (a pool timeout: the database is down, or busy)."""
     for cause in _causes(exc):
         if isinstance(cause, psycopg.Error):
-            return cause.sqlstate is None and not isinstance(cause, PoolTimeout)
+            if isinstance(cause, PoolTimeout):
+                return False
+            state = cause.sqlstate
+            return (
+                state is None
+                or state in _SESSION_ENDED
+                or state.startswith(_CONNECTION_EXCEPTION_CLASS)
+            )
     return False
 
 
@@ -747,21 +762,22 @@ class Db:
             with contextlib.suppress(Exception):
                 self.datastore.pool.check()
 
-    def read(self, read: Callable[[], T]) -> T:
-        """`read()`, run once more when it failed on a connection that had broken while idle in
+    def once_more_if_lost(self, work: Callable[[], T]) -> T:
+        """`work()`, run once more when it failed on a connection that had broken while idle in
         the pool.
 
         A database restart or failover cuts every pooled connection; without this, the first
-        read after the database was back failed with 503 on each dead one. `heal` has dropped
-        the rest by the time of the second try, which gets a live connection or a new one.
-        Only for reads: running one twice changes nothing.
+        read or delivery after the database was back failed with 503 on each dead one. `heal`
+        has dropped the rest by the time of the second try, which gets a live connection or a
+        new one. Only for work that may run twice: a read, or recording deliveries (a svix-id
+        is recorded once; a second try after a commit whose answer was lost says duplicate).
         """
         try:
-            return read()
+            return work()
         except StoreUnavailable as exc:
             if self.dialect != "postgresql" or not lost_connection(exc):
                 raise
-        return read()
+        return work()
 
     def fetchall(
         self, statement: str, params: Sequence[Any] = (), *, payloads: bool = False
@@ -796,7 +812,7 @@ class Db:
 
     def ping(self) -> None:
         try:
-            self.read(lambda: self.fetchone("SELECT 1 AS one"))
+            self.once_more_if_lost(lambda: self.fetchone("SELECT 1 AS one"))
         except PersistenceError as exc:
             raise StoreUnavailable(str(exc)) from exc
 

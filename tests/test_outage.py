@@ -378,8 +378,8 @@ def test_an_export_carries_on_through_a_blip(
         finally:
             pages_read.release()
 
-    original_read = db.read
-    monkeypatch.setattr(db, "read", read_then_tell)
+    original_read = db.once_more_if_lost
+    monkeypatch.setattr(db, "once_more_if_lost", read_then_tell)
     with client.stream("GET", "/v1/events?format=ndjson", headers=READ_HEADERS) as response:
         assert response.status_code == 200
         chunks = response.iter_raw()
@@ -499,6 +499,60 @@ def test_connections_give_up_on_a_silent_server_within_a_minute_or_so() -> None:
 
 
 @pytest.mark.postgres
+def test_the_first_delivery_after_a_blip_records_on_the_first_try(served: BehindProxy) -> None:
+    """The webhook's connection cut while idle in the pool (a restart, a failover): the first
+    delivery after the database was back answered 503 (found by QA). Recording runs again once
+    on a live connection, as a read does: a svix-id is recorded once however often it runs."""
+    client, proxy, secret = served.client, served.proxy, served.secret
+    assert post(client, secret, payload("user.created")).status_code == 200
+    proxy.stop()
+    proxy.start()
+    back = post(client, secret, payload("user.updated"))
+    assert back.status_code == 200, back.text
+    assert back.json()["status"] == "recorded"
+
+
+@pytest.mark.postgres
+def test_sessions_the_server_ended_are_lost_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart, a failover or `pg_terminate_backend` ends every idle session with SQLSTATE
+    57P01: an answer with an SQLSTATE, so not taken for a lost connection, and the first read,
+    `/readyz` and delivery after every restart answered 503 (found by QA)."""
+    name = f"audit_ended_{new_secret()[-8:]}"
+    monkeypatch.setenv("PGAPPNAME", name)
+    database, secret = new_postgres_database(), new_secret()
+    log = AuditLog(database)
+
+    def end_our_sessions() -> None:
+        with psycopg.connect(**postgres_connect_args(database), autocommit=True) as conn:
+            ended = conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %s AND pid <> pg_backend_pid()",
+                [name],
+            ).fetchall()
+        assert ended
+
+    try:
+        settings = Settings((secret,), database, (API_TOKEN,), 1_048_576)
+        app = create_app(settings, log, projector=Projector(log))
+        with TestClient(app, raise_server_exceptions=False) as client:
+            assert post(client, secret, payload("user.created")).status_code == 200
+            Projector(log).run_once()
+            assert client.get("/v1/events", headers=READ_HEADERS).status_code == 200
+            answers = []
+            for request in (
+                lambda: client.get("/v1/events", headers=READ_HEADERS),
+                lambda: client.get("/readyz"),
+                lambda: post(client, secret, payload("user.updated")),
+            ):
+                end_our_sessions()
+                answers.append(request().status_code)
+            assert answers == [200, 200, 200]
+    finally:
+        log.close()
+        drop_postgres_schema(database)
+
+
+@pytest.mark.postgres
 def test_only_a_lost_connection_runs_a_read_again(served: BehindProxy) -> None:
     """A read that the server refused (an SQLSTATE) or that waited out the pool is not run a
     second time: the one would fail again, the other would double the wait before the 503."""
@@ -515,7 +569,7 @@ def test_only_a_lost_connection_runs_a_read_again(served: BehindProxy) -> None:
                 cursor.execute("RESET statement_timeout")
 
     with pytest.raises(StoreUnavailable) as error:
-        db.read(refused)
+        db.once_more_if_lost(refused)
     assert isinstance(error.value.__cause__.__cause__, psycopg.errors.QueryCanceled)
     assert len(runs) == 1
 
@@ -528,9 +582,9 @@ def test_only_a_lost_connection_runs_a_read_again(served: BehindProxy) -> None:
         db.fetchone("SELECT 1 AS one")
 
     with pytest.raises(StoreUnavailable) as unavailable:
-        db.read(waited)
+        db.once_more_if_lost(waited)
     assert not lost_connection(unavailable.value) and len(runs) <= 2
     runs.clear()
     with pytest.raises(StoreUnavailable) as unavailable:  # the pool now holds no connection
-        db.read(waited)
+        db.once_more_if_lost(waited)
     assert len(runs) == 1
