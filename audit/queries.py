@@ -875,14 +875,12 @@ class _FieldFilter:
         self.branches: list[tuple[str, list[Any]]] = [("field = %s", [p]) for p in exact]
         known = self._known(self.prefixes)
         for prefix in self.prefixes:
-            end = prefix[:-1] + "/"  # the least text after every one that starts with `prefix`
             under = known[prefix]
-            if under is None:
+            if under is None:  # too many: its whole range, the one gap, filters
                 self.can_drive = False
-                self.branches.append(("(field >= %s AND field < %s)", [prefix, end]))
-                continue
+                under = ()
             self.branches += [("field = %s", [path]) for path in under]
-            bounds = [prefix, *under, end]
+            bounds = [prefix, *under, _after_prefix(prefix)]
             for number, (low, high) in enumerate(itertools.pairwise(bounds)):
                 above = ">" if number else ">="  # a known path is its own branch's
                 self.branches.append((f"(field {above} %s AND field < %s)", [low, high]))
@@ -906,7 +904,7 @@ class _FieldFilter:
         table = self.t["changes"]
         scans, selects, params = [], [], []
         for number, prefix in enumerate(prefixes):
-            end = prefix[:-1] + "/"
+            end = _after_prefix(prefix)
             scans.append(
                 f"u{number}(field, n) AS ("
                 f" SELECT (SELECT MIN(field) FROM {table} WHERE field >= %s AND field < %s), 1"
@@ -938,6 +936,12 @@ class _FieldFilter:
                 under = cache.get((self.t.prefix, prefix))
                 if under is not None and field.startswith(prefix) and field not in under:
                     cache.pop((self.t.prefix, prefix), None)
+
+
+def _after_prefix(prefix: str) -> str:
+    """The least text after every text that starts with `prefix` (ending in `.`), in byte order:
+    `/` follows `.`."""
+    return prefix[:-1] + "/"
 
 
 def _is_membership_of(db: Db, t: Tables) -> str:

@@ -2055,6 +2055,21 @@ def test_redaction_rules() -> None:
     assert redact_change("user", "private_metadata.otp_code\\.x.y", "1") == "1"
 
 
+def test_a_number_that_holds_its_code_is_shown_whole(world: World) -> None:
+    """SPEC 3's secrets out, through the API on both backends: the code is scrubbed where it
+    stands as itself, not out of the SMS's own number that holds its digits (found by QA)."""
+    sms = dict(payload("sms.created")["data"], id="sms_2numberHoldsItsCode0001")
+    sms.update(from_phone_number="+12345678901", message="Your code: 123456.")
+    sms["data"] = {"otp_code": "123456"}
+    body = _envelope("sms.created", sms, T_CREATED, UPDATE_IP)
+    svix_id = new_svix_id()
+    assert post(world.client, world.secret, body, svix_id=svix_id).status_code == 200
+    world.projector.run_once()
+    data = world.ok(f"/v1/events/{svix_id}")["data"]
+    assert data["from_phone_number"] == "+12345678901"
+    assert data["message"] == data["data"]["otp_code"] == REDACTED
+
+
 def test_links_in_e_mails_are_secrets_as_codes_are(world: World) -> None:
     """A magic sign-in link, or an invitation's link with its ticket, lets its reader in as an
     OTP code does (found by review: served as sent)."""
