@@ -354,16 +354,20 @@ class AuditLog(Application[UUID]):
                 raise AggregateNotFoundError(clerk_id)
             deliveries = ((e.delivery(), e.originator_version) for e in events)
             state = _FOLDS[kind](deliveries, as_of=as_of)
-        owned = state.sessions if isinstance(state, UserState) else state.domains
-        stubs = self._stub_streams(set(owned))
+        if isinstance(state, UserState):
+            owned = set(state.sessions)
+        else:
+            owned = {*state.memberships, *state.invitations, *state.domains}
+        stubs = self._stub_streams(owned)
         if not stubs:
             return state
         return self._fold_with_stubs(kind, stream, events, stubs, as_of)
 
     def _stub_streams(self, object_ids: set[str]) -> list[UUID]:
-        """The streams of sub-objects' deliveries recorded before their owner was known (a
-        session's event without its `user_id`, a domain's deletion stub): each sub-object's
-        own, where it has one (`owning_stream`)."""
+        """The streams of sub-objects' deliveries recorded without their owner (a session's
+        event without its `user_id`; a membership's, invitation's or domain's stub without its
+        organization, unless the owner index knew it): each sub-object's own, where it has one
+        (`owning_stream`)."""
         if not object_ids:
             return []
         streams = [stream_id("subject", object_id) for object_id in sorted(object_ids)]
@@ -378,9 +382,9 @@ class AuditLog(Application[UUID]):
         as_of: int | None,
     ) -> UserState | OrganizationState:
         """The aggregate folded with what its sub-objects' own streams hold, in store order.
-        Without them, `show` and `as_of` said a domain deleted before its first version
-        arrived still existed, and a session ended before its user was named still active,
-        while the read models, which adopt such stubs, said otherwise."""
+        Without them, `show` and `as_of` said a domain or a membership deleted by a stub still
+        existed, and a session ended before its user was named still active, while the read
+        models, which adopt such stubs, said otherwise."""
         if events is None:
             events = self.stream_events(stream)
         merged = [*events, *(event for stub in stubs for event in self.stream_events(stub))]

@@ -3031,6 +3031,43 @@ def test_as_of_lists_hold_what_the_current_lists_hold_whatever_a_payload_says(
     assert {f"sess_oddCreated{n}" for n in range(3)} <= set(sessions)
 
 
+@pytest.mark.parametrize("stub_first", [True, False])
+def test_a_membership_deleted_by_a_stub_is_gone_as_of_and_in_show(
+    world: World, stub_first: bool
+) -> None:
+    """A deletion stub that names no organization (`{"id", "object", "deleted"}`) is stored in
+    its object's own stream. The current lists dropped the membership, but `as_of` and `audit
+    show`, folding the organization's stream alone, listed it as live after its deletion (QA),
+    whether the stub came before its first version or after."""
+    org_id, user_id = "org_2stubbedAuditReadApi001", "user_2stubbedAuditReadApi01"
+    membership_id = "orgmem_2stubbedAuditRead01"
+    organization = dict(payload("organization.created")["data"], id=org_id)
+    organization.update(created_at=T_CREATED, updated_at=T_CREATED)
+    membership = copy.deepcopy(payload("organizationMembership.created")["data"])
+    membership.update(id=membership_id, created_at=T_CREATED, updated_at=T_CREATED)
+    membership["organization"].update(id=org_id)
+    membership["public_user_data"].update(user_id=user_id)
+    created = [
+        _envelope("organization.created", organization, T_CREATED, UPDATE_IP),
+        _envelope("organizationMembership.created", membership, T_CREATED + 1, UPDATE_IP),
+    ]
+    stub = {"id": membership_id, "object": "organization_membership", "deleted": True}
+    deleted = _envelope("organizationMembership.deleted", stub, T_UPDATED, UPDATE_IP)
+    for envelope in [deleted, *created] if stub_first else [*created, deleted]:
+        world.deliver(envelope)
+        world.projector.run_once()
+    members = f"/v1/organizations/{org_id}/members"
+    organizations = f"/v1/users/{user_id}/organizations"
+    for path in (members, organizations):
+        assert world.walk(path) == [], path
+        assert world.walk(path, {"as_of": T_UPDATED}) == [], path
+        assert world.walk(path, {"as_of": MAX_EPOCH_MS - 1}) == [], path
+        # Before the deletion, it was there.
+        listed = world.walk(path, {"as_of": T_UPDATED - 1})
+        assert [m["id"] for m in listed] == [membership_id], path
+    assert world.log.organization_state(org_id).view()["members"] == []
+
+
 def test_a_session_first_seen_without_its_user_is_listed_under_that_user_once_named(
     world: World,
 ) -> None:
