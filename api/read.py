@@ -595,7 +595,10 @@ def export(
     headers = {"Content-Disposition": f'attachment; filename="{name}.{fmt}"'}
     media_type = EXPORT_TYPES[fmt]
     if request.method == "HEAD":
-        return Response(media_type=media_type, headers=headers)
+        # A streamed GET has no length to announce: no `Content-Length: 0` either (QA).
+        response = Response(media_type=media_type, headers=headers)
+        del response.headers["content-length"]
+        return response
     first = fetch(after, EXPORT_PAGE_ROWS)  # failures before the first byte get a real status
     db = db_of(request)
 
