@@ -13,7 +13,6 @@ import csv
 import functools
 import hashlib
 import io
-import ipaddress
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from api.deadline import ReadThreads
 from api.errors import RETRY_AFTER_SECONDS, ApiError
 from api.responses import ExportResponse, JSONResponse
 from audit import queries
+from audit.addresses import AddressFilter
 from audit.aggregates.state import created_sort_key, has_versions
 from audit.aggregates.versions import OrderKey
 from audit.application import AuditLog
@@ -159,7 +159,9 @@ ACTOR_IP = Param(
     "actor_ip",
     "Only changes made from this client IP, as `actor.ip` shows it; an address is also"
     " found in its other usual notations (upper or lower case, compressed or expanded, IPv4"
-    " mapped into IPv6).",
+    " mapped into IPv6). A network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`) finds"
+    " the changes made from any of its addresses; an IPv4 network also finds them written"
+    " mapped into IPv6.",
     {"type": "string"},
 )
 FORMAT = Param(
@@ -276,32 +278,16 @@ class Args:
                 "invalid_time", f"{name!r}: {exc} (use ISO 8601 or epoch milliseconds)."
             ) from None
 
-    def ip_address(self, name: str) -> tuple[str, ...]:
-        """A client IP as stored (Clerk's text, shown as `actor.ip`, whatever it is), and, for
-        an address, its usual notations too (`2001:DB8:0::1`, `2001:db8::1`; IPv4 and the same
-        mapped into IPv6): a filter matches any. A range is refused. None given: ()."""
+    def address(self, name: str) -> AddressFilter | None:
+        """A client IP in any notation, a network in CIDR notation, or another text matched as
+        stored (`AddressFilter`). None given: None."""
         raw = self.one(name)
         if raw is None:
-            return ()
-        typed = raw.strip()
-        if not typed:
-            raise bad_request("invalid_parameter", f"{name!r} is empty.")
+            return None
         try:
-            address = ipaddress.ip_address(typed)
-        except ValueError:
-            if "/" in typed:
-                raise bad_request(
-                    "invalid_parameter", f"{name!r} takes one address, not a range."
-                ) from None
-            return tuple(dict.fromkeys((raw, typed)))
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        forms = [raw, typed, address.compressed, address.exploded]
-        if isinstance(address, ipaddress.IPv4Address):
-            forms += [f"::ffff:{address}", f"::FFFF:{address}"]
-        else:
-            forms += [address.compressed.upper(), address.exploded.upper()]
-        return tuple(dict.fromkeys(forms))
+            return AddressFilter.parse(raw)
+        except ValueError as exc:
+            raise bad_request("invalid_parameter", f"{name!r} {exc}.") from None
 
     def cursor(self, kind: str, types: tuple[Any, ...]) -> tuple[Any, ...] | None:
         raw = self.query.get("cursor")
@@ -1057,7 +1043,7 @@ def list_changes(request: Request, args: Args) -> Response:
         subject=args.one("subject"),
         fields=tuple(dict.fromkeys(args.many("field"))),
         types=TypeFilter.parse(args.many("type")),
-        actor_ips=args.ip_address("actor_ip"),
+        actor_ip=args.address("actor_ip"),
         since=args.time("since"),
         until=args.time("until"),
     )

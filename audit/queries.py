@@ -34,11 +34,12 @@ from typing import Any, TypeVar
 
 import psycopg
 
+from audit.addresses import AddressFilter
 from audit.aggregates.actor import actor_of
 from audit.aggregates.changes import MAX_FIELD_LENGTH, field_keys, field_path, with_enclosing
 from audit.application import AuditLog
 from audit.projections.base import Tables, from_json, marked_start
-from audit.projections.objects import FIELD_ORDER_FROM
+from audit.projections.objects import ADDRESS_KEYS_FROM, FIELD_ORDER_FROM
 from audit.projections.runner import (
     UnknownProjection,
     active_tables,
@@ -99,8 +100,7 @@ class ChangeFilters:
     subject: str | None = None
     fields: tuple[str, ...] = ()
     types: TypeFilter = field(default_factory=TypeFilter)
-    # One client IP, in each text it may be stored in (as typed, canonical).
-    actor_ips: tuple[str, ...] = ()
+    actor_ip: AddressFilter | None = None
     since: int | None = None
     until: int | None = None
 
@@ -747,15 +747,16 @@ def changes_page(
         types = _resolve_types(db, facts_table, filters.types) if filters.types else []
         if filters.types and not types:
             return Page([], None)
-        # Each candidate: its alternative conditions, and the side they are on.
-        candidates: list[tuple[list[tuple[str, list[Any]]], _Side]] = []
-        field_filter: _FieldFilter | None = None
+        # Each candidate: its alternative conditions, the side they are on, and whether it can
+        # drive: walk its branches, each through an index in position order.
+        candidates: list[tuple[list[tuple[str, list[Any]]], _Side, bool]] = []
         if filters.subject is not None:
             subject = [("object_id = %s", [filters.subject]), ("owner_id = %s", [filters.subject])]
             # A membership is its organization's, and concerns its user too (SPEC 3): a
             # user's role changes are theirs to see.
             subject.append((_is_membership_of(db, t), [filters.subject]))
-            candidates.append((subject, history))
+            candidates.append((subject, history, True))
+        field_filter: _FieldFilter | None = None
         if filters.fields:
             # An address removed is one change at `email_addresses.idn_x`: it is a change of
             # `email_addresses.idn_x.email_address` too.
@@ -770,23 +771,23 @@ def changes_page(
             if not paths:
                 return Page([], None)
             field_filter = _FieldFilter(db, t, filters.fields, list(paths))
-            candidates.append((field_filter.branches, changes))
-        if filters.actor_ips:
-            candidates.append(([("actor_ip = %s", [ip]) for ip in filters.actor_ips], facts))
+            candidates.append((field_filter.branches, changes, field_filter.can_drive))
+        if filters.actor_ip is not None:
+            address = filters.actor_ip
+            candidates.append((_address_condition(t, address), facts, not address.is_network))
         if types:
-            candidates.append(([("type = %s", [name]) for name in types], facts))
+            candidates.append(([("type = %s", [name]) for name in types], facts, True))
         # The first filter that can drive drives; the others filter what it finds. Without
         # one, the side with the time drives, by position (history: a tenth the size).
         driving, driver = next(
             (
                 (c, side)
-                for c, side in candidates
-                if len(c) <= MAX_BRANCHES
-                and (field_filter is None or side is not changes or field_filter.can_drive)
+                for c, side, can_drive in candidates
+                if can_drive and len(c) <= MAX_BRANCHES
             ),
             ([], facts),
         )
-        for candidate, side in candidates:
+        for candidate, side, _ in candidates:
             if candidate is not driving:
                 side.add(*_any_condition(db, candidate))
         if upto is not None:
@@ -815,7 +816,7 @@ def changes_page(
             since_alone = (
                 filters.since is not None
                 and filters.until is None
-                and not filters.actor_ips
+                and filters.actor_ip is None
                 and not types
             )
             per_row = since_alone and facts is history and db.dialect == "postgresql"
@@ -847,7 +848,7 @@ class _FieldFilter:
     them), and at every path under a name (`name.` and longer): a change to a key of
     `public_metadata` is a change of `public_metadata`.
 
-    Paths compare byte by byte (FIELD_ORDER), so those under a name are the range from `name.`
+    Paths compare byte by byte (BYTE_ORDER), so those under a name are the range from `name.`
     up to `name/`. Read as one range of the field's index, its rows come in field order, and
     a page sorts them all (SQLite always; PostgreSQL, when it does not walk the whole table by
     position instead): so the known paths under a name are each a branch, in position order,
@@ -936,6 +937,19 @@ class _FieldFilter:
                 under = cache.get((self.t.prefix, prefix))
                 if under is not None and field.startswith(prefix) and field not in under:
                     cache.pop((self.t.prefix, prefix), None)
+
+
+def _address_condition(t: Tables, address: AddressFilter) -> list[tuple[str, list[Any]]]:
+    """`actor_ip=`'s condition on the side with the events' facts. A network's keys are one
+    range of the IP index, whose rows come in key order: it filters, and another index drives
+    (or the walk by position). A generation from before the keys answers addresses only."""
+    if t.version is not None and t.version < ADDRESS_KEYS_FROM:
+        if address.is_network:
+            raise ProjectionNotReady("objects")
+        return [("actor_ip = %s", [text]) for text in address.texts]
+    if address.low == address.high:
+        return [("actor_ip_key = %s", [address.low])]
+    return [("(actor_ip_key >= %s AND actor_ip_key <= %s)", [address.low, address.high])]
 
 
 def _after_prefix(prefix: str) -> str:

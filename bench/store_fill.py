@@ -16,6 +16,7 @@ Deliveries are the bundled samples (`audit/samples/*.json`) with fresh Clerk ids
   domains are created, updated, deleted;
 - e-mails and SMS name created users; roles, permissions, billing and waitlist events are kept as
   other subjects;
+- each delivery's client IP is drawn (`World.client_ip`), mostly IPv4, some IPv6;
 - occurred_at advances one second per delivery; a `late` share arrives up to 100 deliveries after
   its place (delivery order is not event order).
 
@@ -92,6 +93,8 @@ class World:
     seed: int = 1
     late: float = 0.01
     rng: random.Random = field(init=False)
+    # The actors' addresses, drawn apart so that the rest of the world is what it was before.
+    address_rng: random.Random = field(init=False)
     users: list[str] = field(default_factory=list)  # every created user
     sessions: list[str] = field(default_factory=list)  # every created session
     orgs: list[str] = field(default_factory=list)  # every created organization
@@ -99,6 +102,7 @@ class World:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+        self.address_rng = random.Random(-self.seed)
         # Each sample as its text split around its Clerk ids: [text, id, text, id, ..., text].
         self.parts: dict[str, list[str]] = {}
         self.roles: dict[str, dict[str, str]] = {}
@@ -269,7 +273,21 @@ class World:
         family = self.rng.choices(self.families, self.weights)[0]
         envelope = getattr(self, f"_{family}")(now)
         envelope["timestamp"] = now
+        request = (envelope.get("event_attributes") or {}).get("http_request")
+        if isinstance(request, dict):
+            request["client_ip"] = self.client_ip()
         return envelope
+
+    def client_ip(self) -> str:
+        """Nine in ten from `10.0.0.0/8` (about 14 a `/24` and 3,500 a `/16` at 1,000,000),
+        the rest IPv6 from `2001:db8::/32`, one in a hundred of those mapped IPv4
+        (`::ffff:10.a.b.c`)."""
+        rng = self.address_rng
+        if rng.random() < 0.9:
+            return f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+        if rng.random() < 0.01:
+            return f"::ffff:10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+        return f"2001:db8:{rng.randrange(65536):x}::{rng.randrange(1, 65536):x}"
 
     # -- the deliveries ----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import copy
 import csv
 import gc
 import io
+import ipaddress
 import json
 import random
 import re
@@ -31,6 +32,7 @@ from starlette.testclient import TestClient
 from api import read
 from api.app import READ_THREADS, create_app
 from audit import application, queries
+from audit.addresses import AddressFilter
 from audit.aggregates.changes import diff, with_enclosing
 from audit.application import AuditLog
 from audit.config import Settings, parse_tokens
@@ -934,6 +936,7 @@ def test_changes_and_filters(world: World) -> None:
         ("2001:DB8::9", "user_ipv6Upper"),
         ("::ffff:198.51.100.4", "user_ipv4Mapped"),
         ("203.0.113.9, 10.0.0.1", "user_forwardedList"),  # as Clerk may write it
+        ("fe80::1", "user_linkLocal"),
     ):
         world.deliver(_envelope("user.updated", dict(user, id=user_id), T_UPDATED, ip))
     world.projector.run_once()
@@ -945,12 +948,73 @@ def test_changes_and_filters(world: World) -> None:
         ("198.51.100.4", "user_ipv4Mapped"),
         ("::FFFF:198.51.100.4", "user_ipv4Mapped"),
         ("203.0.113.9, 10.0.0.1", "user_forwardedList"),  # copied from `actor.ip`
+        # A zone names the sender's interface, not part of the address (was a 500: QA).
+        ("fe80::1%eth0", "user_linkLocal"),
+        ("FE80::1%25", "user_linkLocal"),
     ):
         found = world.walk("/v1/changes", {"actor_ip": typed})
         assert found and {c["subject"]["id"] for c in found} == {user_id}, typed
     assert world.walk("/v1/changes", {"actor_ip": "not-an-ip"}) == []
-    refused = world.get("/v1/changes", {"actor_ip": "10.0.0.0/8"})
-    assert (refused.status_code, refused.json()["error"]["code"]) == (400, "invalid_parameter")
+
+    # A network finds the changes made from each of its addresses, in any notation stored.
+    def address_of(change: dict[str, Any]) -> ipaddress.IPv6Address | None:
+        """As IPv6, IPv4 mapped into it: so an IPv4 network holds both notations."""
+        try:
+            found = ipaddress.ip_address((change["actor"]["ip"] or "").strip())
+        except ValueError:
+            return None
+        return ipaddress.IPv6Address(f"::ffff:{found}") if found.version == 4 else found
+
+    def network_of(typed: str) -> ipaddress.IPv6Network:
+        found = ipaddress.ip_network(typed, strict=False)
+        if found.version == 4:
+            return ipaddress.IPv6Network(f"::ffff:{found.network_address}/{96 + found.prefixlen}")
+        return found
+
+    def made_from(network: str) -> set[str]:
+        return {c["subject"]["id"] for c in world.walk("/v1/changes", {"actor_ip": network})}
+
+    everything = world.walk("/v1/changes", limit=500)
+    addresses = [c for c in everything if address_of(c) is not None]
+    assert len(addresses) < len(everything)  # the proxy's list is no address
+    for network in (
+        "2001:db8::/120",
+        "2001:DB8::8/127",  # ::8 and ::9
+        "2001:db8::7/128",
+        "fe80::1%eth0/64",
+        "198.51.100.0/24",
+        "198.51.100.77/24",  # host bits set: the network they are in
+        "198.51.100.4/32",
+        "::ffff:198.51.100.0/120",
+        "0.0.0.0/0",
+        "::/0",
+    ):
+        expected = [c for c in addresses if address_of(c) in network_of(network)]
+        assert expected, network
+        assert world.walk("/v1/changes", {"actor_ip": network}, limit=3) == expected, network
+    assert world.walk("/v1/changes", {"actor_ip": "::/0"}, limit=3) == addresses
+    assert made_from("2001:db8::/120") == {"user_ipv6Actor", "user_ipv6Upper"}
+    assert "user_ipv4Mapped" in made_from("198.51.100.0/24")
+    assert made_from("192.0.2.0/24") == set()
+    # Text that is no address (a proxy's list) is in no network, even one holding its parts.
+    assert "user_forwardedList" not in made_from("203.0.113.0/24")
+    # With filters that drive (the field's index, the subject's), the network filters.
+    for params, wanted in (
+        ({"field": "last_name"}, lambda c: c["field"] == "last_name"),
+        ({"subject": "user_ipv6Actor"}, lambda c: c["subject"]["id"] == "user_ipv6Actor"),
+        ({"type": "user.updated"}, lambda c: c["type"] == "user.updated"),
+    ):
+        found = world.walk("/v1/changes", {**params, "actor_ip": "2001:db8::/64"}, limit=1)
+        expected = [
+            c for c in addresses if wanted(c) and address_of(c) in network_of("2001:db8::/64")
+        ]
+        assert found and found == expected, params
+    for refused in ("10.0.0.0/33", "10.0.0.0/", "not/an-address", "2001:db8::/129"):
+        answer = world.get("/v1/changes", {"actor_ip": refused})
+        assert (answer.status_code, answer.json()["error"]["code"]) == (
+            400,
+            "invalid_parameter",
+        ), refused
 
 
 @pytest.mark.parametrize("small_rounds", [False, True])
@@ -1191,6 +1255,45 @@ def test_changes_and_history_read_a_live_objects_v3_generation_alike(world: Worl
         assert old == new, (path, params)
 
 
+def test_a_live_objects_generation_without_address_keys_answers_addresses_alike(
+    world: World,
+) -> None:
+    """Upgrading to `objects` v16: while it is built beside it, reads use the live v15
+    generation, whose history rows have no address key. An address, in any notation, must find
+    there what it finds in v16; a network, which needs the keys, answers 503 to retry later."""
+    everything = world.walk("/v1/changes", limit=500)
+    ip = everything[0]["actor"]["ip"]
+    mapped = f"::ffff:{ip}" if ipaddress.ip_address(ip).version == 4 else ip.upper()
+    walks = [
+        {"actor_ip": ip},
+        {"actor_ip": f" {mapped} "},
+        {"field": "first_name", "actor_ip": ip},
+        {"type": "user.*", "actor_ip": mapped},
+    ]
+    from_v16 = [world.walk("/v1/changes", params, limit=2) for params in walks]
+    assert all(from_v16), from_v16
+
+    db = world.log.db
+    live = active_tables(db, "objects")
+    with db.transaction() as cursor:
+        schema = f'"{db.schema}".' if db.dialect == "postgresql" else ""
+        cursor.execute(f"DROP INDEX {schema}{live.index('history_ip')}")
+        cursor.execute(f"ALTER TABLE {live['history']} DROP COLUMN actor_ip_key")
+        cursor.execute(f"CREATE INDEX {live.index('history_ip')} ON {live['history']} (actor_ip)")
+        cursor.execute(
+            db.sql(f"UPDATE {db.table('projection_registry')} SET version = 15 WHERE name = %s"),
+            ["objects"],
+        )
+    queries._live_generations.pop(db, None)  # as a switch to another generation would
+    assert active_tables(db, "objects").version == 15
+    from_v15 = [world.walk("/v1/changes", params, limit=2) for params in walks]
+    for params, old, new in zip(walks, from_v15, from_v16, strict=True):
+        assert old == new, params
+    network = world.get("/v1/changes", {"actor_ip": f"{ip}/16" if "." in ip else f"{ip}/64"})
+    assert (network.status_code, network.json()["error"]["code"]) == (503, "projection_not_ready")
+    assert network.headers["retry-after"]
+
+
 def test_a_late_snapshot_is_stale_in_history_and_changes_and_leaves_state_alone(
     world: World,
 ) -> None:
@@ -1415,7 +1518,7 @@ def test_bad_parameters_are_400(world: World) -> None:
         ("/v1/changes", {"field": ""}, "invalid_parameter"),
         ("/v1/changes", {"actor_ip": ""}, "invalid_parameter"),
         ("/v1/changes", {"actor_ip": " "}, "invalid_parameter"),
-        ("/v1/changes", {"actor_ip": "10.0.0.0/8"}, "invalid_parameter"),
+        ("/v1/changes", {"actor_ip": "10.0.0.0/33"}, "invalid_parameter"),
         ("/v1/events", {"subjet": FRESH_USER}, "unknown_parameter"),
         ("/v1/events", [("limit", 1), ("limit", 2)], "invalid_parameter"),
         ("/v1/events", {"subject": "a\x00b"}, "invalid_parameter"),
@@ -2414,6 +2517,7 @@ def _fill(log: AuditLog) -> None:
         series = f"generate_series(1, {SYNTHETIC}) AS c(g)"
         prefix = ""
         stream = "('00000000-0000-4000-8000-' || lpad(g::text, 12, '0'))::uuid"
+        ip_key = "lpad(to_hex(g % 200), 2, '0')"
         state = (
             "convert_to(replace(convert_from(d.state, 'UTF8'), d.svix_id, 'msg_syn_' || g), 'UTF8')"
         )
@@ -2424,6 +2528,7 @@ def _fill(log: AuditLog) -> None:
             f"WHERE g < {SYNTHETIC}) "
         )
         stream = "printf('00000000-0000-4000-8000-%012d', g)"
+        ip_key = "printf('%02x', g % 200)"
         state = "CAST(replace(CAST(d.state AS TEXT), d.svix_id, 'msg_syn_' || g) AS BLOB)"
     first_delivery = (
         f"(SELECT st.topic AS topic, st.state AS state, e.svix_id AS svix_id FROM {store} st"
@@ -2447,10 +2552,11 @@ def _fill(log: AuditLog) -> None:
         " SELECT 1000000 + g, 'user_syn_' || (g % 3000), 'field_' || (g % 50), '1', '2'"
         f" FROM {series}",
         f"{prefix}INSERT INTO {objects['history']} (position, object_id, object_type, owner_id,"
-        " event_id, type, occurred_at, received_at, actor, actor_ip, stale)"
+        " event_id, type, occurred_at, received_at, actor, actor_ip, actor_ip_key, stale)"
         " SELECT 1000000 + g, 'user_syn_' || (g % 3000), 'user', 'org_syn_' || (g % 100),"
         " 'msg_syn_' || g, 'syn.t' || (g % 30), 1800000000000 + g * 1000,"
-        " 1800000000000 + g * 1000, '{}', '10.0.0.' || (g % 200), 0"
+        " 1800000000000 + g * 1000, '{}', '10.0.0.' || (g % 200),"
+        f" '00000000000000000000ffff0a0000' || {ip_key}, 0"
         f" FROM {series}",
     ]
     with db.transaction() as cursor:
@@ -2541,11 +2647,26 @@ def test_documented_filters_use_indexes(world: World, monkeypatch: pytest.Monkey
             upto=1_015_000,
         ),
         lambda: queries.changes_page(
-            db, queries.ChangeFilters(actor_ips=("10.0.0.9",)), after=None, limit=50
+            db,
+            queries.ChangeFilters(actor_ip=AddressFilter.parse("10.0.0.9")),
+            after=None,
+            limit=50,
         ),
         lambda: queries.changes_page(
             db,
-            queries.ChangeFilters(actor_ips=("10.0.0.9",)),
+            queries.ChangeFilters(actor_ip=AddressFilter.parse("10.0.0.9")),
+            after=(1_010_000, "user_syn_1", "field_3"),
+            limit=50,
+        ),
+        lambda: queries.changes_page(
+            db,
+            queries.ChangeFilters(actor_ip=AddressFilter.parse("10.0.0.8/30")),
+            after=None,
+            limit=50,
+        ),
+        lambda: queries.changes_page(
+            db,
+            queries.ChangeFilters(fields=("field_3",), actor_ip=AddressFilter.parse("10.0.0.8/30")),
             after=(1_010_000, "user_syn_1", "field_3"),
             limit=50,
         ),

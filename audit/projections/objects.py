@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from audit.addresses import address_key
 from audit.aggregates.actor import actor_of
 from audit.aggregates.changes import Change
 from audit.aggregates.routing import organization_id_of
@@ -61,13 +62,15 @@ ACTIVITY_KEY = "latest_activity_key"
 
 SELF_OWNED = ("user", "organization", "role", "permission")
 
-# A change path's collation: byte order, in which the paths under `a.b` are exactly those from
-# `a.b.` up to `a.b/` (`/` follows `.`), so `field=` finds them by a range of the field's index.
-# A database's own collation may not be (en_US ignores punctuation at first). SQLite's default
-# is byte order.
-FIELD_ORDER = {"postgresql": ' COLLATE "C"', "sqlite": ""}
+# The collation of what is found by a range of its index: byte order. In it the change paths
+# under `a.b` are exactly those from `a.b.` up to `a.b/` (`/` follows `.`), and a network's
+# address keys are one range (`audit.addresses`). A database's own collation may not be
+# (en_US ignores punctuation at first). SQLite's default is byte order.
+BYTE_ORDER = {"postgresql": ' COLLATE "C"', "sqlite": ""}
 # The first version whose paths are in that order.
 FIELD_ORDER_FROM = 14
+# The first version whose history rows keep their actor's address key (`actor_ip_key`).
+ADDRESS_KEYS_FROM = 16
 
 _VERSION_FIELDS = "event_id, type, k1, k2, k3, occurred_at, deletion, data"
 VERSION_COLUMNS = (
@@ -92,6 +95,7 @@ HISTORY_COLUMNS = (
     ("received_at", "bigint"),
     ("actor", "text"),
     ("actor_ip", "text"),
+    ("actor_ip_key", "text"),
     ("stale", "int4"),
 )
 # A history row's changes are its `changes` rows, read by key (version 2 also kept them in the
@@ -160,9 +164,10 @@ class ObjectsProjection(Projection):
     name = "objects"
     # 11: current rows keep the position that listed them (`listed_at`); 12: roles, permissions;
     # 13: changes hide what the snapshots' own `object` members make secret; 14: change paths
-    # compare byte by byte on PostgreSQL too (FIELD_ORDER), so the paths under one are a range;
-    # 15: only the types the aggregates fold are versioned (FOLDED_TYPES), not all of a family's
-    version = 15
+    # compare byte by byte on PostgreSQL too (BYTE_ORDER), so the paths under one are a range;
+    # 15: only the types the aggregates fold are versioned (FOLDED_TYPES), not all of a family's;
+    # 16: history rows keep their actor's address key, so `actor_ip=` takes networks
+    version = 16
     time_marks_from = 5
     rebuild_seconds = 233.5
     table_names = ("versions", "history", "changes", "time_marks", *VIEW_OF_TABLE)
@@ -180,7 +185,7 @@ class ObjectsProjection(Projection):
             " position BIGINT NOT NULL, object_id TEXT NOT NULL, object_type TEXT NOT NULL,"
             " owner_id TEXT NOT NULL, event_id TEXT NOT NULL, type TEXT NOT NULL,"
             " occurred_at BIGINT, received_at BIGINT NOT NULL, actor TEXT NOT NULL,"
-            " actor_ip TEXT, stale INTEGER NOT NULL,"
+            f" actor_ip TEXT, actor_ip_key TEXT{BYTE_ORDER[db.dialect]}, stale INTEGER NOT NULL,"
             # An event versions one object, its subject, so its position is the row's key.
             # (Joined by position alone, a planner also estimates the join's size right: by
             # position and object, it took the two as independent and the join as tiny.)
@@ -188,7 +193,7 @@ class ObjectsProjection(Projection):
             f"CREATE INDEX {t.index('history_object')} ON {t['history']} (object_id, position)",
             f"CREATE TABLE {t['changes']} ("
             " position BIGINT NOT NULL, object_id TEXT NOT NULL,"
-            f" field TEXT{FIELD_ORDER[db.dialect]} NOT NULL,"
+            f" field TEXT{BYTE_ORDER[db.dialect]} NOT NULL,"
             " from_value TEXT, to_value TEXT,"
             " PRIMARY KEY (position, object_id, field))",
             time_marks_schema(t),
@@ -211,7 +216,7 @@ class ObjectsProjection(Projection):
             for name, column in (
                 ("owner", "owner_id"),
                 ("type", "type"),
-                ("ip", "actor_ip"),
+                ("ip", "actor_ip_key"),
                 ("occurred", "occurred_at"),
             )
         ]
@@ -289,6 +294,7 @@ class ObjectsProjection(Projection):
             "received_at": delivery.received_at,
             "actor": to_json(actor),
             "actor_ip": actor["ip"],
+            "actor_ip_key": address_key(actor["ip"]),
             "stale": int(placement.stale),
         }
         before = predecessor.data if predecessor is not None else None
