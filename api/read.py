@@ -147,10 +147,11 @@ CHANGE_SUBJECT = Param(
 FIELD = Param(
     "field",
     "Dotted field path (`first_name`, `email_addresses.idn_x.email_address`); a key's own `.`"
-    " and `\\` are escaped with `\\` (`unsafe_metadata.a\\.b`); repeatable. A change listed"
-    " at an enclosing path (`email_addresses.idn_x`: the element added or removed whole) is"
-    " one of the field's too, and so is one at any path under it (`public_metadata` finds"
-    " the changes of each of its keys, `email_addresses` those of every address).",
+    " and `\\` are escaped with `\\` (`unsafe_metadata.a\\.b`), a NUL is `\\0`; repeatable."
+    " A change listed at an enclosing path (`email_addresses.idn_x`: the element added or"
+    " removed whole) is one of the field's too, and so is one at any path under it"
+    " (`public_metadata` finds the changes of each of its keys, `email_addresses` those of"
+    " every address).",
     {"type": "array", "items": {"type": "string"}, "maxItems": MAX_REPEATS},
     repeatable=True,
     example=["first_name"],

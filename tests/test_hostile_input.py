@@ -487,6 +487,36 @@ def test_metadata_keys_with_dots_too_long_to_index_or_named_object_are_changes(
     assert code not in exported.text and code not in json.dumps(history)
 
 
+def test_metadata_keys_with_a_nul_and_its_stand_in_do_not_hide_the_users_later_updates(
+    client: TestClient, log: AuditLog, secret: str
+) -> None:
+    """PostgreSQL text holds U+FFFD for a NUL, so keys `a\\x00` and `a\\ufffd` written by an
+    end user were one change path there: the version's change rows collided, and it and every
+    later version of that user (an admin's role grant) were set aside as poison, on PostgreSQL
+    alone (QA). Each key is its own field, on both backends, and `field=` finds it."""
+    user_id = f"user_{new_svix_id()}"
+    history = _user_versions_recorded(
+        client,
+        log,
+        secret,
+        user_id,
+        {},
+        {"unsafe_metadata": {"a\x00": 1, "a\ufffd": 2}},
+        {"unsafe_metadata": {"a\x00": 1, "a\ufffd": 2}, "public_metadata": {"role": "admin"}},
+    )
+    assert [entry["type"] for entry in history] == ["user.created", *["user.updated"] * 2]
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    state = client.get(f"/v1/users/{user_id}", headers=auth).json()
+    assert state["data"]["public_metadata"] == {"role": "admin"}
+    for field, value in (
+        ("unsafe_metadata.a\\0", 1),
+        ("unsafe_metadata.a\ufffd", 2),
+        ("public_metadata", "admin"),
+    ):
+        found = client.get("/v1/changes", params={"field": field}, headers=auth).json()["data"]
+        assert [(c["subject"]["id"], c["to"]) for c in found] == [(user_id, value)], field
+
+
 @pytest.mark.parametrize(
     "lookalike",
     [

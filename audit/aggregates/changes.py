@@ -6,10 +6,12 @@ is the diff of two snapshots. Field paths are dotted; elements of lists of ident
 reordering is not a change and a change names the element it concerns.
 
 A path names one field and no two fields share one: a key's own dots and backslashes are escaped
-(metadata key `a.b` is `unsafe_metadata.a\\.b`, not the `b` of `unsafe_metadata.a`), and a path
-is at most MAX_FIELD_LENGTH characters: a change deeper than that is listed whole at its longest
-ancestor that fits. (Metadata is the customer's JSON, and `unsafe_metadata` is written by end
-users: two fields of one path, or one too long to index, made a version's changes unrecordable.)
+(metadata key `a.b` is `unsafe_metadata.a\\.b`, not the `b` of `unsafe_metadata.a`), a NUL is
+written `\\0` (PostgreSQL text holds none: U+FFFD in its place, which another key may hold), and
+a path is at most MAX_FIELD_LENGTH characters: a change deeper than that is listed whole at its
+longest ancestor that fits. (Metadata is the customer's JSON, and `unsafe_metadata` is written by
+end users: two fields of one path, or one too long to index, made a version's changes
+unrecordable.)
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def field_keys(field: str) -> list[str]:
     keys, key, escaped = [], [], False
     for char in field:
         if escaped:
-            key.append(char)
+            key.append("\x00" if char == "0" else char)
             escaped = False
         elif char == "\\":
             escaped = True
@@ -83,13 +85,14 @@ def _change(field: str, old: Any, new: Any) -> Change:
 
 
 def _escaped(key: str) -> str:
-    if "." in key or "\\" in key:
-        return key.replace("\\", "\\\\").replace(".", "\\.")
+    if "." in key or "\\" in key or "\x00" in key:
+        return key.replace("\\", "\\\\").replace(".", "\\.").replace("\x00", "\\0")
     return key
 
 
 def _join(prefix: str, key: str) -> str:
-    if "." in key or "\\" in key:  # not `_escaped`: a call per field costs a first version 5%
+    # Not `_escaped`: a call per field costs a first version 5%.
+    if "." in key or "\\" in key or "\x00" in key:
         key = _escaped(key)
     return f"{prefix}.{key}" if prefix else key
 

@@ -21,8 +21,9 @@ from audit.aggregates.versions import ObjectVersions, OrderKey, Placement, Versi
 from audit.timeparse import epoch_ms
 
 # Raised whenever what a fold keeps changes: a snapshot of another version is not read
-# (`OutdatedSnapshot`), its stream is folded whole. 2: only FOLDED_TYPES fold.
-SNAPSHOT_VERSION = 2
+# (`OutdatedSnapshot`), its stream is folded whole. 2: only FOLDED_TYPES fold; 3: a NUL in a
+# change path is written `\0` (`audit.aggregates.changes`).
+SNAPSHOT_VERSION = 3
 
 
 class OutdatedSnapshot(Exception):

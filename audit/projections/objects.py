@@ -166,7 +166,8 @@ class ObjectsProjection(Projection):
     # 13: changes hide what the snapshots' own `object` members make secret; 14: change paths
     # compare byte by byte on PostgreSQL too (BYTE_ORDER), so the paths under one are a range;
     # 15: only the types the aggregates fold are versioned (FOLDED_TYPES), not all of a family's;
-    # 16: history rows keep their actor's address key, so `actor_ip=` takes networks
+    # 16: history rows keep their actor's address key, so `actor_ip=` takes networks, and a
+    # NUL in a change path is written `\0` (`audit.aggregates.changes`)
     version = 16
     time_marks_from = 5
     rebuild_seconds = 233.5
