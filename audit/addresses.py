@@ -73,9 +73,11 @@ class AddressFilter:
                 raise ValueError(
                     "is neither an address nor a network in CIDR notation (10.0.0.0/8)"
                 ) from None
-            first = _number(network.network_address)
-            last = first | int(network.hostmask)
-            return cls(_key(first), _key(last), (), is_network=True)
+            if network.num_addresses > 1:
+                first = _number(network.network_address)
+                last = first | int(network.hostmask)
+                return cls(_key(first), _key(last), (), is_network=True)
+            raw = typed = str(network.network_address)  # `/32`, `/128`: one address
         key = address_key(typed)
         assert key is not None
         return cls(key, key, _texts(raw, typed), is_network=False)
