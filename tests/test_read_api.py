@@ -2586,6 +2586,21 @@ def _fill(log: AuditLog) -> None:
             cursor.execute("ANALYZE")
 
 
+def _recording_reads(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Callable[..., list[Any]], list[tuple[str, list[Any]]]]:
+    """`db.fetchall` as it was, and the statements read through it from now on (to explain)."""
+    original = db.fetchall
+    seen: list[tuple[str, list[Any]]] = []
+
+    def recording(statement: str, params: Any = (), **options: Any) -> list[Any]:
+        seen.append((statement, list(params)))
+        return original(statement, params, **options)
+
+    monkeypatch.setattr(db, "fetchall", recording)
+    return original, seen
+
+
 def test_a_network_drives_when_it_holds_few_rows_and_filters_the_walk_when_many(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -2596,14 +2611,7 @@ def test_a_network_drives_when_it_holds_few_rows_and_filters_the_walk_when_many(
     be the same on both."""
     db = world.log.db
     _fill(world.log)  # synthetic history rows 1,000,000 + g from 10.0.0.(g % 200)
-    original = db.fetchall
-    seen: list[tuple[str, list[Any]]] = []
-
-    def spy(statement: str, params: Any = (), **options: Any) -> list[Any]:
-        seen.append((statement, list(params)))
-        return original(statement, params, **options)
-
-    monkeypatch.setattr(db, "fetchall", spy)
+    original, seen = _recording_reads(db, monkeypatch)
     common, rare = AddressFilter.parse("10.0.0.0/24"), AddressFilter.parse("10.0.0.8/30")
     cases: list[tuple[queries.ChangeFilters, Callable[[int], bool]]] = [
         (queries.ChangeFilters(actor_ip=common), lambda g: True),
@@ -2636,14 +2644,7 @@ def test_a_network_drives_when_it_holds_few_rows_and_filters_the_walk_when_many(
 def test_documented_filters_use_indexes(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     db = world.log.db
     _fill(world.log)
-    original = db.fetchall
-    seen: list[tuple[str, list[Any]]] = []
-
-    def spy(statement: str, params: Any = (), **options: Any) -> list[Any]:
-        seen.append((statement, list(params)))
-        return original(statement, params, **options)
-
-    monkeypatch.setattr(db, "fetchall", spy)
+    original, seen = _recording_reads(db, monkeypatch)
     mid = 1_800_000_000_000 + SYNTHETIC * 500
     tf = queries.TypeFilter.parse
     calls = [
